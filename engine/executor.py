@@ -1,0 +1,125 @@
+"""The reference executor: a plain torch loop over a plan; the definition every fast path must meet.
+
+No per-step ``.item()`` and no Python branching on tensor values: every branch below is on a
+host float of the plan, decided before the loop could have been captured.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from .plan import Plan
+
+__all__ = ["execute", "SeededNoise", "NoiseSource", "check_seeds"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64 finaliser (Steele, Lea & Flood 2014): decorrelates (seed, stream) keys."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class NoiseSource(Protocol):
+    def __call__(self, stream: int) -> torch.Tensor: ...
+
+
+def check_seeds(seeds, batch: int) -> list[int]:
+    """Seeds: one non-negative integer < 2**63 per sample."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype not in (torch.int32, torch.int64) or seeds.ndim != 1:
+            raise ValueError(f"seeds must be a 1-D int64 tensor or a list of ints, got {seeds.dtype} of shape {tuple(seeds.shape)}")
+        seeds = seeds.tolist()
+    try:
+        seeds = list(seeds)
+    except TypeError:
+        raise ValueError(f"seeds must be a sequence of {batch} integers, got {seeds!r}") from None
+    if len(seeds) != batch:
+        raise ValueError(f"seeds must hold one integer per sample: expected {batch}, got {len(seeds)}")
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) and not hasattr(s, "__index__"):
+            raise ValueError(f"seeds must be integers, got {s!r}")
+        s = int(s)
+        if not 0 <= s < 2 ** 63:
+            raise ValueError(f"seeds must be in [0, 2**63), got {s}")
+        out.append(s)
+    return out
+
+
+class SeededNoise:
+    """Standard normal noise keyed by (sample seed, stream): a sample's noise never depends on its batch.
+
+    Each (seed, stream) pair seeds its own CPU ``torch.Generator`` through SplitMix64, so draws are
+    independent of order and batch size.  Noise is drawn in float64 and cast to ``dtype``.
+    """
+
+    def __init__(self, seeds: Sequence[int], sample_shape: Sequence[int], dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu"):
+        self.seeds = check_seeds(seeds, len(seeds) if not isinstance(seeds, torch.Tensor) else seeds.numel())
+        self.sample_shape = tuple(int(d) for d in sample_shape)
+        self.dtype, self.device = dtype, torch.device(device)
+
+    def key(self, seed: int, stream: int) -> int:
+        return _splitmix64(_splitmix64(seed) ^ (stream & _MASK64)) >> 1
+
+    def __call__(self, stream: int) -> torch.Tensor:
+        g = torch.Generator(device="cpu")
+        out = torch.empty((len(self.seeds),) + self.sample_shape, dtype=torch.float64)
+        for i, seed in enumerate(self.seeds):
+            g.manual_seed(self.key(seed, stream))
+            out[i] = torch.randn(self.sample_shape, generator=g, dtype=torch.float64)
+        return out.to(device=self.device, dtype=self.dtype)
+
+
+def execute(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_init: torch.Tensor,
+            noise: NoiseSource | None = None) -> torch.Tensor:
+    """Run ``plan`` from ``x_init`` in ``x_init``'s dtype and device; returns the final state.
+
+    ``net(x_in, c_noise)`` returns the raw network output F for the input ``c_in * x_eval``; ``c_noise``
+    is a tensor of shape (B, 1, ..., 1) (with ``Identity`` preconditioning, F is D and c_noise is sigma).
+    ``noise(stream)`` gives standard normal noise shaped like ``x_init``; required iff the plan is stochastic.
+    """
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be an edmrt Plan, got {type(plan).__name__}")
+    if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point() or x_init.ndim < 1:
+        raise ValueError("x_init must be a floating-point torch.Tensor of shape (B, ...)")
+    if plan.stochastic and noise is None:
+        raise ValueError(f"plan {plan.solver!r} is stochastic (noise scales > 0): pass a noise source (seeds)")
+    S, K = plan.stages, plan.history
+    # Host copies of the plan: Python floats, so the loop never touches device values.
+    c_in, c_noise, c_skip, c_out = (getattr(plan, k).tolist() for k in ("c_in", "c_noise", "c_skip", "c_out"))
+    alpha, beta, a, e, n = (getattr(plan, k).tolist() for k in ("alpha", "beta", "a", "e", "n"))
+    b, commit = plan.b.tolist(), plan.commit.tolist()
+    bshape = (x_init.shape[0],) + (1,) * (x_init.ndim - 1)
+
+    x = x_init
+    if plan.n_init > 0.0:
+        x = x + plan.n_init * noise(0)
+    x_eval = x
+    Y: list[torch.Tensor | None] = [None] * K  # ring: Y[s % K]
+    for s in range(S):
+        # Network evaluation with preconditioning (EDM Eq. 7).
+        sig_in = torch.full(bshape, c_noise[s], dtype=x.dtype, device=x.device)
+        F = net(c_in[s] * x_eval, sig_in)
+        if not isinstance(F, torch.Tensor) or F.shape != x.shape:
+            raise ValueError(f"the network must return a tensor of shape {tuple(x.shape)}, got "
+                             f"{tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__} at stage {s}")
+        D = c_skip[s] * x_eval + c_out[s] * F.to(x.dtype)
+        # History entry.
+        Y[s % K] = alpha[s] * x_eval + beta[s] * D
+        # Linear update.
+        x_new = a[s] * x + e[s] * x_eval
+        for k in range(min(K, s + 1)):
+            if b[s][k] != 0.0:
+                x_new = x_new + b[s][k] * Y[(s - k) % K]
+        if n[s] > 0.0:
+            x_new = x_new + n[s] * noise(s + 1)
+        x_eval = x_new
+        if commit[s]:
+            x = x_new
+    return x

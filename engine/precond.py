@@ -1,0 +1,260 @@
+"""Preconditioning: D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)).
+
+Each class is one column of Karras et al. (2022) Table 1 (arXiv 2206.00364), or the
+parameterisation of a foreign model (epsilon, v or x0 prediction).  ``coefficients(sigma)``
+returns ``(c_skip, c_out, c_in, c_noise)`` as float64 arrays shaped like ``sigma``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .schedules import iddpm_sigmas, vp_sigma_inv
+
+__all__ = [
+    "Precond", "Identity", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
+    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "PRECONDS", "sigmas_from_alphas_cumprod",
+]
+
+
+def _sigma(sigma) -> np.ndarray:
+    s = np.asarray(sigma, dtype=np.float64)
+    if not np.all(np.isfinite(s)) or np.any(s <= 0.0):
+        raise ValueError(f"sigma must be finite and > 0 for preconditioning, got {s.tolist()}")
+    return s
+
+
+def _positive(name: str, value) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+class Precond:
+    """Base class: subclasses define ``coefficients`` and are frozen dataclasses (hashable, JSON-able)."""
+
+    name = "precond"
+
+    def coefficients(self, sigma) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name}
+        for k, v in vars(self).items():
+            d[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        return d
+
+
+@dataclass(frozen=True)
+class Identity(Precond):
+    """The network already returns D(x; sigma) and takes sigma: c_skip = 0, c_out = 1, c_in = 1, c_noise = sigma."""
+
+    name = "identity"
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        c_skip = np.zeros_like(s)
+        c_out = np.ones_like(s)
+        c_in = np.ones_like(s)
+        c_noise = s.copy()
+        return c_skip, c_out, c_in, c_noise
+
+
+@dataclass(frozen=True)
+class EDMPrecond(Precond):
+    """EDM column of Table 1 (Eq. 7): c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),
+    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4."""
+
+    sigma_data: float = 0.5
+    name = "edm"
+
+    def __post_init__(self):
+        _positive("sigma_data", self.sigma_data)
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
+        c_out = s * sd / np.sqrt(s ** 2 + sd ** 2)
+        c_in = 1.0 / np.sqrt(s ** 2 + sd ** 2)
+        c_noise = 0.25 * np.log(s)
+        return c_skip, c_out, c_in, c_noise
+
+
+@dataclass(frozen=True)
+class VPPrecond(Precond):
+    """VP column of Table 1: c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1), c_noise = (M - 1) sigma^-1(sigma)."""
+
+    beta_d: float = 19.9
+    beta_min: float = 0.1
+    M: int = 1000
+    name = "vp"
+
+    def __post_init__(self):
+        _positive("beta_d", self.beta_d)
+        if not math.isfinite(self.beta_min) or self.beta_min < 0:
+            raise ValueError(f"beta_min must be a finite number >= 0, got {self.beta_min!r}")
+        if int(self.M) != self.M or self.M < 2:
+            raise ValueError(f"M must be an integer >= 2, got {self.M!r}")
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        c_skip = np.ones_like(s)
+        c_out = -s
+        c_in = 1.0 / np.sqrt(s ** 2 + 1.0)
+        c_noise = (self.M - 1) * vp_sigma_inv(s, self.beta_d, self.beta_min)
+        return c_skip, c_out, c_in, c_noise
+
+
+@dataclass(frozen=True)
+class VEPrecond(Precond):
+    """VE column of Table 1: c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2)."""
+
+    name = "ve"
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        c_skip = np.ones_like(s)
+        c_out = s.copy()
+        c_in = np.ones_like(s)
+        c_noise = np.log(0.5 * s)
+        return c_skip, c_out, c_in, c_noise
+
+
+@dataclass(frozen=True)
+class IDDPMPrecond(Precond):
+    """iDDPM column of Table 1: c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1),
+    c_noise = M - 1 - argmin_j |u_j - sigma| over the model's levels u_j (``iddpm_sigmas``)."""
+
+    C_1: float = 0.001
+    C_2: float = 0.008
+    M: int = 1000
+    name = "iddpm"
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        u = iddpm_sigmas(self.C_1, self.C_2, self.M)
+        j = np.abs(u[None, :] - s.reshape(-1, 1)).argmin(axis=1).reshape(s.shape)
+        c_skip = np.ones_like(s)
+        c_out = -s
+        c_in = 1.0 / np.sqrt(s ** 2 + 1.0)
+        c_noise = (self.M - 1 - j).astype(np.float64)
+        return c_skip, c_out, c_in, c_noise
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: Sequence[float]) -> np.ndarray:
+    """Discrete-time model levels: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), ascending in t."""
+    a = np.asarray(alphas_cumprod, dtype=np.float64)
+    if a.ndim != 1 or a.size < 2 or not np.all(np.isfinite(a)) or np.any(a <= 0) or np.any(a > 1):
+        raise ValueError("alphas_cumprod must be a 1-D sequence of >= 2 values in (0, 1]")
+    if np.any(np.diff(a) >= 0):
+        raise ValueError("alphas_cumprod must be strictly decreasing in t")
+    return np.sqrt((1.0 - a) / a)
+
+
+@dataclass(frozen=True, eq=False)
+class _Foreign(Precond):
+    """Shared part of the foreign parameterisations: the model sees the VP-scaled input
+    x / sqrt(sigma^2 + sigma_data^2) and, as its noise input, either sigma itself (continuous)
+    or the diffusers-style timestep t whose level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+    matches sigma (``timestep="interpolate"``: linear in ln sigma between neighbouring t, as
+    k-diffusion's ``sigma_to_t``; ``"nearest"``: the nearest t in ln sigma)."""
+
+    alphas_cumprod: tuple | None = None
+    timestep: str = "interpolate"
+    sigma_data: float = 1.0
+    _log_sigmas: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _positive("sigma_data", self.sigma_data)
+        if self.timestep not in ("interpolate", "nearest"):
+            raise ValueError(f"timestep must be 'interpolate' or 'nearest', got {self.timestep!r}")
+        if self.alphas_cumprod is not None:
+            acp = tuple(float(a) for a in np.asarray(self.alphas_cumprod, dtype=np.float64).ravel())
+            object.__setattr__(self, "alphas_cumprod", acp)
+            object.__setattr__(self, "_log_sigmas", np.log(sigmas_from_alphas_cumprod(acp)))
+
+    @property
+    def discrete_sigmas(self) -> np.ndarray | None:
+        return None if self._log_sigmas is None else np.exp(self._log_sigmas)
+
+    def c_noise(self, s: np.ndarray) -> np.ndarray:
+        if self._log_sigmas is None:
+            return s.copy()
+        ls = self._log_sigmas
+        lo, hi = math.exp(ls[0]), math.exp(ls[-1])
+        if np.any(s < lo * (1 - 1e-12)) or np.any(s > hi * (1 + 1e-12)):
+            raise ValueError(f"sigma must lie within the model's discrete levels [{lo:.6g}, {hi:.6g}], got {s.tolist()}")
+        t_grid = np.arange(ls.size, dtype=np.float64)
+        ln_s = np.clip(np.log(s), ls[0], ls[-1])
+        if self.timestep == "nearest":
+            return np.abs(ls[None, :] - ln_s.reshape(-1, 1)).argmin(axis=1).reshape(s.shape).astype(np.float64)
+        return np.interp(ln_s, ls, t_grid)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "alphas_cumprod": None if self.alphas_cumprod is None else list(self.alphas_cumprod),
+                "timestep": self.timestep, "sigma_data": self.sigma_data}
+
+
+@dataclass(frozen=True, eq=False)
+class EpsilonPrecond(_Foreign):
+    """Epsilon prediction (x = x_0 + sigma eps, F = eps): c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
+
+    name = "epsilon"
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        c_skip = np.ones_like(s)
+        c_out = -s
+        c_in = 1.0 / np.sqrt(s ** 2 + self.sigma_data ** 2)
+        return c_skip, c_out, c_in, self.c_noise(s)
+
+
+@dataclass(frozen=True, eq=False)
+class VPredictionPrecond(_Foreign):
+    """v prediction (Salimans & Ho 2022, v = alpha eps - sigma_vp x_0), in EDM space:
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = -sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
+
+    name = "v"
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
+        c_out = -s * sd / np.sqrt(s ** 2 + sd ** 2)
+        c_in = 1.0 / np.sqrt(s ** 2 + sd ** 2)
+        return c_skip, c_out, c_in, self.c_noise(s)
+
+
+@dataclass(frozen=True, eq=False)
+class X0Precond(_Foreign):
+    """x0 ("sample") prediction (F = x_0): c_skip = 0, c_out = 1, c_in = 1 / sqrt(sigma^2 + sigma_data^2)."""
+
+    name = "x0"
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        c_skip = np.zeros_like(s)
+        c_out = np.ones_like(s)
+        c_in = 1.0 / np.sqrt(s ** 2 + self.sigma_data ** 2)
+        return c_skip, c_out, c_in, self.c_noise(s)
+
+
+PRECONDS = {
+    "identity": Identity, "edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": IDDPMPrecond,
+    "epsilon": EpsilonPrecond, "v": VPredictionPrecond, "x0": X0Precond,
+}
+
+
+def precond_from_dict(d: dict) -> Precond:
+    """Inverse of ``Precond.to_dict`` (used by the plan JSON round trip)."""
+    d = dict(d)
+    name = d.pop("name", None)
+    if name not in PRECONDS:
+        raise ValueError(f"unknown preconditioning {name!r}; expected one of {sorted(PRECONDS)}")
+    return PRECONDS[name](**d)

@@ -1,0 +1,237 @@
+"""Noise schedules: ``sigmas(steps, ...) -> float64[steps + 1]``, strictly descending, ending in 0.
+
+``steps`` is N of EDM (Karras et al. 2022, arXiv 2206.00364): N noise levels
+t_0 > ... > t_{N-1} > 0 followed by t_N = 0, so Heun with N = 18 makes 35
+network evaluations, as in EDM's generate.py.  Every function validates its
+arguments and raises ``ValueError`` naming the argument and its allowed range.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential",
+    "given", "get_schedule", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas",
+]
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return int(steps)
+
+
+def _check_positive(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def _check_range(sigma_min, sigma_max) -> tuple[float, float]:
+    lo = _check_positive("sigma_min", sigma_min)
+    hi = _check_positive("sigma_max", sigma_max)
+    if lo >= hi:
+        raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={lo!r} >= sigma_max={hi!r}")
+    return lo, hi
+
+
+def check_sigmas(sigmas, name: str = "sigmas") -> np.ndarray:
+    """Validate a full schedule: 1-D float64, finite, >= 2 entries, strictly descending, last entry 0."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    if s.ndim != 1 or s.size < 2:
+        raise ValueError(f"{name} must be a 1-D sequence of at least 2 values (t_0 ... t_N = 0), got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{name} must be finite (no NaN or Inf), got {s.tolist()}")
+    if s[-1] != 0.0:
+        raise ValueError(f"{name} must end in 0 (EDM's t_N = 0), got last value {s[-1]!r}")
+    if np.any(s[:-1] <= 0.0):
+        raise ValueError(f"{name}[:-1] must all be > 0, got {s.tolist()}")
+    if np.any(np.diff(s) >= 0.0):
+        raise ValueError(f"{name} must be strictly descending, got {s.tolist()}")
+    return s
+
+
+def _append_zero(s: np.ndarray) -> np.ndarray:
+    return check_sigmas(np.concatenate([np.asarray(s, dtype=np.float64), [0.0]]))
+
+
+def _ramp(steps: int) -> np.ndarray:
+    """i / (N - 1) for i = 0..N-1; a single step sits at 0 (sigma_max)."""
+    if steps == 1:
+        return np.zeros(1)
+    return np.arange(steps, dtype=np.float64) / (steps - 1)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
+    """EDM time steps, Karras et al. (2022) Eq. 5:
+    t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, t_N = 0."""
+    n = _check_steps(steps)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    rho = _check_positive("rho", rho)
+    inv = 1.0 / rho
+    t = (hi ** inv + _ramp(n) * (lo ** inv - hi ** inv)) ** rho
+    return _append_zero(t)
+
+
+def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1):
+    """VP noise level, Karras et al. (2022) Table 1: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    t = np.asarray(t, dtype=np.float64)
+    return np.sqrt(np.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
+
+
+def vp_sigma_inv(sigma, beta_d: float = 19.9, beta_min: float = 0.1):
+    """Inverse of ``vp_sigma``, Table 1: t = (sqrt(beta_min^2 + 2 beta_d ln(sigma^2 + 1)) - beta_min) / beta_d."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    return (np.sqrt(beta_min ** 2 + 2.0 * beta_d * np.log1p(sigma ** 2)) - beta_min) / beta_d
+
+
+def vp(steps: int, sigma_min: float | None = None, sigma_max: float | None = None,
+       beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> np.ndarray:
+    """VP time steps, Karras et al. (2022) Table 1: uniform in t from 1 to eps_s, sigma = sigma_vp(t).
+
+    With ``sigma_min``/``sigma_max`` given, t runs uniformly between their VP times instead
+    (Table 1's schedule is ``sigma_max = vp_sigma(1)``, ``sigma_min = vp_sigma(eps_s)``).
+    """
+    n = _check_steps(steps)
+    beta_d = _check_positive("beta_d", beta_d)
+    if not math.isfinite(float(beta_min)) or beta_min < 0:
+        raise ValueError(f"beta_min must be a finite number >= 0, got {beta_min!r}")
+    eps_s = _check_positive("eps_s", eps_s)
+    if eps_s >= 1.0:
+        raise ValueError(f"eps_s must be in (0, 1), got {eps_s!r}")
+    t_max, t_min = 1.0, eps_s
+    if sigma_min is not None or sigma_max is not None:
+        lo, hi = _check_range(vp_sigma(t_min, beta_d, beta_min) if sigma_min is None else sigma_min,
+                              vp_sigma(t_max, beta_d, beta_min) if sigma_max is None else sigma_max)
+        t_min, t_max = float(vp_sigma_inv(lo, beta_d, beta_min)), float(vp_sigma_inv(hi, beta_d, beta_min))
+    t = t_max + _ramp(n) * (t_min - t_max)
+    return _append_zero(vp_sigma(t, beta_d, beta_min))
+
+
+def ve(steps: int, sigma_min: float = 0.02, sigma_max: float = 100.0) -> np.ndarray:
+    """VE time steps, Karras et al. (2022) Table 1: t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)), sigma = sqrt(t)."""
+    n = _check_steps(steps)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    t = hi ** 2 * (lo ** 2 / hi ** 2) ** _ramp(n)
+    return _append_zero(np.sqrt(t))
+
+
+def iddpm_sigmas(C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> np.ndarray:
+    """The M + 1 discrete noise levels u_0 > ... > u_M = 0 of iDDPM, Karras et al. (2022) Table 1:
+    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1), alpha_bar_j = sin^2(pi/2 j / (M (C_2 + 1)))."""
+    if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 2:
+        raise ValueError(f"M must be an integer >= 2, got {M!r}")
+    C_1 = _check_positive("C_1", C_1)
+    C_2 = _check_positive("C_2", C_2)
+    j = np.arange(M + 1, dtype=np.float64)
+    alpha_bar = np.sin(0.5 * math.pi * j / (M * (C_2 + 1.0))) ** 2
+    u = np.zeros(M + 1)
+    for k in range(M, 0, -1):
+        u[k - 1] = math.sqrt((u[k] ** 2 + 1.0) / max(alpha_bar[k - 1] / alpha_bar[k], C_1) - 1.0)
+    return u
+
+
+def iddpm(steps: int, sigma_min: float = 0.002, sigma_max: float = 81.0, C_1: float = 0.001, C_2: float = 0.008,
+          M: int = 1000, model_sigmas: Sequence[float] | None = None) -> np.ndarray:
+    """iDDPM time steps, Karras et al. (2022) Table 1: N of the model's discrete levels u_j in
+    [sigma_min, sigma_max], evenly spaced in index (t_i = u_{round(j_0 + (j_max - j_0) i / (N - 1))}).
+
+    ``model_sigmas`` snaps to a given model's discrete sigmas (e.g. ``sqrt((1 - acp) / acp)`` of
+    a diffusers ``alphas_cumprod``) instead of iDDPM's cosine levels.
+    """
+    n = _check_steps(steps)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    if model_sigmas is None:
+        u = iddpm_sigmas(C_1, C_2, M)
+    else:
+        u = np.asarray(model_sigmas, dtype=np.float64)
+        if u.ndim != 1 or not np.all(np.isfinite(u)) or np.any(u < 0):
+            raise ValueError("model_sigmas must be a 1-D sequence of finite values >= 0")
+    levels = np.sort(u[(u >= lo) & (u <= hi)])[::-1]
+    if levels.size < n:
+        raise ValueError(f"steps must be <= {levels.size} (the model's discrete sigmas in "
+                         f"[sigma_min={lo}, sigma_max={hi}]), got {n}")
+    idx = np.floor((levels.size - 1) * _ramp(n) + 0.5).astype(np.int64)
+    return _append_zero(levels[idx])
+
+
+def linear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> np.ndarray:
+    """Linear in sigma: t_i = sigma_max + i/(N-1) (sigma_min - sigma_max)."""
+    n = _check_steps(steps)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    return _append_zero(hi + _ramp(n) * (lo - hi))
+
+
+def loglinear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> np.ndarray:
+    """Linear in log sigma (k-diffusion's "exponential"): ln t_i = ln sigma_max + i/(N-1) (ln sigma_min - ln sigma_max)."""
+    n = _check_steps(steps)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    return _append_zero(np.exp(math.log(hi) + _ramp(n) * (math.log(lo) - math.log(hi))))
+
+
+def polyexponential(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 1.0) -> np.ndarray:
+    """Polynomial in log sigma (k-diffusion's "polyexponential"):
+    ln t_i = ln sigma_min + (1 - i/(N-1))^rho (ln sigma_max - ln sigma_min); rho = 1 is ``loglinear``."""
+    n = _check_steps(steps)
+    lo, hi = _check_range(sigma_min, sigma_max)
+    rho = _check_positive("rho", rho)
+    return _append_zero(np.exp(math.log(lo) + (1.0 - _ramp(n)) ** rho * (math.log(hi) - math.log(lo))))
+
+
+def given(steps: int, sigmas: Sequence[float]) -> np.ndarray:
+    """An explicit list of noise levels (e.g. Align-Your-Steps anchors).
+
+    ``sigmas``: strictly descending positive values, optionally ending in 0.  With exactly
+    ``steps`` positive values they are used as they are; otherwise they are interpolated
+    linearly in log sigma over a uniform index grid to ``steps`` values (as AYS does).
+    """
+    n = _check_steps(steps)
+    s = np.asarray(sigmas, dtype=np.float64)
+    if s.ndim != 1 or s.size < 1:
+        raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"sigmas must be finite (no NaN or Inf), got {s.tolist()}")
+    if s[-1] == 0.0:
+        s = s[:-1]
+    if s.size == 0 or np.any(s <= 0.0):
+        raise ValueError(f"sigmas must be > 0 (a single trailing 0 is allowed), got {list(sigmas)}")
+    if np.any(np.diff(s) >= 0.0):
+        raise ValueError(f"sigmas must be strictly descending, got {list(sigmas)}")
+    if s.size != n:
+        if s.size == 1:
+            raise ValueError(f"sigmas must hold >= 2 positive values to interpolate to steps={n}, got {list(sigmas)}")
+        xs = np.linspace(0.0, 1.0, s.size)
+        s = np.exp(np.interp(_ramp(n), xs, np.log(s)))
+    return _append_zero(s)
+
+
+SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
+    "karras": karras,
+    "vp": vp,
+    "ve": ve,
+    "iddpm": iddpm,
+    "linear": linear,
+    "loglinear": loglinear,
+    "polyexponential": polyexponential,
+}
+
+
+def get_schedule(name: str) -> Callable[..., np.ndarray]:
+    """Look a schedule up by name; an unknown name raises ``ValueError`` listing the known ones."""
+    try:
+        return SCHEDULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)} or an explicit list of sigmas") from None
