@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+import edmrt
+from edmrt.models import GaussianMixture
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture.random(K=6, D=10, seed=8)
+
+
+def test_solve_defaults_are_edm_heun_18(gmm, gen):
+    noise = torch.randn(4, 10, dtype=torch.float64, generator=gen)
+    calls = []
+
+    def den(x, sigma):
+        calls.append(sigma)
+        return gmm(x, sigma)
+
+    out = edmrt.solve(den, noise)
+    assert len(calls) == 35 and calls[0].shape == (4, 1) and float(calls[0][0, 0]) == 80.0
+    assert out.shape == noise.shape and out.dtype == torch.float64
+    direct = edmrt.execute(edmrt.plan("heun", edmrt.make_sigmas("karras", 18)), gmm, 80.0 * noise)
+    assert torch.equal(out, direct)
+
+
+@pytest.mark.parametrize("schedule", sorted(edmrt.SCHEDULES) + ["list"])
+def test_every_schedule_name_and_a_list_is_accepted(gmm, gen, schedule):
+    noise = torch.randn(3, 10, dtype=torch.float64, generator=gen)
+    sched = [80.0, 20.0, 3.0, 0.5, 0.05, 0.002] if schedule == "list" else schedule
+    out = edmrt.solve(gmm, noise, solver="dpmpp_2m", steps=12, schedule=sched)
+    assert torch.isfinite(out).all()
+
+
+def test_float32_follows_float64(gmm, gen):
+    noise = torch.randn(6, 2, 5, generator=gen)  # float32, any trailing shape
+    a = edmrt.solve(gmm, noise, steps=10)
+    b = edmrt.solve(gmm, noise.double(), steps=10)
+    assert a.dtype == torch.float32 and a.shape == (6, 2, 5)
+    assert (a.double() - b).abs().max().item() < 1e-4
+
+
+def test_per_sample_seeds_do_not_depend_on_the_batch(gmm, gen):
+    noise = torch.randn(64, 10, dtype=torch.float64, generator=gen)
+    seeds = list(range(1000, 1064))
+    batch = edmrt.solve(gmm, noise, solver="edm", steps=10, seeds=seeds, S_churn=30.0)
+    for i in (0, 17, 63):
+        one = edmrt.solve(gmm, noise[i:i + 1], solver="edm", steps=10, seeds=[seeds[i]], S_churn=30.0)
+        assert torch.equal(one[0], batch[i])
+    other = edmrt.solve(gmm, noise[:1], solver="edm", steps=10, seeds=[7], S_churn=30.0)
+    assert not torch.equal(other[0], batch[0])
+
+
+def test_seeded_noise_is_standard_normal_and_keyed():
+    src = edmrt.SeededNoise(list(range(4000)), (8,), torch.float64)
+    z = src(3)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert not torch.equal(src(3), src(4))
+    assert torch.equal(src(3), z)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(solver="nope"), "unknown solver 'nope'"),
+    (dict(schedule="cosine"), "unknown schedule"),
+    (dict(steps=0), "steps"),
+    (dict(sigma_min=0.0), "sigma_min"),
+    (dict(sigma_min=100.0), "sigma_min must be < sigma_max"),
+    (dict(schedule=[1.0, 2.0]), "strictly descending"),
+    (dict(solver="heun", foo=1), "unknown option 'foo'"),
+    (dict(solver="edm", S_churn=10.0, seeds=[1, 2]), "one integer per sample"),
+    (dict(solver="edm", S_churn=10.0, seeds=[1, 2, -3]), r"seeds must be in \[0, 2\*\*63\)"),
+    (dict(solver="edm", S_churn=10.0, seeds=[1, 2, 3.5]), "integers"),
+])
+def test_bad_arguments_raise(gmm, kw, match):
+    noise = torch.randn(3, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        edmrt.solve(gmm, noise, **kw)
+
+
+def test_bad_noise_and_denoisers_raise(gmm):
+    with pytest.raises(ValueError, match="finite"):
+        edmrt.solve(gmm, torch.tensor([[float("nan")] * 10]))
+    with pytest.raises(ValueError, match="floating-point"):
+        edmrt.solve(gmm, torch.zeros(2, 10, dtype=torch.int64))
+    with pytest.raises(ValueError, match="callable"):
+        edmrt.solve("gmm", torch.zeros(2, 10))
+    with pytest.raises(ValueError, match=r"shape \(2, 10\)"):
+        edmrt.solve(lambda x, s: x[:, :3], torch.zeros(2, 10))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        edmrt.solve(lambda x, s: x * float("nan"), torch.zeros(2, 10))
+    p = edmrt.plan("edm", edmrt.make_sigmas("karras", 5), S_churn=10.0)
+    with pytest.raises(ValueError, match="stochastic"):
+        edmrt.execute(p, gmm, torch.zeros(2, 10))
