@@ -1,0 +1,53 @@
+"""Solvers: pure host functions ``solver(sigmas, precond, **options) -> Plan``, built in float64.
+
+Each solver is written in the paper's symbols; every decision that k-diffusion or diffusers
+make per step inside their loops (churn, the last step to sigma = 0, a multistep warm-up) is
+made here, once, as a row of the plan.  One registry: ``SOLVERS``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from ..plan import Plan
+from ..precond import Identity, Precond
+from ..schedules import check_sigmas
+from .dpm import dpmpp_2m
+from .edm import edm, euler, heun
+
+__all__ = ["SOLVERS", "get_solver", "build_plan", "solver_options"]
+
+SOLVERS: dict[str, Callable[..., Plan]] = {
+    "euler": euler,
+    "heun": heun,
+    "edm": edm,
+    "dpmpp_2m": dpmpp_2m,
+}
+
+
+def get_solver(name: str) -> Callable[..., Plan]:
+    try:
+        return SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}") from None
+
+
+def solver_options(name: str) -> dict[str, object]:
+    """The options a solver accepts, with their defaults."""
+    sig = inspect.signature(get_solver(name))
+    return {k: p.default for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def build_plan(solver: str, sigmas, precond: Precond | None = None, **options) -> Plan:
+    """Validate the solver name, its options, the schedule and the preconditioning; then build the plan."""
+    fn = get_solver(solver)
+    known = solver_options(solver)
+    for k in options:
+        if k not in known:
+            raise ValueError(f"unknown option {k!r} for solver {solver!r}; expected one of {sorted(known) or 'none'}")
+    s = check_sigmas(sigmas)
+    if precond is None:
+        precond = Identity()
+    if not isinstance(precond, Precond):
+        raise ValueError(f"precond must be an edmrt Precond (e.g. EDMPrecond()) or None, got {type(precond).__name__}")
+    return fn(s, precond, **options)

@@ -1,0 +1,73 @@
+"""Shared machinery of the solvers: the plan builder and option checks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..plan import Plan
+from ..precond import Precond
+
+__all__ = ["Builder", "finite", "choice", "integer"]
+
+
+class Builder:
+    """Collects stages, then fills in the preconditioning coefficients at each stage's sigma."""
+
+    def __init__(self, solver: str, sigmas: np.ndarray, precond: Precond, K: int, options: dict):
+        self.solver, self.sigmas, self.precond, self.K, self.options = solver, sigmas, precond, K, options
+        self.rows: list[dict] = []
+        self.n_init = 0.0
+
+    def stage(self, *, step: int, sigma: float, alpha: float, beta: float, a: float = 0.0, e: float = 0.0,
+              b: tuple[float, ...] = (), n: float = 0.0, commit: bool = True) -> None:
+        if len(b) > self.K:
+            raise AssertionError(f"internal: stage uses {len(b)} history entries, plan has K={self.K}")
+        self.rows.append(dict(step=step, sigma=sigma, alpha=alpha, beta=beta, a=a, e=e,
+                              b=tuple(b) + (0.0,) * (self.K - len(b)), n=n, commit=commit))
+
+    def add_noise_after_last(self, n: float) -> None:
+        """Noise that must reach x before the next stage: folded into the last stage (or the start)."""
+        if not self.rows:
+            self.n_init = n
+        else:
+            self.rows[-1]["n"] = n
+
+    def build(self) -> Plan:
+        col = lambda k: np.array([r[k] for r in self.rows], dtype=np.float64)  # noqa: E731
+        sigma = col("sigma")
+        c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
+        return Plan(solver=self.solver, sigmas=self.sigmas, step=np.array([r["step"] for r in self.rows]),
+                    sigma=sigma, c_in=c_in, c_noise=c_noise, c_skip=c_skip, c_out=c_out,
+                    alpha=col("alpha"), beta=col("beta"), a=col("a"), e=col("e"),
+                    b=np.array([r["b"] for r in self.rows], dtype=np.float64), n=col("n"),
+                    commit=np.array([r["commit"] for r in self.rows]), n_init=self.n_init,
+                    precond=self.precond.to_dict(), options=self.options)
+
+
+def finite(name: str, v, lo: float = -math.inf, allow_inf: bool = False, hi: float = math.inf) -> float:
+    """A float option in [lo, hi]; NaN (and Inf unless allowed) rejected with the option's name."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    if math.isnan(x) or (math.isinf(x) and not allow_inf) or x < lo or x > hi:
+        rng = f"[{lo}, {hi}]" if hi != math.inf else f">= {lo}"
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number {rng}, got {v!r}")
+    return x
+
+
+def integer(name: str, v, lo: int, hi: int) -> int:
+    """An integer option in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) and not (isinstance(v, float) and v.is_integer()):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    if not lo <= int(v) <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
+def choice(name: str, v, allowed) -> str:
+    """A string option from a fixed set."""
+    if v not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {v!r}")
+    return v

@@ -1,0 +1,86 @@
+"""EDM's own samplers: Euler, Heun (Algorithm 1) and the stochastic sampler (Algorithm 2),
+Karras et al. (2022), arXiv 2206.00364."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..plan import Plan
+from ..precond import Precond
+from .base import Builder, finite
+
+__all__ = ["euler", "heun", "edm", "churn"]
+
+
+def churn(sigmas: np.ndarray, S_churn: float, S_tmin: float, S_tmax: float, S_noise: float):
+    """EDM Algorithm 2, lines 4-6: gamma_i = min(S_churn / N, sqrt(2) - 1) if t_i in [S_tmin, S_tmax] else 0,
+    t_hat_i = (1 + gamma_i) t_i, and the noise scale S_noise sqrt(t_hat_i^2 - t_i^2) added to x_i."""
+    S_churn = finite("S_churn", S_churn, 0.0)
+    S_tmin = finite("S_tmin", S_tmin, 0.0)
+    S_tmax = finite("S_tmax", S_tmax, 0.0, allow_inf=True)
+    S_noise = finite("S_noise", S_noise, 0.0)
+    if S_tmax < S_tmin:
+        raise ValueError(f"S_tmax must be >= S_tmin, got S_tmin={S_tmin}, S_tmax={S_tmax}")
+    N = sigmas.size - 1
+    t = sigmas[:-1]
+    inside = (t >= S_tmin) & (t <= S_tmax)
+    gamma = np.where(inside, min(S_churn / N, math.sqrt(2.0) - 1.0), 0.0)
+    t_hat = t * (1.0 + gamma)
+    noise = S_noise * np.sqrt(t_hat ** 2 - t ** 2)
+    return t_hat, noise
+
+
+def euler(sigmas, precond: Precond, *, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf,
+          S_noise: float = 1.0) -> Plan:
+    """Euler on the probability-flow ODE, Karras et al. (2022) Algorithm 1 without the 2nd-order correction
+    (with churn as Algorithm 2): x_{i+1} = x_hat_i + (t_{i+1} - t_hat_i) d_i, d_i = (x_hat_i - D(x_hat_i; t_hat_i)) / t_hat_i."""
+    opts = dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
+    t_hat, noise = churn(sigmas, **opts)
+    p = Builder("euler", sigmas, precond, 1, opts if S_churn else {})
+    N = sigmas.size - 1
+    p.add_noise_after_last(noise[0])
+    for i in range(N):
+        # Euler step.
+        p.stage(step=i, sigma=t_hat[i], alpha=1.0 / t_hat[i], beta=-1.0 / t_hat[i],
+                a=1.0, b=(sigmas[i + 1] - t_hat[i],), commit=True)
+        if i + 1 < N:
+            p.add_noise_after_last(noise[i + 1])
+    return p.build()
+
+
+def _heun(name: str, sigmas: np.ndarray, precond: Precond, opts: dict) -> Plan:
+    t_hat, noise = churn(sigmas, **opts)
+    p = Builder(name, sigmas, precond, 2, opts if name == "edm" else {})
+    N = sigmas.size - 1
+    p.add_noise_after_last(noise[0])
+    for i in range(N):
+        t_next = sigmas[i + 1]
+        dt = t_next - t_hat[i]
+        if t_next == 0.0:
+            # Euler step to t_N = 0 (Algorithm 1, line 7 is skipped).
+            p.stage(step=i, sigma=t_hat[i], alpha=1.0 / t_hat[i], beta=-1.0 / t_hat[i], a=1.0, b=(dt,), commit=True)
+        else:
+            # Euler step to the trial point x_{i+1}' (does not commit).
+            p.stage(step=i, sigma=t_hat[i], alpha=1.0 / t_hat[i], beta=-1.0 / t_hat[i], a=1.0, b=(dt,), commit=False)
+            # Apply 2nd order correction: x_{i+1} = x_hat_i + dt (d_i + d'_i) / 2.
+            p.stage(step=i, sigma=t_next, alpha=1.0 / t_next, beta=-1.0 / t_next, a=1.0, b=(0.5 * dt, 0.5 * dt),
+                    commit=True)
+        if i + 1 < N:
+            p.add_noise_after_last(noise[i + 1])
+    return p.build()
+
+
+def heun(sigmas, precond: Precond) -> Plan:
+    """Heun's 2nd-order method, Karras et al. (2022) Algorithm 1 (Euler on the last step to t_N = 0):
+    x_{i+1} = x_i + (t_{i+1} - t_i) (d_i + d'_i) / 2, d'_i evaluated at the Euler trial point."""
+    return _heun("heun", sigmas, precond, dict(S_churn=0.0, S_tmin=0.0, S_tmax=math.inf, S_noise=1.0))
+
+
+def edm(sigmas, precond: Precond, *, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf,
+        S_noise: float = 1.0) -> Plan:
+    """EDM stochastic sampler, Karras et al. (2022) Algorithm 2: churn x_hat_i = x_i + sqrt(t_hat_i^2 - t_i^2) S_noise eps,
+    then a Heun step from t_hat_i to t_{i+1}.  With S_churn = 0 it is ``heun``."""
+    return _heun("edm", sigmas, precond, dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise))
+
+
