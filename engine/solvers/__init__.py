@@ -12,8 +12,9 @@ from typing import Callable
 from ..plan import Plan
 from ..precond import Identity, Precond
 from ..schedules import check_sigmas
-from .dpm import dpmpp_2m
+from .dpm import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
 from .edm import edm, euler, heun
+from .multistep import ipndm, lms
 
 __all__ = ["SOLVERS", "get_solver", "build_plan", "solver_options"]
 
@@ -22,6 +23,11 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "heun": heun,
     "edm": edm,
     "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "dpmpp_3m_sde": dpmpp_3m_sde,
+    "ipndm": ipndm,
+    "lms": lms,
 }
 
 
