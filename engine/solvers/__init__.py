@@ -14,6 +14,7 @@ from ..precond import Identity, Precond
 from ..schedules import check_sigmas
 from .dpm import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
 from .edm import edm, euler, heun
+from .fewstep import consistency, lcm, tcd
 from .multistep import ipndm, lms
 
 __all__ = ["SOLVERS", "get_solver", "build_plan", "solver_options"]
@@ -22,6 +23,9 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "euler": euler,
     "heun": heun,
     "edm": edm,
+    "consistency": consistency,
+    "tcd": tcd,
+    "lcm": lcm,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_3m": dpmpp_3m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
