@@ -100,6 +100,25 @@ def cmd_solvers(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    from pathlib import Path
+
+    from edmrt import quality as Q
+
+    names = args.solvers or list(Q.RECIPES)
+    unknown = [n for n in names if n not in Q.RECIPES]
+    if unknown:
+        raise ValueError(f"unknown solver(s) {unknown}; expected names from {sorted(Q.RECIPES)}")
+    result = Q.run_quality(dims=args.dims, samples=args.samples, seed=args.seed, nfes=args.nfe,
+                           recipes=[Q.RECIPES[n] for n in names], peers=args.peers, progress=not args.quiet)
+    for dim in args.dims:
+        print(Q.table(result, dim, "rmse"))
+        print()
+    paths = Q.write_results(result, Path(args.output), make_plot=not args.no_plot)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edmrt", description="EDM sampling engine: plans, samplers, exact oracles.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -122,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("quality", help="error per NFE of every solver on the exact Gaussian mixture: table, JSON, PNG")
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 2])
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="mixture and noise seed")
+    p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 6, 8, 10, 16, 20, 35])
+    p.add_argument("--solvers", nargs="+", help="solver/recipe names (default: all)")
+    p.add_argument("--peers", action="store_true", help="also run the installed k-diffusion and diffusers samplers")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", default="quality_gmm", help="output stem: STEM.json, STEM.md, STEM.png")
+    p.set_defaults(fn=cmd_quality)
 
     p = sub.add_parser("solvers", help="list the solvers")
     p.set_defaults(fn=cmd_solvers)
