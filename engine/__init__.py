@@ -53,7 +53,7 @@ def make_sigmas(schedule, steps: int, sigma_min: float = 0.002, sigma_max: float
 
 def solve(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, solver: str = "heun",
           steps: int = 18, schedule="karras", sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-          seeds=None, **options) -> torch.Tensor:
+          seeds=None, executor: str = "auto", **options) -> torch.Tensor:
     """Sample by solving from ``t_0 * noise`` (t_0 = sigma_max for the named schedules) down to sigma = 0.
 
     ============  ==================================================================================
@@ -64,6 +64,9 @@ def solve(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise:
                   or an explicit descending list of sigmas (interpolated log-linearly to ``steps``)
     seeds         one int per sample for the stochastic solvers' noise (default: drawn from torch's
                   global generator); a sample's result never depends on the batch it is in
+    executor      ``"fused"``: float32 buffers, one fused step per evaluation (Triton on CUDA, C++ on
+                  the CPU); ``"reference"``: the plain torch loop in ``noise``'s dtype; ``"auto"``: fused
+                  for float32 noise, reference otherwise (float64, float16)
     options       solver options, e.g. ``S_churn=40`` for ``solver="edm"``
     ============  ==================================================================================
     """
@@ -76,15 +79,25 @@ def solve(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise:
         raise ValueError(f"denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")
     sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, rho)
     p = plan(solver, sigmas, None, **options)
+    if executor not in ("auto", "fused", "reference"):
+        raise ValueError(f"executor must be 'auto', 'fused' or 'reference', got {executor!r}")
+    if executor == "auto":
+        executor = "fused" if noise.dtype == torch.float32 else "reference"
+    if executor == "fused" and noise.dtype != torch.float32:
+        raise ValueError(f"executor 'fused' computes in float32: pass float32 noise (got {noise.dtype}) or "
+                         "executor='reference'")
     B = noise.shape[0]
-    source = None
-    if p.stochastic:
-        if seeds is None:
-            seeds = torch.randint(0, 2 ** 63 - 1, (B,), dtype=torch.int64).tolist()
-        source = SeededNoise(check_seeds(seeds, B), noise.shape[1:], noise.dtype, noise.device)
-    elif seeds is not None:
-        check_seeds(seeds, B)
-    x = execute(p, denoiser, float(sigmas[0]) * noise, source)
+    if p.stochastic and seeds is None:
+        seeds = torch.randint(0, 2 ** 63 - 1, (B,), dtype=torch.int64).tolist()
+    if seeds is not None:
+        seeds = check_seeds(seeds, B)
+    x_init = float(sigmas[0]) * noise
+    if executor == "fused":
+        from .fused import execute_fused
+        x = execute_fused(p, denoiser, x_init, None if seeds is None else torch.tensor(seeds, dtype=torch.int64))
+    else:
+        source = SeededNoise(seeds, noise.shape[1:], noise.dtype, noise.device) if p.stochastic else None
+        x = execute(p, denoiser, x_init, source)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"solve({solver!r}) produced NaN or Inf: check the denoiser's output")
     return x

@@ -13,17 +13,6 @@ from .plan import Plan
 
 __all__ = ["execute", "SeededNoise", "NoiseSource", "check_seeds"]
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(z: int) -> int:
-    """SplitMix64 finaliser (Steele, Lea & Flood 2014): decorrelates (seed, stream) keys."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
 class NoiseSource(Protocol):
     def __call__(self, stream: int) -> torch.Tensor: ...
 
@@ -54,8 +43,9 @@ def check_seeds(seeds, batch: int) -> list[int]:
 class SeededNoise:
     """Standard normal noise keyed by (sample seed, stream): a sample's noise never depends on its batch.
 
-    Each (seed, stream) pair seeds its own CPU ``torch.Generator`` through SplitMix64, so draws are
-    independent of order and batch size.  Noise is drawn in float64 and cast to ``dtype``.
+    Counter-based Philox4x32-10 (``edmrt.kernels.philox``), the same numbers the C++ core and the
+    Triton kernel draw: plan stream k (0 = churn before stage 0, s + 1 = stage s) is Philox stream k + 1,
+    stream 0 being the initial noise.  Drawn in float32 and cast to ``dtype``.
     """
 
     def __init__(self, seeds: Sequence[int], sample_shape: Sequence[int], dtype: torch.dtype = torch.float64,
@@ -63,17 +53,12 @@ class SeededNoise:
         self.seeds = check_seeds(seeds, len(seeds) if not isinstance(seeds, torch.Tensor) else seeds.numel())
         self.sample_shape = tuple(int(d) for d in sample_shape)
         self.dtype, self.device = dtype, torch.device(device)
-
-    def key(self, seed: int, stream: int) -> int:
-        return _splitmix64(_splitmix64(seed) ^ (stream & _MASK64)) >> 1
+        self._seeds = torch.tensor(self.seeds, dtype=torch.int64, device=self.device)
 
     def __call__(self, stream: int) -> torch.Tensor:
-        g = torch.Generator(device="cpu")
-        out = torch.empty((len(self.seeds),) + self.sample_shape, dtype=torch.float64)
-        for i, seed in enumerate(self.seeds):
-            g.manual_seed(self.key(seed, stream))
-            out[i] = torch.randn(self.sample_shape, generator=g, dtype=torch.float64)
-        return out.to(device=self.device, dtype=self.dtype)
+        from edmrt.kernels.philox import philox_normal, stage_stream
+
+        return philox_normal(self._seeds, stage_stream(stream), self.sample_shape, torch.float32, self.device).to(self.dtype)
 
 
 def execute(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_init: torch.Tensor,

@@ -145,6 +145,8 @@ class Plan:
         for f in fields(self):
             v = getattr(self, f.name)
             d[f.name] = v.tolist() if isinstance(v, np.ndarray) else v
+        # JSON has no Inf: option values such as S_tmax = inf travel as the strings "inf" / "-inf".
+        d["options"] = {k: (repr(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in self.options.items()}
         return d
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -167,6 +169,8 @@ class Plan:
         if unknown:
             raise ValueError(f"plan JSON has unknown field(s) {unknown}")
         kw = {k: d[k] for k in names if k in d}
+        if isinstance(kw.get("options"), dict):
+            kw["options"] = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in kw["options"].items()}
         return cls(**kw)
 
     @classmethod

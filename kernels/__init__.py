@@ -1,5 +1,125 @@
-"""edmrt.kernels: the fused step (issue 4).  For now it re-exports the compiled core's fused
-linear combination, the building block of the stage update ``x_new = a x + e x_eval + sum_k b_k Y_k``."""
+"""edmrt.kernels: the fused step, one operation per network evaluation.
+
+``fused_step`` validates its buffers once at the boundary and dispatches: Triton on CUDA tensors,
+the C++ core (OpenMP) on CPU tensors, the torch reference on request (``impl="reference"``), and
+Triton on CPU tensors under ``TRITON_INTERPRET=1`` (``impl="triton"``, for tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
 from edmrt._core import lincomb
 
-__all__ = ["lincomb"]
+from . import triton_step
+from .philox import philox_normal
+from .reference import fused_step_reference, init_state_reference
+from .table import COLUMNS, FIXED, plan_table
+
+__all__ = ["fused_step", "init_state", "plan_table", "philox_normal", "lincomb", "IMPLS", "default_impl",
+           "check_step_args", "COLUMNS", "FIXED"]
+
+IMPLS = ("auto", "reference", "cpp", "triton")
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def default_impl(device: torch.device) -> str:
+    if device.type == "cuda" and triton_step.available():
+        return "triton"
+    if device.type == "cpu":
+        return "cpp"
+    return "reference"
+
+
+def _resolve(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+    impl = default_impl(device) if impl == "auto" else impl
+    if impl == "cpp" and device.type != "cpu":
+        raise ValueError(f"impl 'cpp' runs on CPU tensors, got device {device}")
+    if impl == "triton":
+        if not triton_step.available():
+            raise ValueError("impl 'triton' needs the triton package")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("impl 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return impl
+
+
+def _tensor(name: str, t, device, dtypes, shape=None, contiguous=True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like x, got {t.device}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return t
+
+
+def check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl: str) -> None:
+    """Raise ValueError naming the first argument that is wrong (host metadata only: no device sync)."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("x must be a contiguous float32 tensor of shape (B, ...)")
+    dev, B, shape = x.device, x.shape[0], tuple(x.shape)
+    _tensor("table", table, dev, (torch.float64,))
+    if table.ndim != 2 or table.shape[1] <= FIXED or table.shape[1] > FIXED + 16:
+        raise ValueError(f"table must have shape (S, {FIXED} + K) with 1 <= K <= 16, got {tuple(table.shape)}")
+    K = table.shape[1] - FIXED
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < table.shape[0]:
+        raise ValueError(f"stage must be an int in [0, {table.shape[0]}), got {stage!r}")
+    _tensor("x_eval", x_eval, dev, (torch.float32,), shape)
+    if guidance is not None and (isinstance(guidance, bool) or not math.isfinite(float(guidance))):
+        raise ValueError(f"guidance must be a finite float or None, got {guidance!r}")
+    nF = 2 * B if guidance is not None else B
+    low = (torch.float32,) if impl == "cpp" else _LOW
+    _tensor("F", F, dev, low, (nF,) + shape[1:])
+    _tensor("Y", Y, dev, (torch.float32,), (K,) + shape)
+    if not isinstance(x_in, torch.Tensor) or x_in.shape[0] not in (B, 2 * B):
+        raise ValueError(f"x_in must have shape ({B} or {2 * B}, ...) like x")
+    _tensor("x_in", x_in, dev, low, (x_in.shape[0],) + shape[1:])
+    _tensor("sigma_in", sigma_in, dev, low, (x_in.shape[0],))
+    _tensor("seeds", seeds, dev, (torch.int64,), (B,))
+
+
+def fused_step(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
+               Y: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor,
+               guidance: float | None = None, impl: str = "auto", check: bool = True) -> None:
+    """Run stage ``stage`` of a plan table in place on the given buffers (see ``reference.py`` for the math).
+
+    ``check=False`` skips validation: for a loop whose buffers were validated once (the engine).
+    """
+    impl = _resolve(impl, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
+    if check:
+        check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl)
+    if impl == "reference":
+        fused_step_reference(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance)
+    elif impl == "cpp":
+        from edmrt import _core
+        if sigma_in.dtype != torch.float32 or x_in.dtype != torch.float32:
+            raise ValueError("impl 'cpp' writes float32 x_in and sigma_in")
+        _core.fused_step(table.numpy(), stage, x.numpy(), x_eval.numpy(), F.numpy(), Y.numpy(), x_in.numpy(),
+                         sigma_in.numpy(), seeds.numpy(), x.shape[0], math.nan if guidance is None else float(guidance))
+    else:
+        triton_step.fused_step_triton(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance)
+
+
+def init_state(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,
+               x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, impl: str = "auto") -> None:
+    """x = x_eval = t0 N(seed, 0) + n_init N(seed, 1) (Philox streams 0, 1); x_in = c_in[0] x; sigma_in = c_noise[0]."""
+    impl = _resolve(impl, x.device)
+    for name, v in (("t0", t0), ("n_init", n_init)):
+        if not math.isfinite(float(v)) or float(v) < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if impl == "reference":
+        init_state_reference(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in)
+    elif impl == "cpp":
+        from edmrt import _core
+        _core.init_state(table.numpy(), float(t0), float(n_init), seeds.numpy(), x.numpy(), x_eval.numpy(),
+                         x_in.numpy(), sigma_in.numpy(), x.shape[0])
+    else:
+        triton_step.init_state_triton(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in)

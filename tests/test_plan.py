@@ -12,6 +12,7 @@ def _all_plans():
     s = edmrt.make_sigmas("karras", 9)
     yield edmrt.plan("heun", s)
     yield edmrt.plan("edm", s, edmrt.EDMPrecond(), S_churn=30.0, S_tmin=0.01, S_tmax=20.0, S_noise=1.007)
+    yield edmrt.plan("edm", s, S_churn=10.0)  # S_tmax = inf: JSON has no Inf
     yield edmrt.plan("dpmpp_2m", edmrt.make_sigmas("vp", 7), edmrt.VPPrecond())
     yield edmrt.plan("euler", edmrt.make_sigmas("iddpm", 5, sigma_max=81.0), edmrt.IDDPMPrecond())
 

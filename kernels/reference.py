@@ -1,0 +1,69 @@
+"""The fused step in plain torch: the readable oracle every fast implementation must equal.
+
+Per element and stage s, with the plan's row r = table[s] (see ``table.py``):
+
+    F     = F_u + w (F_c - F_u)              (classifier-free guidance; otherwise F)
+    D     = c_skip x_eval + c_out F
+    Y[s % K] = alpha x_eval + beta D
+    x_new = a x + e x_eval + sum_{k <= s} b_k Y[(s - k) % K] + n N(seed, s + 2, i)
+    x_eval = x_new;  x = x_new if commit;  x_in = c_in_next x_new (both halves with guidance);  sigma_in = c_noise_next
+
+Memory traffic per element (float32 state, F in bytes f, history depth K, guidance g in {0, 1}):
+reads x, x_eval, F (1 + g times), K - 1 history entries: 4 (2 + (K - 1)) + f (1 + g) bytes;
+writes Y[s], x_eval, x (if commit), x_in (1 + g times): 4 (3 + (1 + g)) bytes at most.
+"""
+from __future__ import annotations
+
+import torch
+
+from .philox import philox_normal
+from .table import COL, FIXED
+
+__all__ = ["fused_step_reference", "init_state_reference"]
+
+
+def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
+                         Y: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor,
+                         guidance: float | None = None) -> None:
+    """One stage in place.  Reads only device tensors (the table row, never a host copy of it)."""
+    B = x.shape[0]
+    K = table.shape[1] - FIXED
+    r = table[stage].to(torch.float32)
+    col = lambda name: r[COL[name]]  # noqa: E731  (0-d device tensors: no host sync)
+    f = F.to(torch.float32)
+    if guidance is not None:
+        f_u, f_c = f[:B], f[B:]
+        f = f_u + guidance * (f_c - f_u)
+    D = col("c_skip") * x_eval + col("c_out") * f
+    y = col("alpha") * x_eval + col("beta") * D
+    Y[stage % K] = y
+    acc = col("a") * x + col("e") * x_eval + r[FIXED] * y
+    for k in range(1, min(K, stage + 1)):
+        acc = acc + r[FIXED + k] * Y[(stage - k) % K]
+    z = philox_normal(seeds, stage + 2, x.shape[1:], torch.float32, x.device)
+    acc = acc + col("n") * z
+    x_eval.copy_(acc)
+    x.copy_(torch.where(col("commit") != 0, acc, x))
+    nxt = (col("c_in_next") * acc).to(x_in.dtype)
+    x_in[:B] = nxt
+    if x_in.shape[0] == 2 * B:
+        x_in[B:] = nxt
+    sigma_in.copy_(col("c_noise_next").expand(sigma_in.shape).to(sigma_in.dtype))
+
+
+def init_state_reference(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,
+                         x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor) -> None:
+    """x = t0 N(seed, 0) + n_init N(seed, 1); x_eval = x; x_in = c_in[0] x; sigma_in = c_noise[0]."""
+    B = x.shape[0]
+    z0 = philox_normal(seeds, 0, x.shape[1:], torch.float32, x.device)
+    v = torch.tensor(t0, dtype=torch.float32) * z0
+    if n_init:
+        v = v + torch.tensor(n_init, dtype=torch.float32) * philox_normal(seeds, 1, x.shape[1:], torch.float32, x.device)
+    x.copy_(v)
+    x_eval.copy_(v)
+    r = table[0].to(torch.float32)
+    nxt = (r[COL["c_in"]] * v).to(x_in.dtype)
+    x_in[:B] = nxt
+    if x_in.shape[0] == 2 * B:
+        x_in[B:] = nxt
+    sigma_in.copy_(r[COL["c_noise"]].expand(sigma_in.shape).to(sigma_in.dtype))

@@ -1,0 +1,156 @@
+"""The fused step in Triton (CUDA; on the CPU under TRITON_INTERPRET=1 for tests).
+
+One program per BLOCK elements; the stage index is a runtime argument, so one compiled kernel
+serves every stage of every plan with the same history depth K and the whole sampling loop can
+be captured in one CUDA graph.  Coefficients come from the device table (float64), arithmetic
+is float32, the network output may be float32, float16 or bfloat16 (loaded, then widened).
+Runs on Triton 3.6 to 3.9 (only tl.load/store/where/randn and scalar control flow).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+from .table import FIXED
+
+__all__ = ["available", "fused_step_triton", "init_state_triton"]
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fused_step_kernel(
+        table_ptr,        # (S, W) float64 plan table
+        stage,            # int32 stage index s
+        x_ptr,            # (N,) float32 committed state, in/out
+        xe_ptr,           # (N,) float32 evaluation point, in/out
+        f_ptr,            # (N,) or (2N,) raw network output [uncond; cond]
+        y_ptr,            # (K, N) float32 history ring
+        xin_ptr,          # (N,) or (2N,) next network input
+        sig_ptr,          # (B,) or (2B,) next network noise input
+        seed_ptr,         # (B,) int64 per-sample seeds
+        N,                # elements in the batch (B * per_sample)
+        per_sample,       # elements per sample
+        n_sig,            # entries of sig_ptr to write
+        w,                # guidance weight (unused without CFG)
+        W: tl.constexpr,      # table width = 12 + K
+        K: tl.constexpr,      # history depth
+        CFG: tl.constexpr,    # F holds [F_u; F_c]
+        TWICE: tl.constexpr,  # x_in holds two copies (guidance batch)
+        BLOCK: tl.constexpr,  # elements per program
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        row = table_ptr + stage * W
+        c_skip = tl.load(row + 2).to(tl.float32)
+        c_out = tl.load(row + 3).to(tl.float32)
+        alpha = tl.load(row + 4).to(tl.float32)
+        beta = tl.load(row + 5).to(tl.float32)
+        a = tl.load(row + 6).to(tl.float32)
+        e = tl.load(row + 7).to(tl.float32)
+        n = tl.load(row + 8).to(tl.float32)
+        commit = tl.load(row + 9)
+        c_in_next = tl.load(row + 10).to(tl.float32)
+        c_noise_next = tl.load(row + 11).to(tl.float32)
+        b0 = tl.load(row + 12).to(tl.float32)
+
+        xe = tl.load(xe_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if CFG:
+            f_c = tl.load(f_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
+            f = f + w * (f_c - f)
+        # Preconditioning (EDM Eq. 7) and the history entry.
+        D = c_skip * xe + c_out * f
+        y = alpha * xe + beta * D
+        tl.store(y_ptr + (stage % K) * N + offs, y, mask=mask)
+        # Linear update over the history ring.
+        acc = a * x + e * xe + b0 * y
+        for k in tl.static_range(1, K):
+            bk = tl.load(row + 12 + k).to(tl.float32)
+            has = stage >= k
+            slot = (stage - k + K) % K
+            yk = tl.load(y_ptr + slot * N + offs, mask=mask & has, other=0.0)
+            acc += tl.where(has, bk * yk, 0.0)
+        # Philox noise keyed by (sample seed, stage + 2, element).
+        if n != 0.0:
+            seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
+            counter = ((stage + 2).to(tl.int64) << 32) | (offs % per_sample)
+            acc += n * tl.randn(seed, counter)
+        tl.store(xe_ptr + offs, acc, mask=mask)
+        tl.store(x_ptr + offs, tl.where(commit != 0.0, acc, x), mask=mask)
+        nxt = c_in_next * acc
+        tl.store(xin_ptr + offs, nxt.to(xin_ptr.dtype.element_ty), mask=mask)
+        if TWICE:
+            tl.store(xin_ptr + N + offs, nxt.to(xin_ptr.dtype.element_ty), mask=mask)
+        tl.store(sig_ptr + offs, (tl.zeros((BLOCK,), tl.float32) + c_noise_next).to(sig_ptr.dtype.element_ty),
+                 mask=offs < n_sig)
+
+    @triton.jit
+    def _init_kernel(
+        table_ptr,        # (S, W) float64 plan table (row 0 read)
+        x_ptr, xe_ptr,    # (N,) float32 state, out
+        xin_ptr,          # (N,) or (2N,) network input, out
+        sig_ptr,          # (B,) or (2B,) network noise input, out
+        seed_ptr,         # (B,) int64 seeds
+        N, per_sample, n_sig,
+        t0,               # first noise level (float32)
+        n_init,           # churn before stage 0 (float32)
+        CHURN: tl.constexpr,
+        TWICE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
+        elem = offs % per_sample
+        v = t0 * tl.randn(seed, elem)
+        if CHURN:
+            v += n_init * tl.randn(seed, (tl.full((BLOCK,), 1, tl.int64) << 32) | elem)
+        tl.store(x_ptr + offs, v, mask=mask)
+        tl.store(xe_ptr + offs, v, mask=mask)
+        c_in = tl.load(table_ptr).to(tl.float32)
+        c_noise = tl.load(table_ptr + 1).to(tl.float32)
+        tl.store(xin_ptr + offs, (c_in * v).to(xin_ptr.dtype.element_ty), mask=mask)
+        if TWICE:
+            tl.store(xin_ptr + N + offs, (c_in * v).to(xin_ptr.dtype.element_ty), mask=mask)
+        tl.store(sig_ptr + offs, (tl.zeros((BLOCK,), tl.float32) + c_noise).to(sig_ptr.dtype.element_ty), mask=offs < n_sig)
+
+
+def _block(N: int) -> int:
+    return 1024 if N >= 1024 else max(16, triton.next_power_of_2(N))
+
+
+def fused_step_triton(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
+                      Y: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor,
+                      guidance: float | None = None) -> None:
+    """Launch the kernel for one stage (arguments already validated by ``edmrt.kernels.fused_step``)."""
+    B = x.shape[0]
+    N = x.numel()
+    K = table.shape[1] - FIXED
+    grid = (triton.cdiv(max(N, sigma_in.numel()), _block(N)),)
+    _fused_step_kernel[grid](
+        table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, N, N // B, sigma_in.numel(),
+        float(guidance) if guidance is not None else 1.0,
+        W=table.shape[1], K=K, CFG=guidance is not None, TWICE=x_in.shape[0] == 2 * B, BLOCK=_block(N))
+
+
+def init_state_triton(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,
+                      x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor) -> None:
+    B = x.shape[0]
+    N = x.numel()
+    grid = (triton.cdiv(max(N, sigma_in.numel()), _block(N)),)
+    _init_kernel[grid](table, x, x_eval, x_in, sigma_in, seeds, N, N // B, sigma_in.numel(), float(t0), float(n_init),
+                       CHURN=n_init != 0.0, TWICE=x_in.shape[0] == 2 * B, BLOCK=_block(N))

@@ -1,0 +1,220 @@
+"""The fused step: torch reference, C++ core and Triton (interpreted on the CPU) against the float64
+reference executor's definition; Philox noise; the C ABI with a C++ host program."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edmrt
+from edmrt import _core
+from edmrt import kernels as Kn
+from edmrt.kernels.philox import philox4x32, philox_normal
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPLS = ["reference", "cpp", "triton"]
+
+# Random123's known-answer vectors for Philox4x32-10 (counter, key) -> output.
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,out", KAT)
+def test_philox_known_answers_in_torch_and_cpp(ctr, key, out):
+    assert tuple(int(v) for v in philox4x32(*ctr, *key)) == out
+    assert tuple(_core.philox(*ctr, *key)) == out
+
+
+def test_philox_matches_triton_randint4x_and_randn_bit_for_bit():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def draw(seed_ptr, w_ptr, z_ptr, N, per, stream, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < N
+        seed = tl.load(seed_ptr + i // per, mask=m, other=0)
+        off = (stream.to(tl.int64) << 32) | (i % per).to(tl.int64)
+        w0, w1, _, _ = tl.randint4x(seed, off)
+        tl.store(w_ptr + 2 * i, w0.to(tl.int64) & 0xFFFFFFFF, mask=m)
+        tl.store(w_ptr + 2 * i + 1, w1.to(tl.int64) & 0xFFFFFFFF, mask=m)
+        tl.store(z_ptr + i, tl.randn(seed, off), mask=m)
+
+    seeds = torch.tensor([0, 7, 2 ** 33 + 5, 2 ** 62 + 12345], dtype=torch.int64)
+    per = 37
+    w = torch.zeros(4 * per * 2, dtype=torch.int64)
+    z = torch.zeros(4 * per)
+    draw[(3,)](seeds, w, z, 4 * per, per, 9, BLOCK=64)
+    e = torch.arange(per)[None]
+    w0, w1, _, _ = philox4x32(e, torch.full_like(e, 9), 0, 0, (seeds & 0xFFFFFFFF)[:, None], (seeds >> 32)[:, None])
+    assert torch.equal(w.view(4, per, 2)[..., 0], w0) and torch.equal(w.view(4, per, 2)[..., 1], w1)
+    ours = philox_normal(seeds, 9, (per,))
+    assert (ours - z.view(4, per)).abs().max().item() <= 1e-6
+
+
+def test_philox_normal_in_cpp_and_torch_and_its_statistics():
+    seeds = torch.tensor([3, 1 << 40, 12], dtype=torch.int64)
+    out = np.empty((3, 20000), dtype=np.float32)
+    _core.randn(seeds.numpy(), 5, out, 3)
+    ref = philox_normal(seeds, 5, (20000,))
+    assert np.abs(out - ref.numpy()).max() <= 1e-5  # same words; float32 log/cos may differ by ulps
+    z = ref.double()
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+    # A sample's noise depends on its seed only, not on its position or batch.
+    assert torch.equal(philox_normal(seeds[1:2], 5, (20000,))[0], ref[1])
+    assert not torch.equal(philox_normal(seeds, 6, (20000,)), ref)
+
+
+def _plans():
+    s = edmrt.make_sigmas("karras", 5)
+    pre = edmrt.EDMPrecond()
+    for name in sorted(edmrt.SOLVERS):
+        opts = {"edm": dict(S_churn=30.0), "unipc": dict(order=3), "euler": dict(S_churn=10.0)}.get(name, {})
+        yield pytest.param(edmrt.plan(name, s, pre, **opts), id=name)
+
+
+def _run(plan, impl, shape, guidance, f_dtype, seed=0):
+    """All stages of ``plan`` on random network outputs, outputs poisoned with NaN before each call."""
+    B = shape[0]
+    table = Kn.plan_table(plan)
+    seeds = torch.tensor([11, 2 ** 35 + 1, 5, 99, 7][:B], dtype=torch.int64)
+    x = torch.empty(shape)
+    x_eval = torch.empty(shape)
+    Y = torch.full((plan.history,) + shape, math.nan)
+    nin = 2 * B if guidance is not None else B
+    x_in = torch.empty((nin,) + shape[1:])
+    sigma_in = torch.empty(nin)
+    Kn.init_state(table, float(plan.sigmas[0]), plan.n_init, seeds, x, x_eval, x_in, sigma_in, impl=impl)
+    g = torch.Generator().manual_seed(seed)
+    for s in range(plan.stages):
+        F = torch.randn((nin,) + shape[1:], generator=g).to(f_dtype)
+        x_in.fill_(math.nan)
+        sigma_in.fill_(math.nan)
+        Y[s % plan.history] = math.nan
+        Kn.fused_step(table, s, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl=impl)
+        assert torch.isfinite(x_in).all() and torch.isfinite(sigma_in).all() and torch.isfinite(Y[s % plan.history]).all()
+    return x, x_in, sigma_in
+
+
+@pytest.mark.parametrize("plan", list(_plans()))
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("shape,guidance", [((3, 5, 7), None), ((2, 3, 61), 2.5)])
+def test_every_solver_through_each_implementation_equals_the_reference(plan, impl, shape, guidance):
+    ref, ref_in, ref_sig = _run(plan, "reference", shape, guidance, torch.float32)
+    got, got_in, got_sig = _run(plan, impl, shape, guidance, torch.float32)
+    scale = ref.norm().item()
+    assert (got - ref).abs().max().item() <= 1e-6 * scale
+    assert (got_in - ref_in).abs().max().item() <= 1e-6 * max(ref_in.norm().item(), 1.0)
+    assert torch.equal(got_sig, ref_sig)
+
+
+@pytest.mark.parametrize("f_dtype", [torch.float16, torch.bfloat16])
+def test_triton_reads_low_precision_network_outputs(f_dtype):
+    plan = edmrt.plan("dpmpp_2m", edmrt.make_sigmas("karras", 6), edmrt.EDMPrecond())
+    ref, _, _ = _run(plan, "reference", (2, 3, 50), None, f_dtype)
+    got, _, _ = _run(plan, "triton", (2, 3, 50), None, f_dtype)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.norm().item()
+
+
+def test_fused_solve_equals_the_reference_executor(gen):
+    """edmrt.solve on float32 runs the fused C++ step; float64 runs the reference loop."""
+    from edmrt.models import GaussianMixture
+
+    g = GaussianMixture.random(K=6, D=30, seed=2)
+    noise = torch.randn(5, 30, generator=gen)
+    for solver, opts in [("heun", {}), ("dpmpp_3m_sde", {}), ("tcd", dict(gamma=0.4)), ("unipc", {})]:
+        fast = edmrt.solve(g, noise, solver=solver, steps=8, seeds=[1, 2, 3, 4, 5], **opts)
+        ref = edmrt.solve(g, noise.double(), solver=solver, steps=8, seeds=[1, 2, 3, 4, 5], **opts)
+        assert fast.dtype == torch.float32
+        assert (fast.double() - ref).abs().max().item() <= 2e-4 * ref.norm().item() / math.sqrt(ref.numel())
+
+
+def test_cpp_plan_reader_builds_the_same_table():
+    for p in [edmrt.plan("unipc", edmrt.make_sigmas("karras", 7), edmrt.EDMPrecond(), order=3),
+              edmrt.plan("edm", edmrt.make_sigmas("karras", 4), S_churn=20.0)]:
+        assert np.array_equal(_core.plan_table_from_json(p.to_json()), Kn.plan_table(p).numpy())
+    with pytest.raises(ValueError, match="malformed"):
+        _core.plan_table_from_json('{"format": "edmrt.plan", "version": 1, "sigma": [1.0,')
+    with pytest.raises(ValueError, match="lacks field 'alpha'"):
+        d = edmrt.plan("heun", edmrt.make_sigmas("karras", 3)).to_dict()
+        del d["alpha"]
+        import json
+        _core.plan_table_from_json(json.dumps(d))
+
+
+def _bufs(B=2, shape=(3, 4), K=2):
+    p = edmrt.plan("heun", edmrt.make_sigmas("karras", 3))
+    return dict(table=Kn.plan_table(p), stage=0, x=torch.zeros(B, *shape), x_eval=torch.zeros(B, *shape),
+                F=torch.zeros(B, *shape), Y=torch.zeros(K, B, *shape), x_in=torch.zeros(B, *shape),
+                sigma_in=torch.zeros(B), seeds=torch.zeros(B, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("change,match", [
+    (dict(stage=5), r"stage must be an int in \[0, 5\)"),
+    (dict(stage=-1), "stage must be"),
+    (dict(F=torch.zeros(2, 3, 4, dtype=torch.float64)), "F must have dtype"),
+    (dict(F=torch.zeros(2, 3, 5)), r"F must have shape \(2, 3, 4\)"),
+    (dict(Y=torch.zeros(3, 2, 3, 4)), "Y must have shape"),
+    (dict(x_eval=torch.zeros(4, 3).t()), "x_eval must have shape"),
+    (dict(x_in=torch.zeros(2, 4, 3).transpose(1, 2)), "x_in must be contiguous"),
+    (dict(seeds=torch.zeros(2, dtype=torch.int32)), "seeds must have dtype"),
+    (dict(table=torch.zeros(5, 14, dtype=torch.float32)), "table must have dtype"),
+    (dict(sigma_in=torch.zeros(2, device="meta")), "sigma_in must be on cpu"),
+    (dict(guidance=float("nan")), "guidance must be a finite float"),
+    (dict(guidance=2.0), r"F must have shape \(4, 3, 4\)"),
+])
+def test_bad_buffers_raise(impl, change, match):
+    args = _bufs()
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        Kn.fused_step(impl=impl, **args)
+
+
+def test_cpp_rejects_low_precision_and_unknown_impls():
+    args = _bufs()
+    args["F"] = args["F"].half()
+    with pytest.raises(ValueError, match="F must have dtype"):
+        Kn.fused_step(impl="cpp", **args)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        Kn.fused_step(impl="cuda", **_bufs())
+
+
+def _compiler():
+    for cc in ("c++", "g++", "clang++"):
+        if shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+@pytest.mark.skipif(_compiler() is None, reason="no C++ compiler on PATH to build the C ABI test host")
+def test_c_abi_host_program_runs_a_heun_plan(tmp_path):
+    """Build cpp/tests/heun_gaussian.cpp against the core's sources (argument list, no shell) and compare its
+    Heun run with a closed-form Gaussian denoiser to the float64 reference executor: <= 1e-6 relative."""
+    exe = tmp_path / "heun_gaussian"
+    srcs = [ROOT / "cpp" / f for f in ("philox.cpp", "step.cpp", "plan_json.cpp", "capi.cpp")]
+    cmd = [_compiler(), "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-fopenmp", "-I", str(ROOT / "cpp" / "include"),
+           str(ROOT / "cpp" / "tests" / "heun_gaussian.cpp"), *map(str, srcs), "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    plan = edmrt.plan("heun", edmrt.make_sigmas("karras", 18))
+    plan.save(tmp_path / "plan.json")
+    seeds, n, mu, s = [4, 8, 15, 16], 33, 0.3, 0.5
+    out = subprocess.run([str(exe), str(tmp_path / "plan.json"), str(len(seeds)), str(n), str(mu), str(s),
+                          *map(str, seeds)], check=True, capture_output=True, text=True).stdout
+    got = torch.tensor([float(v) for v in out.split()], dtype=torch.float64).view(len(seeds), n)
+    x_init = float(plan.sigmas[0]) * philox_normal(seeds, 0, (n,)).double()
+    ref = edmrt.execute(plan, lambda x, sigma: mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu), x_init)
+    assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item())
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "edmrt.plan", "version": 1')
+    r = subprocess.run([str(exe), str(bad), "1", "1", "0", "1", "0"], capture_output=True, text=True)
+    assert r.returncode == 1 and "malformed" in r.stderr
