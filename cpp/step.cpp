@@ -1,14 +1,82 @@
 // The fused step on the CPU: one pass over memory per network evaluation (DESIGN.md's stage).
+#include <algorithm>
+
 #include "edmrt_core.hpp"
 
 namespace edmrt {
 
+namespace {
+
+// The update without noise, specialised so that the element loop has no branches and vectorises:
+// CFG (guidance halves), COMMIT (x = x_new), TWICE (x_in holds two copies), TERMS older history entries.
+template <bool CFG, bool COMMIT, bool TWICE, int TERMS>
+void update(const StepArgs& p, const float (&c)[8], const float* bk, const float* const* yk) {
+  const int64_t total = p.batch * p.per_sample;
+  const int K = p.K;
+  float* __restrict__ y0 = p.Y + static_cast<int64_t>(p.stage % K) * total;
+  float* __restrict__ x = p.x;
+  float* __restrict__ xe = p.x_eval;
+  float* __restrict__ xin = p.x_in;
+  const float* __restrict__ F = p.F;
+  const float* __restrict__ Fc = CFG ? p.F + total : p.F;
+  const float* __restrict__ y1 = TERMS > 0 ? yk[0] : nullptr;
+  const float* __restrict__ y2 = TERMS > 1 ? yk[1] : nullptr;
+  const float* __restrict__ y3 = TERMS > 2 ? yk[2] : nullptr;
+  const float c_skip = c[0], c_out = c[1], alpha = c[2], beta = c[3], a = c[4], e = c[5], b0 = c[6], c_in = c[7];
+  const float w = p.w;
+  const float b1 = TERMS > 0 ? bk[0] : 0.0f, b2 = TERMS > 1 ? bk[1] : 0.0f, b3 = TERMS > 2 ? bk[2] : 0.0f;
+#pragma omp parallel for simd schedule(static) if (total > (1 << 15))
+  for (int64_t i = 0; i < total; ++i) {
+    float f = F[i];
+    if (CFG) f = f + w * (Fc[i] - f);
+    const float xev = xe[i];
+    const float D = c_skip * xev + c_out * f;
+    const float y = alpha * xev + beta * D;
+    y0[i] = y;
+    float acc = a * x[i] + e * xev + b0 * y;
+    if (TERMS > 0) acc += b1 * y1[i];
+    if (TERMS > 1) acc += b2 * y2[i];
+    if (TERMS > 2) acc += b3 * y3[i];
+    xe[i] = acc;
+    if (COMMIT) x[i] = acc;
+    xin[i] = c_in * acc;
+    if (TWICE) xin[total + i] = c_in * acc;
+  }
+}
+
+template <bool CFG, bool COMMIT, bool TWICE>
+void update_terms(int terms, const StepArgs& p, const float (&c)[8], const float* bk, const float* const* yk) {
+  switch (terms) {
+    case 0: return update<CFG, COMMIT, TWICE, 0>(p, c, bk, yk);
+    case 1: return update<CFG, COMMIT, TWICE, 1>(p, c, bk, yk);
+    case 2: return update<CFG, COMMIT, TWICE, 2>(p, c, bk, yk);
+    default: return update<CFG, COMMIT, TWICE, 3>(p, c, bk, yk);
+  }
+}
+
+// Older history entries beyond three are folded into Y-term groups of three by repeated passes:
+// rare (K > 4 is not produced by any solver here), kept correct rather than fast.
+void extra_terms(const StepArgs& p, int from, int terms, const float* bk, const float* const* yk, float c_in) {
+  const int64_t total = p.batch * p.per_sample;
+  for (int t = from; t < terms; ++t) {
+    for (int64_t i = 0; i < total; ++i) {
+      const float acc = p.x_eval[i] + bk[t] * yk[t][i];
+      p.x_eval[i] = acc;
+      p.x_in[i] = c_in * acc;
+      if (p.x_in_twice) p.x_in[total + i] = c_in * acc;
+    }
+  }
+  if (terms > from && p.row[COMMIT] != 0.0) std::copy(p.x_eval, p.x_eval + total, p.x);
+}
+
+}  // namespace
+
 void fused_step(const StepArgs& p) {
   const double* r = p.row;
-  const float c_skip = static_cast<float>(r[C_SKIP]), c_out = static_cast<float>(r[C_OUT]);
-  const float alpha = static_cast<float>(r[ALPHA]), beta = static_cast<float>(r[BETA]);
-  const float a = static_cast<float>(r[A]), e = static_cast<float>(r[E]);
-  const float n = static_cast<float>(r[N]), c_in_next = static_cast<float>(r[C_IN_NEXT]);
+  const float c[8] = {static_cast<float>(r[C_SKIP]), static_cast<float>(r[C_OUT]), static_cast<float>(r[ALPHA]),
+                      static_cast<float>(r[BETA]),   static_cast<float>(r[A]),     static_cast<float>(r[E]),
+                      static_cast<float>(r[B0]),     static_cast<float>(r[C_IN_NEXT])};
+  const float n = static_cast<float>(r[N]);
   const bool commit = r[COMMIT] != 0.0;
   const int64_t total = p.batch * p.per_sample;
   const int K = p.K;
@@ -21,41 +89,39 @@ void fused_step(const StepArgs& p) {
     yk[terms] = p.Y + static_cast<int64_t>((p.stage - k) % K) * total;
     ++terms;
   }
-  const float b0 = static_cast<float>(r[B0]);
-  float* __restrict__ y0 = p.Y + static_cast<int64_t>(p.stage % K) * total;
-  float* __restrict__ x = p.x;
-  float* __restrict__ xe = p.x_eval;
-  float* __restrict__ xin = p.x_in;
-  const float* __restrict__ F = p.F;
-  const float* __restrict__ Fc = p.guidance ? p.F + total : nullptr;
-  const float w = p.w;
-  const bool noisy = n != 0.0f;
-  const bool twice = p.x_in_twice;
-  const uint32_t stream = static_cast<uint32_t>(p.stage + 2);
-
-#pragma omp parallel for schedule(static) if (total > (1 << 15))
-  for (int64_t i = 0; i < total; ++i) {
-    float f = F[i];
-    if (Fc) f = f + w * (Fc[i] - f);
-    const float xev = xe[i];
-    const float D = c_skip * xev + c_out * f;
-    const float y = alpha * xev + beta * D;
-    y0[i] = y;
-    float acc = a * x[i] + e * xev + b0 * y;
-    for (int t = 0; t < terms; ++t) acc += bk[t] * yk[t][i];
-    if (noisy) {
-      const uint64_t seed = static_cast<uint64_t>(p.seeds[i / p.per_sample]);
-      uint32_t c[4] = {static_cast<uint32_t>(i % p.per_sample), stream, 0u, 0u};
-      philox4x32(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-      acc += n * normal_from_words(c[0], c[1]);
-    }
-    xe[i] = acc;
-    if (commit) x[i] = acc;
-    const float in = c_in_next * acc;
-    xin[i] = in;
-    if (twice) xin[total + i] = in;
+  const int fused_terms = terms < 3 ? terms : 3;
+  const int sel = (p.guidance ? 4 : 0) | (commit ? 2 : 0) | (p.x_in_twice ? 1 : 0);
+  switch (sel) {
+    case 0: update_terms<false, false, false>(fused_terms, p, c, bk, yk); break;
+    case 1: update_terms<false, false, true>(fused_terms, p, c, bk, yk); break;
+    case 2: update_terms<false, true, false>(fused_terms, p, c, bk, yk); break;
+    case 3: update_terms<false, true, true>(fused_terms, p, c, bk, yk); break;
+    case 4: update_terms<true, false, false>(fused_terms, p, c, bk, yk); break;
+    case 5: update_terms<true, false, true>(fused_terms, p, c, bk, yk); break;
+    case 6: update_terms<true, true, false>(fused_terms, p, c, bk, yk); break;
+    default: update_terms<true, true, true>(fused_terms, p, c, bk, yk); break;
   }
-  const int64_t nsig = twice ? 2 * p.batch : p.batch;
+  extra_terms(p, fused_terms, terms, bk, yk, c[7]);
+  if (n != 0.0f) {
+    // Philox noise keyed by (sample seed, stage + 2, element): a second pass, only on stochastic stages.
+    const uint32_t stream = static_cast<uint32_t>(p.stage + 2);
+    const float c_in = c[7];
+#pragma omp parallel for schedule(static) if (total > (1 << 14))
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
+      for (int64_t j = 0; j < p.per_sample; ++j) {
+        const int64_t i = b * p.per_sample + j;
+        uint32_t ctr[4] = {static_cast<uint32_t>(j), stream, 0u, 0u};
+        philox4x32(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+        const float acc = p.x_eval[i] + n * normal_from_words(ctr[0], ctr[1]);
+        p.x_eval[i] = acc;
+        if (commit) p.x[i] = acc;
+        p.x_in[i] = c_in * acc;
+        if (p.x_in_twice) p.x_in[total + i] = c_in * acc;
+      }
+    }
+  }
+  const int64_t nsig = p.x_in_twice ? 2 * p.batch : p.batch;
   for (int64_t b = 0; b < nsig; ++b) p.sigma_in[b] = static_cast<float>(r[C_NOISE_NEXT]);
 }
 
