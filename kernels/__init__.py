@@ -11,7 +11,10 @@ import os
 
 import torch
 
-from edmrt._core import lincomb
+try:  # the compiled core; a tree used without building it (a bare GPU image) still has Triton and torch
+    from edmrt._core import lincomb
+except ImportError:  # pragma: no cover - exercised only where the extension is not built
+    lincomb = None
 
 from . import triton_step
 from .philox import philox_normal
@@ -28,7 +31,7 @@ _LOW = (torch.float32, torch.float16, torch.bfloat16)
 def default_impl(device: torch.device) -> str:
     if device.type == "cuda" and triton_step.available():
         return "triton"
-    if device.type == "cpu":
+    if device.type == "cpu" and lincomb is not None:
         return "cpp"
     return "reference"
 
@@ -39,6 +42,8 @@ def _resolve(impl: str, device: torch.device) -> str:
     impl = default_impl(device) if impl == "auto" else impl
     if impl == "cpp" and device.type != "cpu":
         raise ValueError(f"impl 'cpp' runs on CPU tensors, got device {device}")
+    if impl == "cpp" and lincomb is None:
+        raise ValueError("impl 'cpp' needs the compiled core edmrt._core: pip install -e . (with pybind11) builds it")
     if impl == "triton":
         if not triton_step.available():
             raise ValueError("impl 'triton' needs the triton package")

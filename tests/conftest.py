@@ -1,8 +1,9 @@
 import os
 import sys
 
-# Triton kernels (issue 4) run on the CPU only in interpreter mode, which must be chosen
-# before any @triton.jit decorator runs: set it here, first.
+# Triton kernels run on the CPU only in interpreter mode, which must be chosen before any
+# @triton.jit decorator runs: set it here, first, unless a GPU is present (benchmarks/gpu_check.sh
+# exports TRITON_INTERPRET=0 there, so the kernels compile for the device).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -28,3 +29,17 @@ def gen():
     (crc32 of the test id; Python's str hash is salted per process)."""
     test_id = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
     return torch.Generator().manual_seed(zlib.crc32(test_id.encode()))
+
+
+@pytest.fixture(scope="session")
+def triton_device():
+    """Where the Triton kernel runs in this session: CUDA when present, else the CPU interpreter."""
+    from edmrt.kernels import triton_step
+
+    if not triton_step.available():
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here")
