@@ -18,7 +18,7 @@ __all__ = ["execute_fused"]
 def execute_fused(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_init: torch.Tensor,
                   seeds: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """Run ``plan`` from ``x_init`` (float32, any device) with ``net(x_in, c_noise (B, 1, ..))``; returns x."""
-    from edmrt.kernels import fused_step, philox_normal, plan_table
+    from edmrt.kernels import Stepper, philox_normal, plan_table
 
     if not isinstance(x_init, torch.Tensor) or x_init.dtype != torch.float32 or x_init.ndim < 1:
         raise ValueError("x_init must be a float32 tensor of shape (B, ...) for the fused executor")
@@ -37,11 +37,12 @@ def execute_fused(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.
     x_in = (plan.c_in[0] * x).contiguous()
     sigma_in = torch.full((B,), plan.c_noise[0], dtype=torch.float32, device=dev)
     sig_view = sigma_in.view((B,) + (1,) * (x.ndim - 1))
+    step = Stepper(table, x, x_eval, Y, x_in, sigma_in, seeds, impl=impl)
     for s in range(plan.stages):
         F = net(x_in, sig_view)
         if not isinstance(F, torch.Tensor) or F.shape != x.shape:
             raise ValueError(f"the network must return a tensor of shape {tuple(x.shape)}, got "
                              f"{tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__} at stage {s}")
         F = F.to(torch.float32).contiguous() if (F.dtype != torch.float32 or not F.is_contiguous()) else F
-        fused_step(table, s, x, x_eval, F, Y, x_in, sigma_in, seeds, impl=impl, check=s == 0)
+        step(s, F)
     return x

@@ -21,7 +21,7 @@ from .philox import philox_normal
 from .reference import fused_step_reference, init_state_reference
 from .table import COLUMNS, FIXED, plan_table
 
-__all__ = ["fused_step", "init_state", "plan_table", "philox_normal", "lincomb", "IMPLS", "default_impl",
+__all__ = ["fused_step", "init_state", "Stepper", "plan_table", "philox_normal", "lincomb", "IMPLS", "default_impl",
            "check_step_args", "COLUMNS", "FIXED"]
 
 IMPLS = ("auto", "reference", "cpp", "triton")
@@ -111,6 +111,44 @@ def fused_step(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.T
                          sigma_in.numpy(), seeds.numpy(), x.shape[0], math.nan if guidance is None else float(guidance))
     else:
         triton_step.fused_step_triton(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance)
+
+
+class Stepper:
+    """The fused step bound to one set of buffers: validated once here, then ``step(stage, F)`` per network
+    evaluation with only F's metadata checked (what an engine loop calls; no host sync, no allocation)."""
+
+    def __init__(self, table: torch.Tensor, x: torch.Tensor, x_eval: torch.Tensor, Y: torch.Tensor,
+                 x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor, guidance: float | None = None,
+                 f_dtype: torch.dtype = torch.float32, impl: str = "auto"):
+        self.impl = _resolve(impl, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
+        B = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0
+        f_shape = ((2 * B if guidance is not None else B),) + tuple(x.shape[1:])
+        probe = torch.empty(f_shape, dtype=f_dtype, device=x.device)
+        check_step_args(table, 0, x, x_eval, probe, Y, x_in, sigma_in, seeds, guidance, self.impl)
+        self.table, self.x, self.x_eval, self.Y, self.x_in, self.sigma_in, self.seeds = \
+            table, x, x_eval, Y, x_in, sigma_in, seeds
+        self.guidance, self.f_shape, self.f_dtype, self.stages = guidance, f_shape, f_dtype, table.shape[0]
+        if self.impl == "cpp":
+            from edmrt import _core
+            self._core = _core
+            self._np = [t.numpy() for t in (table, x, x_eval)] + [t.numpy() for t in (Y, x_in, sigma_in, seeds)]
+            self._w = math.nan if guidance is None else float(guidance)
+
+    def __call__(self, stage: int, F: torch.Tensor) -> None:
+        if F.shape != self.f_shape or F.dtype != self.f_dtype or F.device != self.x.device or not F.is_contiguous():
+            raise ValueError(f"F must be a contiguous {self.f_dtype} tensor of shape {self.f_shape} on {self.x.device}, "
+                             f"got {F.dtype} {tuple(F.shape)} on {F.device}")
+        if not 0 <= stage < self.stages:
+            raise ValueError(f"stage must be in [0, {self.stages}), got {stage}")
+        if self.impl == "cpp":
+            t, x, xe, Y, xin, sig, seeds = self._np
+            self._core.fused_step(t, stage, x, xe, F.numpy(), Y, xin, sig, seeds, x.shape[0], self._w)
+        elif self.impl == "reference":
+            fused_step_reference(self.table, stage, self.x, self.x_eval, F, self.Y, self.x_in, self.sigma_in,
+                                 self.seeds, self.guidance)
+        else:
+            triton_step.fused_step_triton(self.table, stage, self.x, self.x_eval, F, self.Y, self.x_in,
+                                          self.sigma_in, self.seeds, self.guidance)
 
 
 def init_state(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,

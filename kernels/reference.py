@@ -25,7 +25,7 @@ __all__ = ["fused_step_reference", "init_state_reference"]
 def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
                          Y: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor,
                          guidance: float | None = None) -> None:
-    """One stage in place.  Reads only device tensors (the table row, never a host copy of it)."""
+    """One stage in place, reading the table row as device tensors (the noise scale once on the host)."""
     B = x.shape[0]
     K = table.shape[1] - FIXED
     r = table[stage].to(torch.float32)
@@ -40,8 +40,10 @@ def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eva
     acc = col("a") * x + col("e") * x_eval + r[FIXED] * y
     for k in range(1, min(K, stage + 1)):
         acc = acc + r[FIXED + k] * Y[(stage - k) % K]
-    z = philox_normal(seeds, stage + 2, x.shape[1:], torch.float32, x.device)
-    acc = acc + col("n") * z
+    # Noise: the one host read of the table (a sync on CUDA; this readable path is not the one a CUDA
+    # graph captures), so that deterministic stages do not pay for drawing noise they multiply by 0.
+    if float(table[stage, COL["n"]]) != 0.0:
+        acc = acc + col("n") * philox_normal(seeds, stage + 2, x.shape[1:], torch.float32, x.device)
     x_eval.copy_(acc)
     x.copy_(torch.where(col("commit") != 0, acc, x))
     nxt = (col("c_in_next") * acc).to(x_in.dtype)

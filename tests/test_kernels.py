@@ -214,3 +214,26 @@ def test_deep_history_beyond_the_specialised_terms(request, impl):
     ref, _, _ = _run(plan, "reference", (2, 3, 29), None, torch.float32, dev)
     got, _, _ = _run(plan, impl, (2, 3, 29), None, torch.float32, dev)
     assert (got - ref).abs().max().item() <= 1e-6 * ref.norm().item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stepper_validates_once_and_equals_fused_step(request, impl):
+    if impl == "cpp" and _core is None:
+        pytest.skip("the C++ core edmrt._core is not built")
+    dev = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
+    plan = edmrt.plan("dpmpp_2m_sde", edmrt.make_sigmas("karras", 6), edmrt.EDMPrecond())
+    a, b = _bufs(dev, K=2), _bufs(dev, K=2)
+    a["table"] = b["table"] = Kn.plan_table(plan, dev)
+    step = Kn.Stepper(b["table"], b["x"], b["x_eval"], b["Y"], b["x_in"], b["sigma_in"], b["seeds"], impl=impl)
+    g = torch.Generator().manual_seed(4)
+    for s in range(plan.stages):
+        F = torch.randn(2, 3, 4, generator=g).to(dev)
+        Kn.fused_step(**{**a, "stage": s, "F": F}, impl=impl)
+        step(s, F)
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["x_in"], b["x_in"])
+    with pytest.raises(ValueError, match=r"F must be a contiguous torch.float32 tensor of shape \(2, 3, 4\)"):
+        step(0, torch.zeros(2, 3, 5, device=dev))
+    with pytest.raises(ValueError, match="stage must be in"):
+        step(plan.stages, torch.zeros(2, 3, 4, device=dev))
+    with pytest.raises(ValueError, match="Y must have shape"):
+        Kn.Stepper(b["table"], b["x"], b["x_eval"], b["Y"][:1], b["x_in"], b["sigma_in"], b["seeds"], impl=impl)
