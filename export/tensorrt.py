@@ -1,0 +1,219 @@
+"""TensorRT engines from ONNX files, with a cache whose key hashes everything that changes an engine.
+
+``build_engine`` (the ``tensorrt`` Python API, imported lazily) parses the ONNX file, sets one
+optimisation profile (min / opt / max batch), fp16 or bf16, and a timing cache, and serialises the
+engine.  ``EngineCache`` stores engines under ``<root>/<key>/engine.plan`` with ``manifest.json``
+beside; the key is a sha256 of (ONNX bytes, profile, precision, TensorRT version, GPU compute
+capability, format version).  On load the manifest and the engine's own sha256 are verified; a
+missing, mismatched or corrupt entry is rebuilt, never trusted.  ``TensorRTBackend`` runs an engine
+on torch's current CUDA stream with device buffers bound by address (so a CUDA graph can capture it).
+
+UNVERIFIED: TensorRT cannot be installed on the machines this was written on; the cache logic is
+tested with an injected builder, the TensorRT calls themselves have not run anywhere yet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("edmrt.tensorrt")
+
+__all__ = ["Profile", "EngineCache", "build_engine", "TensorRTBackend", "tensorrt_available", "CACHE_FORMAT"]
+
+CACHE_FORMAT = 1
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise RuntimeError("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU)") from None
+    return trt
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile over the batch dimension, for a sample shape (C, H, W)."""
+
+    sample_shape: tuple
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 64
+
+    def __post_init__(self):
+        if not (1 <= self.min_batch <= self.opt_batch <= self.max_batch):
+            raise ValueError(f"profile needs 1 <= min_batch <= opt_batch <= max_batch, got "
+                             f"{self.min_batch}, {self.opt_batch}, {self.max_batch}")
+        object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_engine(onnx_path: Path, profile: Profile, precision: str, timing_cache: Path | None = None) -> bytes:
+    """Build a serialised TensorRT engine from an ONNX file (through the API, never a shell command)."""
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    cache = None
+    if timing_cache is not None:
+        data = timing_cache.read_bytes() if timing_cache.exists() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    opt = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        rest = tuple(inp.shape)[1:]
+        if any(d < 0 for d in rest):  # the image input: fill C, H, W from the profile
+            rest = profile.sample_shape
+        opt.set_shape(inp.name, (profile.min_batch, *rest), (profile.opt_batch, *rest), (profile.max_batch, *rest))
+    config.add_optimization_profile(opt)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+    if cache is not None:
+        timing_cache.write_bytes(bytes(cache.serialize()))
+    return bytes(blob)
+
+
+class EngineCache:
+    """Engines keyed by everything that changes them; manifest verified on load, rebuilt on mismatch."""
+
+    def __init__(self, root: str | os.PathLike | None = None,
+                 builder: Callable[[Path, Profile, str, Path | None], bytes] = build_engine,
+                 trt_version: str | None = None, compute_capability: str | None = None):
+        self.root = Path(root or Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "tensorrt")
+        self.builder = builder
+        self._trt_version = trt_version
+        self._cc = compute_capability
+
+    @property
+    def trt_version(self) -> str:
+        if self._trt_version is None:
+            self._trt_version = _trt().__version__
+        return self._trt_version
+
+    @property
+    def compute_capability(self) -> str:
+        if self._cc is None:
+            if not torch.cuda.is_available():
+                raise RuntimeError("TensorRT engines need a CUDA GPU (torch.cuda.is_available() is False)")
+            major, minor = torch.cuda.get_device_capability()
+            self._cc = f"{major}.{minor}"
+        return self._cc
+
+    def key_fields(self, onnx_path: Path, profile: Profile, precision: str) -> dict:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        fields = dict(format=CACHE_FORMAT, onnx_sha256=_sha256_file(onnx_path), profile=asdict(profile),
+                      precision=precision, tensorrt=self.trt_version, compute_capability=self.compute_capability)
+        return json.loads(json.dumps(fields))  # as the manifest will hold them (tuples become lists)
+
+    def key(self, fields: dict) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(self, onnx_path: str | os.PathLike, profile: Profile, precision: str = "fp16") -> Path:
+        """The engine file for these inputs: verified from the cache, or (re)built and recorded."""
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise ValueError(f"ONNX file not found: {onnx_path}")
+        fields = self.key_fields(onnx_path, profile, precision)
+        entry = self.root / self.key(fields)
+        engine, manifest = entry / "engine.plan", entry / "manifest.json"
+        problem = self._verify(engine, manifest, fields)
+        if problem is None:
+            log.info("TensorRT engine cache hit: %s", entry)
+            return engine
+        if problem != "missing":
+            log.warning("TensorRT engine cache entry %s is not usable (%s): rebuilding", entry, problem)
+        entry.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        blob = self.builder(onnx_path, profile, precision, self.root / "timing.cache")
+        tmp = engine.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, engine)
+        manifest.write_text(json.dumps(dict(fields, engine_sha256=_sha256_file(engine), engine_bytes=len(blob),
+                                            build_seconds=round(time.perf_counter() - t0, 2),
+                                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), indent=1))
+        return engine
+
+    @staticmethod
+    def _verify(engine: Path, manifest: Path, fields: dict) -> str | None:
+        if not engine.exists() or not manifest.exists():
+            return "missing"
+        try:
+            m = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, OSError) as exc:
+            return f"manifest unreadable: {exc}"
+        for k, v in fields.items():
+            if m.get(k) != v:
+                return f"manifest field {k!r} is {m.get(k)!r}, expected {v!r}"
+        if m.get("engine_sha256") != _sha256_file(engine):
+            return "engine file does not match its recorded sha256 (corrupt or replaced)"
+        return None
+
+
+class TensorRTBackend:
+    """Runs a serialised engine on torch's current CUDA stream; ``backend(x_in, c_noise, labels, out)``."""
+
+    def __init__(self, engine_path: str | os.PathLike):
+        trt = _trt()
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise ValueError(f"TensorRT could not deserialise {engine_path}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        missing = {"x_in", "c_noise", "F"} - set(names)
+        if missing:
+            raise ValueError(f"engine {engine_path} lacks I/O tensors {sorted(missing)}; has {names}")
+        self.conditional = "class_labels" in names
+
+    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None, out: torch.Tensor) -> None:
+        if x_in.device.type != "cuda" or out.device.type != "cuda":
+            raise ValueError("TensorRTBackend needs CUDA tensors")
+        ctx = self.context
+        ctx.set_input_shape("x_in", tuple(x_in.shape))
+        ctx.set_tensor_address("x_in", x_in.data_ptr())
+        ctx.set_input_shape("c_noise", tuple(c_noise.reshape(-1).shape))
+        ctx.set_tensor_address("c_noise", c_noise.data_ptr())
+        if self.conditional:
+            if labels is None:
+                raise ValueError("this engine is class-conditional: labels are required")
+            ctx.set_input_shape("class_labels", tuple(labels.shape))
+            ctx.set_tensor_address("class_labels", labels.data_ptr())
+        ctx.set_tensor_address("F", out.data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
