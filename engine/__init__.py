@@ -12,7 +12,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .engine import Engine, Model, Sampler
 from .executor import SeededNoise, check_seeds, execute
+from .optimize import OptimizedSchedule, optimize_schedule
 from .plan import Plan
 from .precond import (EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, Precond, VEPrecond, VPPrecond,
                       VPredictionPrecond, X0Precond, sigmas_from_alphas_cumprod)
@@ -21,9 +23,11 @@ from .solvers import SOLVERS, build_plan
 
 __version__ = "0.1.0"
 __all__ = [
-    "plan", "solve", "make_sigmas", "execute", "Plan", "SOLVERS", "SCHEDULES", "SeededNoise",
+    "plan", "solve", "make_sigmas", "execute", "Plan", "SOLVERS", "SCHEDULES", "SeededNoise", "Engine", "Model",
+    "Sampler",
     "Precond", "Identity", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
     "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "sigmas_from_alphas_cumprod",
+    "optimize_schedule", "OptimizedSchedule",
 ]
 
 

@@ -119,6 +119,44 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    from pathlib import Path
+
+    from edmrt.export import export_onnx
+    from edmrt.models import build_unet
+
+    net = build_unet(args.model_config)
+    if args.weights:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not Path(args.weights).is_file():
+            raise ValueError(f"weights file {args.weights!r} does not exist")
+        try:  # safetensors only: never torch.load of a pickle
+            state = load_file(args.weights)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {args.weights!r} as safetensors: {exc}") from None
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        bad = {"missing": sorted(set(want) - set(got)), "unexpected": sorted(set(got) - set(want)),
+               "wrong shape": [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(want) & set(got))
+                               if want[k] != got[k]]}
+        if any(bad.values()):
+            raise ValueError(f"{args.weights!r} does not fit UNet config {args.model_config!r}: " + "; ".join(
+                f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in bad.items() if v))
+        net.load_state_dict(state, strict=True)
+    else:
+        log.warning("no --weights: exporting randomly initialised weights")
+    dtype = "fp16" if args.fp16 else "fp32"
+    out = args.output or f"{args.model_config}_{dtype}.onnx"
+    r = export_onnx(net, Path(out), dtype=dtype, batch=args.batch, opset=args.opset, verify=not args.no_verify)
+    sig = ", ".join(f"{k} {list(v[0])} {v[1]}" for k, v in {**r.inputs, **r.outputs}.items())
+    err = "not verified" if r.max_abs_err is None else \
+        f"max abs err vs torch {r.max_abs_err:.3e} <= {r.tolerance:.3e} at batch {list(r.verified_batches)}"
+    print(f"wrote {r.path} ({dtype}, opset {r.opset}, {r.exporter} exporter) in {r.seconds:.1f} s: {sig}; {err}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edmrt", description="EDM sampling engine: plans, samplers, exact oracles.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -156,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solvers", help="list the solvers")
     p.set_defaults(fn=cmd_solvers)
+
+    export = sub.add_parser("export", help="export a model (ONNX)").add_subparsers(dest="format", required=True)
+    p = export.add_parser("onnx", help="export a UNet config to ONNX with a dynamic batch, verified in ONNX Runtime")
+    p.add_argument("--model-config", required=True, choices=("tiny", "digits", "cifar10"))
+    p.add_argument("--weights", metavar="FILE.safetensors", help="weights (safetensors only; default: random)")
+    p.add_argument("--fp16", action="store_true", help="float16 inside, float32 inputs and output")
+    p.add_argument("-o", "--output", metavar="OUT.onnx", help="default MODEL_CONFIG_fp32.onnx / _fp16.onnx")
+    p.add_argument("--batch", type=int, default=2, help="batch of the traced example (>= 2; the file's batch is dynamic)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check against torch")
+    p.set_defaults(fn=cmd_export_onnx)
     return ap
 
 

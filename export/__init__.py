@@ -1,3 +1,4 @@
-"""edmrt.export: ONNX export and TensorRT engine builds live here (issue 5); nothing is exported yet."""
+"""edmrt.export: ONNX export with a dynamic batch, verified in ONNX Runtime (TensorRT engine builds: issue 5)."""
+from .onnx import ExportVerificationError, OnnxReport, export_onnx, load_onnx_session
 
-__all__: list[str] = []
+__all__ = ["export_onnx", "load_onnx_session", "OnnxReport", "ExportVerificationError"]

@@ -135,3 +135,30 @@ def test_sampler_on_a_model_with_a_custom_backend():
         smp.sample([1], guidance=2.0)
     with pytest.raises(ValueError, match="edmrt Model"):
         Sampler(lambda x, s: x)
+
+
+def test_sampler_with_a_unet_on_torch_and_onnxruntime(tmp_path, monkeypatch):
+    """Backend "onnxruntime" exports the torch network into a cache, reuses it, and equals torch within 1e-4;
+    a corrupt cache entry is exported again, not trusted."""
+    pytest.importorskip("onnxruntime")
+    from edmrt.engine import onnx_cache_path
+    from edmrt.models.unet import build_unet
+
+    monkeypatch.setenv("EDMRT_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    net = build_unet("tiny")
+    model = Model(net, edmrt.EDMPrecond(), sample_shape=net.sample_shape, num_classes=0)
+    seeds = [1, 2, 3]
+    a = Sampler(model, solver="dpmpp_2m", steps=5, backend="torch").sample(seeds)
+    b = Sampler(model, solver="dpmpp_2m", steps=5, backend="onnxruntime").sample(seeds)
+    assert (a - b).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
+    path = onnx_cache_path(model)
+    assert path.exists()
+    stamp = path.stat().st_mtime_ns
+    Sampler(model, solver="dpmpp_2m", steps=5, backend="onnxruntime")  # reused, not exported again
+    assert path.stat().st_mtime_ns == stamp
+    path.write_bytes(path.read_bytes()[:100])  # corrupt it
+    c = Sampler(model, solver="dpmpp_2m", steps=5, backend="onnxruntime").sample(seeds)
+    assert torch.equal(b, c)
+    with pytest.raises(ValueError, match="unknown backend"):
+        Sampler(model, backend="tensorflow")

@@ -1,4 +1,5 @@
 """Models: the exact Gaussian-mixture denoiser (test oracle and quality benchmark)."""
 from .gmm import GaussianMixture
+from .unet import UNET_CONFIGS, EDMUNet, UNetConfig, build_unet
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "EDMUNet", "UNetConfig", "UNET_CONFIGS", "build_unet"]
