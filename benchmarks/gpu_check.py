@@ -15,6 +15,70 @@ from pathlib import Path
 import torch
 
 
+def engine_latency(dev, rounds: int = 5) -> dict:
+    """Batch-1 latency of a 35-NFE Heun run on the CIFAR-sized UNet: whole-loop CUDA graph vs the eager engine vs a
+    diffusers-style eager loop, and the graph's overhead over 35 graph-replayed bare forwards."""
+    import diffusers
+
+    import edmrt
+    from edmrt.engine import Engine, Model
+    from edmrt.backends import TorchBackend
+    from edmrt.models.unet import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet("cifar10").to(dev).eval()
+    model = Model(net, edmrt.EDMPrecond(), sample_shape=net.sample_shape)
+    plan = edmrt.plan("heun", edmrt.make_sigmas("karras", 18), model.precond)
+    be = TorchBackend(net)
+    graph = Engine(be, plan, 1, net.sample_shape, dev, graph=True)
+    eager = Engine(be, plan, 1, net.sample_shape, dev, graph=False)
+    seeds = torch.tensor([7], device=dev)
+    x_in = torch.randn(1, *net.sample_shape, device=dev)
+    c = torch.zeros(1, device=dev)
+    out = torch.empty_like(x_in)
+    g = torch.cuda.CUDAGraph()
+    for _ in range(3):
+        be(x_in, c, None, out)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        be(x_in, c, None, out)
+
+    def diffusers_loop():
+        sched = diffusers.EDMEulerScheduler()
+        sched.set_timesteps(35)  # 35 Euler steps = 35 NFE, the same network work as Heun's 35
+        x = torch.randn(1, *net.sample_shape, device=dev) * float(sched.sigmas[0])
+        with torch.inference_mode():
+            for t in sched.timesteps:
+                F = net(sched.scale_model_input(x, t), t.reshape(1).to(dev).float(), None)
+                x = sched.step(F, t, x).prev_sample
+        return x
+
+    def bare():
+        for _ in range(plan.nfe):
+            g.replay()
+
+    fns = {"edmrt whole-loop CUDA graph": lambda: graph.run(seeds), "edmrt eager engine": lambda: eager.run(seeds),
+           "diffusers-style eager loop (35 NFE)": diffusers_loop, "35 graph-replayed bare forwards": bare}
+    for fn in fns.values():
+        fn()
+    torch.cuda.synchronize()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    ours = med["edmrt whole-loop CUDA graph"]
+    res = dict(ms=med, speedup_vs_diffusers=med["diffusers-style eager loop (35 NFE)"] / ours,
+               overhead_vs_bare=ours / med["35 graph-replayed bare forwards"], nfe=plan.nfe)
+    print(f"engine latency (batch 1, 35 NFE, cifar10 UNet): {med}; speed-up vs diffusers-style "
+          f"{res['speedup_vs_diffusers']:.2f}x; overhead vs bare {res['overhead_vs_bare']:.3f}", flush=True)
+    return res
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
@@ -44,6 +108,11 @@ def main() -> int:
             print(f"fused step {solver:9s} {str(shape):20s} {r['step_us']:8.1f} us {r['step_gbps']:7.1f} GB/s; "
                   f"copy {r['copy_gbps']:7.1f} GB/s; step/copy {r['step_over_copy']:.2f}", flush=True)
     result["bandwidth"] = bw
+    try:
+        result["engine"] = engine_latency(dev)
+    except Exception as exc:  # report, do not hide: the correctness part above still stands
+        result["engine"] = dict(error=f"{type(exc).__name__}: {exc}")
+        print(f"engine latency failed: {exc}", flush=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
     path = out_dir / f"gpu_check_{slug}.json"

@@ -157,6 +157,30 @@ def cmd_export_onnx(args) -> int:
     return 0
 
 
+def cmd_export_tensorrt(args) -> int:
+    from pathlib import Path
+
+    from edmrt.export.tensorrt import EngineCache, Profile
+
+    onnx = Path(args.onnx)
+    if not onnx.is_file():
+        raise ValueError(f"ONNX file not found: {onnx}")
+    import onnx as onnx_lib
+
+    try:
+        m = onnx_lib.load(str(onnx), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: a truncated or foreign file
+        raise ValueError(f"{onnx} is not a valid ONNX model ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in m.metadata_props}
+    if "edmrt.sample_shape" not in meta:
+        raise ValueError(f"{onnx} is not an edmrt ONNX export (no edmrt.sample_shape metadata)")
+    shape = tuple(int(v) for v in meta["edmrt.sample_shape"].strip("()[] ").split(",") if v.strip())
+    profile = Profile(shape, args.min_batch, args.opt_batch, args.max_batch)
+    engine = EngineCache(args.cache).get(onnx, profile, args.precision)
+    print(f"TensorRT engine: {engine} (manifest beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edmrt", description="EDM sampling engine: plans, samplers, exact oracles.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -205,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check against torch")
     p.set_defaults(fn=cmd_export_onnx)
+    p = export.add_parser("tensorrt", help="build (or fetch from the cache) a TensorRT engine from an edmrt ONNX file")
+    p.add_argument("onnx", help="an ONNX file written by `edmrt export onnx`")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--cache", help="cache root (default $EDMRT_CACHE or ~/.cache/edmrt)")
+    p.set_defaults(fn=cmd_export_tensorrt)
     return ap
 
 
@@ -213,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         print(f"edmrt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
