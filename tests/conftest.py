@@ -43,3 +43,12 @@ def triton_device():
     if os.environ.get("TRITON_INTERPRET") == "1":
         return torch.device("cpu")
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: Triton cannot run here")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread (two OpenMP threads on a shared 2-core VM spin-wait ~100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

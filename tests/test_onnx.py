@@ -17,13 +17,7 @@ from edmrt.export.onnx import TOLERANCE  # noqa: E402
 from edmrt.models import build_unet  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (two OpenMP threads on a shared 2-core VM spin-wait ~100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(num_classes=0, seed=0):

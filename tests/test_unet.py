@@ -8,13 +8,7 @@ from edmrt.models import UNET_CONFIGS, EDMUNet, UNetConfig, build_unet
 from edmrt.models.unet import count_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (two OpenMP threads on a shared 2-core VM spin-wait ~100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(**overrides) -> EDMUNet:

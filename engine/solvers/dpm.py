@@ -12,33 +12,6 @@ from .base import Builder, finite, choice
 __all__ = ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde"]
 
 
-def dpmpp_2m(sigmas, precond: Precond) -> Plan:
-    """DPM-Solver++(2M), Lu et al. (2022, arXiv 2211.01095) Algorithm 2, in lambda = -ln sigma:
-    x_{i+1} = (t_{i+1}/t_i) x_i - expm1(-h_i) ((1 + 1/(2 r_i)) D_i - D_{i-1} / (2 r_i)), r_i = h_{i-1} / h_i;
-    first order on the first step and on the step to sigma = 0 (x_N = D_{N-1})."""
-    p = Builder("dpmpp_2m", sigmas, precond, 2, {})
-    N = sigmas.size - 1
-    for i in range(N):
-        t, t_next = sigmas[i], sigmas[i + 1]
-        if t_next == 0.0:
-            # Denoise to t_N = 0: the exponential integrator's limit h -> inf.
-            p.stage(step=i, sigma=t, alpha=0.0, beta=1.0, a=0.0, b=(1.0,))
-            continue
-        h = math.log(t / t_next)
-        phi_1 = -math.expm1(-h)
-        if i == 0:
-            # DPM-Solver++(1) = DDIM step.
-            p.stage(step=i, sigma=t, alpha=0.0, beta=1.0, a=t_next / t, b=(phi_1,))
-        else:
-            h_last = math.log(sigmas[i - 1] / t)
-            r = h_last / h
-            p.stage(step=i, sigma=t, alpha=0.0, beta=1.0, a=t_next / t,
-                    b=(phi_1 * (1.0 + 1.0 / (2.0 * r)), -phi_1 / (2.0 * r)))
-    return p.build()
-
-
-
-
 def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, order: int, eta: float, S_noise: float,
                    solver_type: str, options: dict) -> Plan:
     """DPM-Solver++(2M/3M) with the SDE variant's eta (Lu et al. 2022, Sec. 5; Gonzalez et al. 2023 for 3M SDE).
@@ -84,6 +57,14 @@ def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, order: int, 
                 b=tuple(coef[:order]), n=n)
         h_1, h_2 = h, h_1
     return p.build()
+
+
+def dpmpp_2m(sigmas, precond: Precond) -> Plan:
+    """DPM-Solver++(2M), Lu et al. (2022, arXiv 2211.01095) Algorithm 2, in lambda = -ln sigma:
+    x_{i+1} = (t_{i+1}/t_i) x_i - expm1(-h_i) ((1 + 1/(2 r_i)) D_i - D_{i-1} / (2 r_i)), r_i = h_{i-1} / h_i;
+    first order on the first step and on the step to sigma = 0 (x_N = D_{N-1}).  (The 2M SDE at eta = 0,
+    midpoint: phi_1 D_i + phi_1 / (2 r_i) (D_i - D_{i-1}) is the same update.)"""
+    return _sde_multistep("dpmpp_2m", sigmas, precond, 2, 0.0, 1.0, "midpoint", {})
 
 
 def dpmpp_3m(sigmas, precond: Precond) -> Plan:
