@@ -14,6 +14,7 @@ import torch
 
 from .engine import Engine, Model, Sampler
 from .executor import SeededNoise, check_seeds, execute
+from .models.bundled import load
 from .optimize import OptimizedSchedule, optimize_schedule
 from .plan import Plan
 from .precond import (EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, Precond, VEPrecond, VPPrecond,
@@ -27,7 +28,7 @@ __all__ = [
     "Sampler",
     "Precond", "Identity", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
     "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "sigmas_from_alphas_cumprod",
-    "optimize_schedule", "OptimizedSchedule",
+    "optimize_schedule", "OptimizedSchedule", "load",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The ``edmrt`` command line: ``plan``, ``sample``, ``solvers``."""
+"""The ``edmrt`` command line: ``plan``, ``sample``, ``solvers``, ``train``."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,71 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    """"0-39" or "0,5,7" (or a mix: "0-3,9") -> list of ints."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise ValueError(f"{what} must look like 0-39 or 0,5,7, got {text!r}") from None
+    if not out:
+        raise ValueError(f"{what} is empty: {text!r}")
+    return out
+
+
+def save_grid(images, labels, path, title: str = "") -> None:
+    """PNG grid of (N, 1, H, W) images in [-1, 1], 10 columns, each image titled with its class."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("writing the PNG grid needs matplotlib: pip install 'edmrt[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = images.shape[0]
+    cols = min(10, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 1.0 + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i, 0].clamp(-1, 1).numpy(), cmap="gray_r", vmin=-1, vmax=1)
+            ax.set_title(str(int(labels[i])), fontsize=8, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_sample_model(args) -> int:
+    import edmrt
+
+    model = edmrt.load(args.model)
+    seeds = _int_list(args.seeds or "0-39", "--seeds")
+    if args.class_ is not None:
+        classes = _int_list(args.class_, "--class")
+        labels = [classes[i % len(classes)] for i in range(len(seeds))]
+    else:
+        labels = [i % model.num_classes for i in range(len(seeds))]
+    opts = _options(args.option)
+    sampler = edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=args.backend, schedule=args.schedule,
+                            rho=args.rho, **opts)
+    t0 = time.perf_counter()
+    x = sampler.sample(seeds, cond=labels, guidance=args.guidance)
+    dt = time.perf_counter() - t0
+    out = args.output or f"{args.model}_samples.png"
+    g = "" if args.guidance is None else f", guidance {args.guidance}"
+    save_grid(x.cpu(), labels, out, f"{args.model}: {args.solver}, {args.steps} steps (NFE {sampler.plan.nfe}){g}, "
+                                    f"backend {sampler.backend_name}")
+    print(f"sampled {len(seeds)} images from {args.model!r} with {args.solver}, {args.steps} steps, NFE "
+          f"{sampler.plan.nfe}{g}, backend {sampler.backend_name}: {len(seeds) / dt:.1f} images/s ({dt:.3f} s)")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -57,7 +122,7 @@ def cmd_sample(args) -> int:
     from edmrt.models import GaussianMixture
 
     if args.model != "gmm":
-        raise ValueError(f"unknown model {args.model!r}; expected one of ['gmm']")
+        return cmd_sample_model(args)
     g = GaussianMixture.random(K=args.components, D=args.dim, seed=args.seed)
     noise = torch.randn(args.batch, args.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed))
     sigmas = edmrt.make_sigmas(args.schedule, args.steps, args.sigma_min, args.sigma_max, args.rho)
@@ -79,6 +144,30 @@ def cmd_sample(args) -> int:
     print(f"exact probability-flow ODE endpoint (scipy DOP853, rtol=atol=1e-10) in {time.perf_counter() - t0:.2f} s")
     print(f"error against it: RMSE {float(err.pow(2).mean().sqrt()):.3e}, median per-sample {float(err.median()):.3e}, "
           f"max per-sample {float(err.max()):.3e}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import shlex
+
+    from edmrt.quality import machine_name
+    from edmrt.train import TrainOptions, train
+
+    opts = TrainOptions(config=args.config, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed,
+                        p_uncond=args.p_uncond, ema_decay=args.ema)
+    r = train(opts, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet)
+    loss = float(np.mean(r.losses[-100:])) if r.losses else float("nan")
+    print(f"trained {r.options.config} for {r.step} iterations (batch {r.options.batch}, seed {r.options.seed}) in "
+          f"{r.seconds:.1f} s; loss (mean of the last 100) {loss:.4f}, first 100 {np.mean(r.losses[:100]):.4f}")
+    if args.checkpoint:
+        print(f"checkpoint: {args.checkpoint}")
+    if args.output:
+        from edmrt.train import export_weights
+
+        argv = args.argv if getattr(args, "argv", None) is not None else sys.argv[1:]
+        card = export_weights(r, args.output, {"command": "edmrt " + shlex.join(argv), "machine": machine_name()})
+        print(f"wrote {args.output} and {str(args.output).rsplit('.', 1)[0]}.json "
+              f"({len(card['architecture'])} architecture fields)")
     return 0
 
 
@@ -194,14 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("sample", help="sample the exact Gaussian-mixture model and report the error against its exact ODE")
-    p.add_argument("--model", default="gmm", help="model (default gmm: the exact Gaussian mixture)")
+    p = sub.add_parser("sample", help="sample a bundled model to a PNG grid (default: the digits teacher), or the "
+                                      "exact Gaussian mixture (--model gmm) and report the error against its exact ODE")
+    p.add_argument("--model", default="digits",
+                   help="a bundled model (edmrt.load: digits) or gmm, the exact Gaussian mixture (default digits)")
     p.add_argument("--solver", default="heun")
     _schedule_args(p)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--components", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="bundled models: sample seeds, e.g. 0-39 (default) or 0,5,7")
+    p.add_argument("--class", dest="class_", metavar="CLASSES",
+                   help="bundled models: class label(s), e.g. 3 or 0-9, cycled over the seeds (default: seed index % 10)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: none, plain conditional)")
+    p.add_argument("--backend", default="auto", help="auto, torch, torch-compile, onnxruntime, tensorrt (default auto)")
+    p.add_argument("-o", "--output", metavar="OUT.png", help="bundled models: PNG grid (default MODEL_samples.png)")
+    p.add_argument("--batch", type=int, default=64, help="gmm: samples")
+    p.add_argument("--dim", type=int, default=64, help="gmm: dimension")
+    p.add_argument("--components", type=int, default=8, help="gmm: mixture components")
+    p.add_argument("--seed", type=int, default=0, help="gmm: mixture and noise seed")
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("quality", help="error per NFE of every solver on the exact Gaussian mixture: table, JSON, PNG")
@@ -215,6 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", default="quality_gmm", help="output stem: STEM.json, STEM.md, STEM.png")
     p.set_defaults(fn=cmd_quality)
+
+    p = sub.add_parser("train", help="EDM training of the class-conditional UNet on scikit-learn's 8x8 digits")
+    p.add_argument("--config", default="digits", help="UNet config (digits; tiny for tests)")
+    p.add_argument("--iters", type=int, default=2500, help="total iterations (a resumed run continues up to it)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights")
+    p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout to the null label (CFG)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (written every 500 iterations and at the end)")
+    p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint folder up to --iters")
+    p.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the EMA weights + OUT.json model card")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("solvers", help="list the solvers")
     p.set_defaults(fn=cmd_solvers)
@@ -242,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.fn(args)

@@ -1,0 +1,86 @@
+"""Models shipped with edmrt: ``edmrt.load(name) -> edmrt.Model``.
+
+Each bundled model is ``weights/NAME.safetensors`` plus its model card ``weights/NAME.json``
+(architecture, preconditioning, training command, seed, machine, metrics).  Weights are read with
+safetensors only: nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["load", "BUNDLED", "WEIGHTS_DIR", "read_card", "read_weights"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BUNDLED = {
+    "digits": "class-conditional EDM UNet on scikit-learn's 8x8 digits (Heun, 18 steps)",
+}
+
+
+def read_card(name: str, root: Path) -> dict:
+    path = Path(root) / f"{name}.json"
+    try:
+        card = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"model card {str(path)!r} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model card {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(card, dict) or not str(card.get("format", "")).startswith("edmrt-model-card-"):
+        raise ValueError(f"{str(path)!r} is not an edmrt model card")
+    return card
+
+
+def read_weights(path: Path, module: torch.nn.Module) -> None:
+    """Load safetensors ``path`` into ``module`` strictly; ValueError for an unreadable or mismatched file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r} as safetensors (corrupt or not safetensors): {exc}") from None
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    bad = {"missing": sorted(set(want) - set(got)), "unexpected": sorted(set(got) - set(want)),
+           "wrong shape": [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(want) & set(got)) if want[k] != got[k]]}
+    if any(bad.values()):
+        raise ValueError(f"{str(path)!r} does not fit its model card's architecture: " + "; ".join(
+            f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in bad.items() if v))
+    if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+        raise ValueError(f"{str(path)!r} holds NaN or Inf weights")
+    module.load_state_dict(state, strict=True)
+
+
+def load(name: str = "digits", root: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The bundled model ``name`` (``BUNDLED``) as an ``edmrt.Model`` in eval mode; ``root``: another weights folder.
+
+    Raises ValueError for an unknown name, a missing, corrupt or mismatched weights file, or a bad card.
+    """
+    from ..engine import Model
+    from ..precond import EDMPrecond
+    from .unet import EDMUNet, UNetConfig
+
+    if not isinstance(name, str) or name not in BUNDLED:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(BUNDLED)}")
+    root = Path(root) if root is not None else WEIGHTS_DIR
+    card = read_card(name, root)
+    try:
+        arch = dict(card["architecture"])
+        config = UNetConfig(**{**arch, "channel_mult": tuple(arch["channel_mult"]),
+                               "attn_resolutions": tuple(arch["attn_resolutions"])})
+        precond = EDMPrecond(float(card["precond"]["sigma_data"]))
+        if card["precond"].get("name") != "edm":
+            raise ValueError(f"preconditioning {card['precond'].get('name')!r} is not supported")
+        kw = dict(sample_shape=tuple(card["sample_shape"]), num_classes=int(card["num_classes"]),
+                  sigma_min=float(card["sigma_min"]), sigma_max=float(card["sigma_max"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"model card of {name!r} is incomplete or invalid: {exc!r}") from None
+    net = EDMUNet(config)
+    read_weights(root / f"{name}.safetensors", net)
+    net.eval().requires_grad_(False).to(device)
+    return Model(net, precond, metadata={"name": name, **card}, **kw)
