@@ -16,6 +16,7 @@ from .dpm import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
 from .edm import edm, euler, heun
 from .fewstep import consistency, lcm, tcd
 from .multistep import ipndm, lms
+from .afs import ipndm_afs
 from .unipc import unipc
 
 __all__ = ["SOLVERS", "get_solver", "build_plan", "solver_options"]
@@ -32,6 +33,7 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_3m_sde": dpmpp_3m_sde,
     "ipndm": ipndm,
+    "ipndm_afs": ipndm_afs,
     "lms": lms,
     "unipc": unipc,
 }
