@@ -73,7 +73,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in DEFAULT_SOLVERS}
 def steps_for(recipe: Recipe, nfe: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> int | None:
     """The largest N whose plan makes at most ``nfe`` network evaluations (None if even N = 1 exceeds it)."""
     best = None
-    for n in range(1, nfe + 1):
+    for n in range(1, nfe + 2):  # nfe + 1 steps: a solver with an analytic first step makes N - 1 evaluations
         try:
             if recipe.plan(n, sigma_min, sigma_max).nfe <= nfe:
                 best = n

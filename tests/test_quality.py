@@ -1,0 +1,41 @@
+"""edmrt quality: the harness end to end on a small case, and its metric."""
+import json
+import math
+
+import pytest
+import torch
+
+from edmrt import quality as Q
+
+
+def test_sliced_wasserstein_is_zero_on_itself_and_sees_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    assert Q.sliced_wasserstein(a, a) == 0.0
+    shift = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
+    # Projections of a shift by v onto unit directions theta: W2 = |v . theta|, so SW2 = |v| / sqrt(D).
+    assert Q.sliced_wasserstein(a + shift, a, projections=4096) == pytest.approx(0.5 / math.sqrt(3), rel=0.05)
+    with pytest.raises(ValueError, match="shape"):
+        Q.sliced_wasserstein(a, a[:10])
+
+
+def test_steps_for_reaches_the_budget_at_or_below():
+    assert Q.steps_for(Q.RECIPES["heun"], 10) == 5          # 2N - 1 = 9 <= 10
+    assert Q.steps_for(Q.RECIPES["dpmpp_2m"], 10) == 10
+    assert Q.steps_for(Q.RECIPES["ipndm_afs"], 10) == 11     # N - 1 evaluations
+    assert Q.steps_for(Q.RECIPES["heun"], 0) is None
+
+
+def test_run_quality_writes_table_json_and_plot(tmp_path):
+    recipes = [Q.RECIPES[n] for n in ("euler", "heun", "ipndm", "dpmpp_2m_sde")]
+    res = Q.run_quality(dims=(6,), samples=64, seed=3, nfes=(3, 8), recipes=recipes, progress=False)
+    rows = res["rows"]
+    assert {r["solver"] for r in rows} == {"euler", "heun", "ipndm", "dpmpp_2m_sde"}
+    assert all(math.isfinite(r["rmse"]) and r["nfe"] <= r["nfe_budget"] for r in rows)
+    by = {(r["solver"], r["nfe_budget"]): r for r in rows}
+    assert by[("ipndm", 8)]["rmse"] < by[("euler", 8)]["rmse"]  # a 4th-order multistep beats Euler at 8 NFE
+    assert by[("dpmpp_2m_sde", 8)]["stochastic"] and not by[("ipndm", 8)]["stochastic"]
+    paths = Q.write_results(res, tmp_path / "q")
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size > 0 for p in paths)
+    assert json.loads(paths[0].read_text())["machine"] == res["machine"]
+    assert "| ipndm |" in paths[1].read_text()
