@@ -14,7 +14,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     blocks = _commands()
     assert len(blocks) >= 2
     main_job, tests = blocks[0].strip(), blocks[1].strip()
-    assert "edmrt plan heun --steps 18" in main_job and "edmrt sample" in main_job
+    assert main_job.endswith("edmrt sample")  # the bundled default, no arguments
     assert "pytest" in tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines(), "the README's test command must be the line .ci/run runs"
