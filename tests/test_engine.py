@@ -56,8 +56,10 @@ def _reference(net, plan, seeds, labels=None, w=None, shape=(12,)):
     return edmrt.execute(plan, F, x_init, noise)
 
 
-@pytest.mark.parametrize("solver,opts", [("heun", {}), ("dpmpp_2m_sde", {}), ("unipc", dict(order=3)),
-                                         ("edm", dict(S_churn=20.0))])
+_EXTRA = {"edm": dict(S_churn=20.0), "euler": dict(S_churn=5.0), "unipc": dict(order=3)}
+
+
+@pytest.mark.parametrize("solver,opts", [(name, _EXTRA.get(name, {})) for name in sorted(edmrt.SOLVERS)])
 def test_engine_equals_the_reference_executor(solver, opts):
     net = MixtureNet()
     plan = edmrt.plan(solver, edmrt.make_sigmas("karras", 8), edmrt.EDMPrecond(), **opts)
