@@ -14,16 +14,16 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from .backends import Backend
 from .plan import Plan
 from .precond import EDMPrecond, Precond
 
 __all__ = ["Model", "Engine", "Sampler", "Backend"]
 
-Backend = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
 
 
 @dataclass
@@ -55,22 +55,6 @@ class Model:
     @property
     def null_label(self) -> int:
         return self.num_classes
-
-    def denoiser(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """D(x; sigma) for ``edmrt.solve`` (unconditional use of the network)."""
-        import numpy as np
-
-        def D(x, sigma):
-            s = sigma.reshape(-1).double().cpu().numpy()
-            c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=x.dtype, device=x.device)
-                                            for c in self.precond.coefficients(np.asarray(s)))
-            shape = (-1,) + (1,) * (x.ndim - 1)
-            labels = None
-            if self.num_classes:
-                labels = torch.full((x.shape[0],), self.null_label, dtype=torch.int64, device=x.device)
-            F = self.network(c_in.reshape(shape) * x, c_noise.reshape(-1).expand(x.shape[0]), labels)
-            return c_skip.reshape(shape) * x + c_out.reshape(shape) * F.to(x.dtype)
-        return D
 
 
 def _as_backend(network) -> Backend:

@@ -87,6 +87,19 @@ def _raw_net(g, sigma_levels, prediction_type):
     return net
 
 
+def _discrete_case(sched, gen, float64_tables, steps):
+    """A fresh mixture, the scheduler's timesteps and levels, initial noise and a noise seed for a discrete-time
+    parity test; ``float64_tables`` keeps its alphas_cumprod values but makes its arithmetic float64."""
+    g = _mixture(int(torch.randint(0, 1000, (1,), generator=gen)))
+    if float64_tables:
+        sched.alphas_cumprod = sched.alphas_cumprod.double()
+    sched.set_timesteps(steps)
+    acp, sig = _discrete_levels(sched)
+    noise = torch.randn(B, DIM, dtype=torch.float64, generator=gen)
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    return g, acp, sig, noise, seed
+
+
 def _ours_discrete(solver, sched, g, noise, draws, prediction_type, **options):
     acp, sig = _discrete_levels(sched)
     ts = sched.timesteps.tolist()
@@ -100,14 +113,9 @@ def _ours_discrete(solver, sched, g, noise, draws, prediction_type, **options):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 @pytest.mark.parametrize("gamma,steps", [(0.0, 4), (0.3, 4), (0.5, 8), (1.0, 2)])
 def test_tcd_parity_with_diffusers_given_the_same_noise(diffusers, gen, float64_tables, prediction_type, gamma, steps):
-    g = _mixture(int(torch.randint(0, 1000, (1,), generator=gen)))
+    # SD defaults: original_inference_steps=50, e.g. timesteps [999, 759, 499, 259]
     sched = diffusers.TCDScheduler(prediction_type=prediction_type)
-    if float64_tables:
-        sched.alphas_cumprod = sched.alphas_cumprod.double()  # same values; its arithmetic becomes float64
-    sched.set_timesteps(steps)  # SD defaults: original_inference_steps=50, e.g. [999, 759, 499, 259]
-    acp, sig = _discrete_levels(sched)
-    noise = torch.randn(B, DIM, dtype=torch.float64, generator=gen)
-    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    g, acp, sig, noise, seed = _discrete_case(sched, gen, float64_tables, steps)
     # diffusers' loop on the VP state.
     x_vp, gen_peer = noise.clone(), torch.Generator().manual_seed(seed)
     for t in sched.timesteps:
@@ -129,14 +137,8 @@ def test_tcd_parity_with_diffusers_given_the_same_noise(diffusers, gen, float64_
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
 @pytest.mark.parametrize("steps", [1, 4, 8])
 def test_lcm_parity_with_diffusers_given_the_same_noise(diffusers, gen, float64_tables, prediction_type, steps):
-    g = _mixture(int(torch.randint(0, 1000, (1,), generator=gen)))
     sched = diffusers.LCMScheduler(prediction_type=prediction_type)
-    if float64_tables:
-        sched.alphas_cumprod = sched.alphas_cumprod.double()
-    sched.set_timesteps(steps)
-    acp, sig = _discrete_levels(sched)
-    noise = torch.randn(B, DIM, dtype=torch.float64, generator=gen)
-    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    g, acp, sig, noise, seed = _discrete_case(sched, gen, float64_tables, steps)
     x_vp, gen_peer = noise.clone(), torch.Generator().manual_seed(seed)
     for t in sched.timesteps:
         x = x_vp / acp[t].sqrt()
