@@ -17,7 +17,7 @@ from .executor import SeededNoise, check_seeds, execute
 from .models.bundled import load
 from .optimize import OptimizedSchedule, optimize_schedule
 from .plan import Plan
-from .precond import (EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, Precond, VEPrecond, VPPrecond,
+from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, Precond, VEPrecond, VPPrecond,
                       VPredictionPrecond, X0Precond, sigmas_from_alphas_cumprod)
 from .schedules import SCHEDULES, given
 from .solvers import SOLVERS, build_plan
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "plan", "solve", "make_sigmas", "execute", "Plan", "SOLVERS", "SCHEDULES", "SeededNoise", "Engine", "Model",
     "Sampler",
-    "Precond", "Identity", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
+    "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
     "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "sigmas_from_alphas_cumprod",
     "optimize_schedule", "OptimizedSchedule", "load",
 ]

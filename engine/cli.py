@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -102,6 +103,7 @@ def cmd_sample_model(args) -> int:
     opts = _options(args.option)
     sampler = edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=args.backend, schedule=args.schedule,
                             rho=args.rho, **opts)
+    args.solver, args.steps = sampler.solver, sampler.steps
     t0 = time.perf_counter()
     x = sampler.sample(seeds, cond=labels, guidance=args.guidance)
     dt = time.perf_counter() - t0
@@ -123,6 +125,8 @@ def cmd_sample(args) -> int:
 
     if args.model != "gmm":
         return cmd_sample_model(args)
+    args.solver, args.steps = args.solver or "heun", args.steps or 18
+    args.schedule = args.schedule or "karras"
     g = GaussianMixture.random(K=args.components, D=args.dim, seed=args.seed)
     noise = torch.randn(args.batch, args.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed))
     sigmas = edmrt.make_sigmas(args.schedule, args.steps, args.sigma_min, args.sigma_max, args.rho)
@@ -171,6 +175,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    import shlex
+
+    from edmrt.distill import DistillOptions, distill, export_student
+    from edmrt.models.bundled import load
+    from edmrt.quality import machine_name
+
+    teacher = load(args.teacher)
+    opts = DistillOptions(iters=args.iters, batch=args.batch, lr=args.lr, N=args.N, mu=args.mu, ema_decay=args.ema,
+                          loss=args.loss, weighting=args.weighting, seed=args.seed)
+    r = distill(teacher, opts, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet)
+    loss = float(np.mean(r.losses[-100:])) if r.losses else float("nan")
+    print(f"distilled {args.teacher} for {r.step} iterations (batch {r.options.batch}, N {r.options.N}, seed "
+          f"{r.options.seed}) in {r.seconds:.1f} s; loss (mean of the last 100) {loss:.4f}, first 100 "
+          f"{np.mean(r.losses[:100]):.4f}")
+    if args.checkpoint:
+        print(f"checkpoint: {args.checkpoint}")
+    if args.output:
+        from edmrt.distill import select_levels, student_model
+
+        levels = None
+        if args.max_steps > 1:
+            levels = select_levels(student_model(r, teacher), max_steps=args.max_steps, progress=not args.quiet)
+            print("sampling levels (by FD against the training split): " + "; ".join(
+                f"{k} steps {[round(v, 4) for v in lv]}" for k, lv in levels["levels"].items()))
+        argv = args.argv if getattr(args, "argv", None) is not None else sys.argv[1:]
+        export_student(r, teacher, args.output, {"command": "edmrt " + shlex.join(argv), "machine": machine_name()},
+                       levels)
+        print(f"wrote {args.output} and {str(args.output).rsplit('.', 1)[0]}.json")
+    return 0
+
+
 def cmd_solvers(args) -> int:
     import edmrt
     from edmrt.solvers import solver_options
@@ -194,6 +230,9 @@ def cmd_quality(args) -> int:
 
     from edmrt import quality as Q
 
+    if args.model != "gmm":
+        return cmd_quality_digits(args)
+    args.nfe = args.nfe or list(Q.NFES)
     names = args.solvers or list(Q.RECIPES)
     unknown = [n for n in names if n not in Q.RECIPES]
     if unknown:
@@ -203,7 +242,29 @@ def cmd_quality(args) -> int:
     for dim in args.dims:
         print(Q.table(result, dim, "rmse"))
         print()
-    paths = Q.write_results(result, Path(args.output), make_plot=not args.no_plot)
+    paths = Q.write_results(result, Path(args.output or "quality_gmm"), make_plot=not args.no_plot)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_quality_digits(args) -> int:
+    from pathlib import Path
+
+    from edmrt import quality_digits as QD
+    from edmrt.models.bundled import BUNDLED
+    from edmrt.solvers import get_solver
+
+    if args.model not in BUNDLED:
+        raise ValueError(f"--model must be gmm or a bundled teacher ({', '.join(BUNDLED)}), got {args.model!r}")
+    for name in args.solvers or ():
+        get_solver(name)
+    student = None if args.no_student else args.student
+    result = QD.run_quality_digits(args.model, student, nfes=args.nfe or QD.NFES,
+                                   solvers=args.solvers or QD.TEACHER_SOLVERS, blocks=args.blocks,
+                                   progress=not args.quiet)
+    paths = QD.write_results_digits(result, Path(args.output or "quality_digits"), make_plot=not args.no_plot)
+    print(QD._table(result))
+    print("goals: " + json.dumps(QD.goals(result)))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -286,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a bundled model to a PNG grid (default: the digits teacher), or the "
                                       "exact Gaussian mixture (--model gmm) and report the error against its exact ODE")
     p.add_argument("--model", default="digits",
-                   help="a bundled model (edmrt.load: digits) or gmm, the exact Gaussian mixture (default digits)")
+                   help="a bundled model (edmrt.load: digits, digits-cd) or gmm, the exact Gaussian mixture (default digits)")
     p.add_argument("--solver", default="heun")
     _schedule_args(p)
     p.add_argument("--seeds", help="bundled models: sample seeds, e.g. 0-39 (default) or 0,5,7")
@@ -295,22 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: none, plain conditional)")
     p.add_argument("--backend", default="auto", help="auto, torch, torch-compile, onnxruntime, tensorrt (default auto)")
     p.add_argument("-o", "--output", metavar="OUT.png", help="bundled models: PNG grid (default MODEL_samples.png)")
+    p.set_defaults(solver=None, steps=None, schedule=None)  # bundled models: the model card's (heun, 18, karras)
     p.add_argument("--batch", type=int, default=64, help="gmm: samples")
     p.add_argument("--dim", type=int, default=64, help="gmm: dimension")
     p.add_argument("--components", type=int, default=8, help="gmm: mixture components")
     p.add_argument("--seed", type=int, default=0, help="gmm: mixture and noise seed")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("quality", help="error per NFE of every solver on the exact Gaussian mixture: table, JSON, PNG")
+    p = sub.add_parser("quality", help="quality per NFE: every solver on the exact Gaussian mixture (default), or "
+                                       "FD-digits of the bundled teacher and its distilled student (--model digits)")
+    p.add_argument("--model", default="gmm", help="gmm (exact mixture, default) or digits (the bundled models)")
+    p.add_argument("--student", default="digits-cd", help="digits: the distilled student run at 1-4 steps")
+    p.add_argument("--no-student", action="store_true", help="digits: teacher solvers only")
+    p.add_argument("--blocks", type=int, default=5, help="digits: blocks of 197 samples per configuration")
     p.add_argument("--dims", type=int, nargs="+", default=[64, 2])
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="mixture and noise seed")
-    p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 6, 8, 10, 16, 20, 35])
-    p.add_argument("--solvers", nargs="+", help="solver/recipe names (default: all)")
+    p.add_argument("--nfe", type=int, nargs="+", help="NFE budgets (gmm: 3 5 6 8 10 16 20 35; digits: 2 .. 35)")
+    p.add_argument("--solvers", nargs="+", help="solver/recipe names (default: all; digits: euler heun dpmpp_2m "
+                                                "ipndm unipc)")
     p.add_argument("--peers", action="store_true", help="also run the installed k-diffusion and diffusers samplers")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-o", "--output", default="quality_gmm", help="output stem: STEM.json, STEM.md, STEM.png")
+    p.add_argument("-o", "--output", help="output stem: STEM.json, STEM.md, STEM.png (default quality_gmm / "
+                                          "quality_digits)")
     p.set_defaults(fn=cmd_quality)
 
     p = sub.add_parser("train", help="EDM training of the class-conditional UNet on scikit-learn's 8x8 digits")
@@ -326,6 +395,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the EMA weights + OUT.json model card")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("distill", help="consistency distillation of a bundled teacher into a 1-4 step student")
+    p.add_argument("--teacher", default="digits", help="a bundled model (default digits)")
+    p.add_argument("--iters", type=int, default=3000, help="total iterations (a resumed run continues up to it)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--N", type=int, default=18, help="Karras discretisation levels of [sigma_min, sigma_max]")
+    p.add_argument("--mu", type=float, default=0.95, help="EMA decay of the target network")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped student")
+    p.add_argument("--loss", default="pseudo_huber", choices=["pseudo_huber", "l2"])
+    p.add_argument("--weighting", default="uniform", choices=["uniform", "inverse_gap"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (written every 500 iterations and at the end)")
+    p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint folder up to --iters")
+    p.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the EMA student + OUT.json model card")
+    p.add_argument("--max-steps", type=int, default=4,
+                   help="with -o: choose the card's noise levels for 2..MAX_STEPS step sampling (1: Karras' levels)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("solvers", help="list the solvers")
     p.set_defaults(fn=cmd_solvers)

@@ -22,7 +22,7 @@ from .backends import Backend
 from .plan import Plan
 from .precond import EDMPrecond, Precond
 
-__all__ = ["Model", "Engine", "Sampler", "Backend"]
+__all__ = ["Model", "Engine", "Sampler", "Backend", "sampling_defaults"]
 
 
 
@@ -234,14 +234,31 @@ def resolve_backend(name: str, model: Model, device: torch.device):
     return name, TensorRTBackend(engine)
 
 
+def sampling_defaults(model: Model, solver: str | None, steps: int | None, schedule) -> tuple[str, int, Any]:
+    """(solver, steps, schedule) with the model card's ``sampling`` entry filling what is None.
+
+    A card's ``sampling`` holds ``solver`` and ``steps`` (the teacher: heun, 18) and, for a distilled model, the
+    noise levels chosen for each step count (``levels``: {"2": [80, tau_1, 0], ...}) and the solvers they are meant
+    for (``solvers``); otherwise the schedule is Karras et al.'s."""
+    sampling = model.metadata.get("sampling") or {}
+    solver = solver if solver is not None else sampling.get("solver", "heun")
+    steps = steps if steps is not None else int(sampling.get("steps", 18))
+    if schedule is None:
+        levels = (sampling.get("levels") or {}).get(str(steps))
+        schedule = levels if levels is not None and solver in sampling.get("solvers", ()) else "karras"
+    return solver, steps, schedule
+
+
 class Sampler:
     """High-level sampler: ``Sampler(model, solver="heun", steps=18, backend="auto").sample(seeds, cond, guidance)``.
 
+    ``solver``, ``steps`` and ``schedule`` left at None take the model card's defaults (``sampling_defaults``:
+    Heun with 18 steps for the teacher; the consistency solver with 2 steps on its chosen levels for a student).
     Engines are built on first use for each (batch size, guidance on/off) and reused.
     """
 
-    def __init__(self, model, solver: str = "heun", steps: int = 18, backend: str | Backend = "auto",
-                 schedule="karras", rho: float = 7.0, device: torch.device | str | None = None, graph: bool = True,
+    def __init__(self, model, solver: str | None = None, steps: int | None = None, backend: str | Backend = "auto",
+                 schedule=None, rho: float = 7.0, device: torch.device | str | None = None, graph: bool = True,
                  **options):
         from . import make_sigmas, plan as make_plan
 
@@ -253,8 +270,9 @@ class Sampler:
         self.model = model
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        sigmas = make_sigmas(schedule, steps, model.sigma_min, model.sigma_max, rho)
-        self.plan = make_plan(solver, sigmas, model.precond, **options)
+        self.solver, self.steps, schedule = sampling_defaults(model, solver, steps, schedule)
+        sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho)
+        self.plan = make_plan(self.solver, sigmas, model.precond, **options)
         self.backend_name, self.backend = self._backend(backend)
         self.graph = graph
         self._engines: dict[tuple, Engine] = {}

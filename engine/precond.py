@@ -15,7 +15,7 @@ import numpy as np
 from .schedules import iddpm_sigmas, vp_sigma_inv
 
 __all__ = [
-    "Precond", "Identity", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
+    "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
     "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "PRECONDS", "sigmas_from_alphas_cumprod",
 ]
 
@@ -80,6 +80,31 @@ class EDMPrecond(Precond):
         sd = self.sigma_data
         c_skip = sd ** 2 / (s ** 2 + sd ** 2)
         c_out = s * sd / np.sqrt(s ** 2 + sd ** 2)
+        c_in = 1.0 / np.sqrt(s ** 2 + sd ** 2)
+        c_noise = 0.25 * np.log(s)
+        return c_skip, c_out, c_in, c_noise
+
+
+@dataclass(frozen=True)
+class ConsistencyPrecond(Precond):
+    """Consistency-model parameterisation, Song et al. (2023, arXiv 2303.01469) Appendix C, on EDM's network input:
+    c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2), c_out = sigma_data (sigma - sigma_min) / sqrt(sigma^2 + sigma_data^2),
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4.  At sigma = sigma_min, D(x) = x exactly (the
+    boundary condition f(x, epsilon) = x); for sigma >> sigma_min it tends to EDM's, so a student starts from the teacher."""
+
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    name = "cm"
+
+    def __post_init__(self):
+        _positive("sigma_data", self.sigma_data)
+        _positive("sigma_min", self.sigma_min)
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        sd, eps = self.sigma_data, self.sigma_min
+        c_skip = sd ** 2 / ((s - eps) ** 2 + sd ** 2)
+        c_out = sd * (s - eps) / np.sqrt(s ** 2 + sd ** 2)
         c_in = 1.0 / np.sqrt(s ** 2 + sd ** 2)
         c_noise = 0.25 * np.log(s)
         return c_skip, c_out, c_in, c_noise
@@ -246,7 +271,7 @@ class X0Precond(_Foreign):
 
 
 PRECONDS = {
-    "identity": Identity, "edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": IDDPMPrecond,
+    "identity": Identity, "edm": EDMPrecond, "cm": ConsistencyPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": IDDPMPrecond,
     "epsilon": EpsilonPrecond, "v": VPredictionPrecond, "x0": X0Precond,
 }
 

@@ -40,7 +40,7 @@ from .models.unet import UNET_CONFIGS, EDMUNet, UNetConfig
 from .precond import EDMPrecond
 
 __all__ = ["TrainOptions", "TrainResult", "train", "load_digits_split", "SIGMA_DATA", "N_TEST", "NUM_CLASSES",
-           "save_checkpoint", "export_weights"]
+           "save_checkpoint", "save_checkpoint_folder", "load_checkpoint_folder", "export_weights"]
 
 SIGMA_DATA = 0.75
 N_TEST = 400
@@ -129,21 +129,23 @@ def _state_json(opts: TrainOptions, step: int, losses: list, seconds: float) -> 
             "losses": [float(v) for v in losses], "seconds": seconds}
 
 
-def save_checkpoint(result: TrainResult, optimizer: torch.optim.Optimizer, g: torch.Generator, path: Path) -> None:
+def save_checkpoint_folder(path: Path, nets: dict, g: torch.Generator, optimizer: torch.optim.Optimizer,
+                           state: dict) -> None:
+    """A checkpoint folder: ``model.safetensors`` (each net's tensors under "NAME." and the generator state),
+    ``optimizer.pt`` (a plain tensor dict) and ``state.json``."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"net.{k}": v.detach().contiguous() for k, v in result.net.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in result.ema.state_dict().items()})
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, net in nets.items() for k, v in net.state_dict().items()}
     tensors["rng"] = g.get_state()
     save_file(tensors, str(path / "model.safetensors"))
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    (path / "state.json").write_text(json.dumps(_state_json(result.options, result.step, result.losses,
-                                                            result.seconds), indent=1))
+    (path / "state.json").write_text(json.dumps(state, indent=1))
 
 
-def _load_checkpoint(path: Path):
+def load_checkpoint_folder(path: Path, fmt: str):
+    """(state, tensors, optimizer state) of a folder written by ``save_checkpoint_folder``; ValueError otherwise."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -154,9 +156,31 @@ def _load_checkpoint(path: Path):
         optim = torch.load(path / "optimizer.pt", weights_only=True)
     except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
         raise ValueError(f"cannot resume from {str(path)!r}: {exc}") from None
-    if state.get("format") != "edmrt-train-checkpoint-1":
-        raise ValueError(f"{str(path)!r} is not an edmrt training checkpoint")
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"cannot resume from {str(path)!r}: not an {fmt} folder")
     return state, tensors, optim
+
+
+def save_checkpoint(result: TrainResult, optimizer: torch.optim.Optimizer, g: torch.Generator, path: Path) -> None:
+    save_checkpoint_folder(path, {"net": result.net, "ema": result.ema}, g, optimizer,
+                           _state_json(result.options, result.step, result.losses, result.seconds))
+
+
+def ema_update_(dst: torch.nn.Module, src: torch.nn.Module, decay: float) -> None:
+    """dst <- decay dst + (1 - decay) src, parameter by parameter (in place)."""
+    with torch.no_grad():
+        for p_d, p_s in zip(dst.parameters(), src.parameters()):
+            p_d.lerp_(p_s.detach(), 1.0 - decay)
+
+
+def record_loss(losses: list, loss: torch.Tensor, step: int, iters: int, bar, what: str) -> None:
+    """Append the iteration's loss, stop on NaN / Inf, and update the progress bar (mean of the last 100)."""
+    losses.append(float(loss.detach()))
+    if not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"{what} loss is {losses[-1]} at iteration {step}")
+    bar.update(1)
+    if step % 20 == 0 or step == iters:
+        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
 
 
 def train(opts: TrainOptions | None = None, checkpoint: str | Path | None = None, resume: str | Path | None = None,
@@ -171,7 +195,7 @@ def train(opts: TrainOptions | None = None, checkpoint: str | Path | None = None
     opts = opts or TrainOptions()
     state = tensors = optim_state = None
     if resume is not None:
-        state, tensors, optim_state = _load_checkpoint(Path(resume))
+        state, tensors, optim_state = load_checkpoint_folder(Path(resume), "edmrt-train-checkpoint-1")
         opts = TrainOptions(**{**state["options"], "iters": opts.iters})
     torch.manual_seed(opts.seed)  # parameter initialisation
     net = EDMUNet(opts.unet_config())
@@ -208,17 +232,9 @@ def train(opts: TrainOptions | None = None, checkpoint: str | Path | None = None
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        beta = min(opts.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p.detach(), 1.0 - beta)
+        ema_update_(ema, net, min(opts.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"training loss is {losses[-1]} at iteration {step}")
-        bar.update(1)
-        if step % 20 == 0 or step == opts.iters:
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        record_loss(losses, loss, step, opts.iters, bar, "training")
         result.step, result.seconds = step, seconds + time.perf_counter() - t0
         if checkpoint is not None and step % checkpoint_every == 0 and step < opts.iters:
             save_checkpoint(result, optimizer, g, Path(checkpoint))
@@ -242,6 +258,7 @@ def export_weights(result: TrainResult, weights: str | Path, card: dict) -> dict
     card = {"format": "edmrt-model-card-1", "kind": "unet", "architecture": dataclasses.asdict(result.ema.config),
             "precond": {"name": "edm", "sigma_data": result.options.sigma_data}, "sample_shape": [1, 8, 8],
             "num_classes": NUM_CLASSES, "sigma_min": 0.002, "sigma_max": 80.0,
+            "sampling": {"solver": "heun", "steps": 18},
             "training": {**dataclasses.asdict(result.options), "iterations_done": result.step,
                          "wall_time_s": round(result.seconds, 1),
                          "final_loss_mean_last_100": float(np.mean(result.losses[-100:])) if result.losses else None},

@@ -92,15 +92,35 @@ def test_identity_and_round_trip():
     np.testing.assert_array_equal(c_in, 1.0)
     np.testing.assert_array_equal(c_noise, SIG)
     acp = np.cumprod(1 - _linear_betas())
-    for pre in [edmrt.EDMPrecond(0.7), edmrt.VPPrecond(), edmrt.IDDPMPrecond(), edmrt.VEPrecond(),
+    for pre in [edmrt.EDMPrecond(0.7), edmrt.ConsistencyPrecond(0.75, 0.002), edmrt.VPPrecond(), edmrt.IDDPMPrecond(), edmrt.VEPrecond(),
                 edmrt.VPredictionPrecond(alphas_cumprod=acp), edmrt.X0Precond(sigma_data=0.5)]:
         back = precond_from_dict(pre.to_dict())
         for u, v in zip(pre.coefficients(np.array([0.1, 1.0])), back.coefficients(np.array([0.1, 1.0]))):
             np.testing.assert_array_equal(u, v)
 
 
+def test_consistency_parameterisation_boundary_and_limit():
+    """Song et al. (2023) App. C: f(x; sigma_min) = x exactly; far above sigma_min it tends to EDM's coefficients."""
+    rng = np.random.default_rng(5)
+    sd, eps = float(rng.uniform(0.3, 1.0)), float(rng.uniform(1e-3, 1e-2))
+    cm = edmrt.ConsistencyPrecond(sd, eps)
+    c_skip, c_out, c_in, c_noise = cm.coefficients([eps])
+    assert c_skip[0] == 1.0 and c_out[0] == 0.0
+    sig = np.exp(rng.uniform(np.log(0.01), np.log(80.0), 50))
+    ours, edm = cm.coefficients(sig), edmrt.EDMPrecond(sd).coefficients(sig)
+    np.testing.assert_array_equal(ours[2], edm[2])                    # same network input and noise embedding,
+    np.testing.assert_array_equal(ours[3], edm[3])                    # so a student starts from the teacher
+    big = sig > 1.0
+    np.testing.assert_allclose(ours[0][big], edm[0][big], rtol=0.05, atol=1e-12)
+    np.testing.assert_allclose(ours[1][big], edm[1][big], rtol=0.02)
+    # the parameterisation written out (App. C)
+    np.testing.assert_allclose(ours[0], sd ** 2 / ((sig - eps) ** 2 + sd ** 2), rtol=1e-15)
+    np.testing.assert_allclose(ours[1], sd * (sig - eps) / np.sqrt(sig ** 2 + sd ** 2), rtol=1e-15)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: edmrt.EDMPrecond(sigma_data=0.0), "sigma_data"),
+    (lambda: edmrt.ConsistencyPrecond(sigma_min=-1.0), "sigma_min"),
     (lambda: edmrt.EDMPrecond().coefficients([0.0]), "sigma"),
     (lambda: edmrt.EDMPrecond().coefficients([float("nan")]), "sigma"),
     (lambda: edmrt.VPPrecond(M=1), "M"),

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,3 +40,29 @@ def test_run_quality_writes_table_json_and_plot(tmp_path):
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size > 0 for p in paths)
     assert json.loads(paths[0].read_text())["machine"] == res["machine"]
     assert "| ipndm |" in paths[1].read_text()
+
+
+def test_quality_digits_cli_end_to_end(tmp_path, capsys):
+    """`edmrt quality --model digits` on a small grid: rows, blocks, floor, files; block 0 recomputed directly."""
+    pytest.importorskip("sklearn")
+    import edmrt
+    from edmrt.cli import main
+    from edmrt.metrics import fd_digits, fd_digits_floor, fd_digits_labels
+
+    stem = tmp_path / "q"
+    assert main(["quality", "--model", "digits", "--solvers", "euler", "--nfe", "2", "3", "--blocks", "2",
+                 "--no-student", "--quiet", "-o", str(stem)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert [(r["solver"], r["nfe"]) for r in res["rows"]] == [("euler", 2), ("euler", 3)]
+    assert res["fd_digits_floor"] == pytest.approx(fd_digits_floor(), rel=1e-9)
+    labels = fd_digits_labels()
+    x = edmrt.Sampler(edmrt.load("digits"), solver="euler", steps=2, backend="torch", device="cpu").sample(
+        range(len(labels)), cond=labels)
+    row = res["rows"][0]
+    assert row["fd_digits_blocks"][0] == pytest.approx(fd_digits(x), rel=1e-6)
+    assert row["fd_digits"] == pytest.approx(np.mean(row["fd_digits_blocks"]))
+    # two Euler steps from sigma = 80 give blurred digits: far above the real-vs-real floor
+    assert row["fd_digits"] > 2 * res["fd_digits_floor"]
+    assert stem.with_suffix(".png").stat().st_size > 10_000 and "FD-digits" in stem.with_suffix(".md").read_text()
+    assert main(["quality", "--model", "cifar", "--quiet"]) == 2

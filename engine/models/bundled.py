@@ -16,6 +16,7 @@ __all__ = ["load", "BUNDLED", "WEIGHTS_DIR", "read_card", "read_weights"]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BUNDLED = {
     "digits": "class-conditional EDM UNet on scikit-learn's 8x8 digits (Heun, 18 steps)",
+    "digits-cd": "consistency-distilled student of digits (consistency or tcd solver, 1-4 steps)",
 }
 
 
@@ -62,7 +63,7 @@ def load(name: str = "digits", root: str | Path | None = None, device: str | tor
     Raises ValueError for an unknown name, a missing, corrupt or mismatched weights file, or a bad card.
     """
     from ..engine import Model
-    from ..precond import EDMPrecond
+    from ..precond import ConsistencyPrecond, EDMPrecond
     from .unet import EDMUNet, UNetConfig
 
     if not isinstance(name, str) or name not in BUNDLED:
@@ -73,9 +74,13 @@ def load(name: str = "digits", root: str | Path | None = None, device: str | tor
         arch = dict(card["architecture"])
         config = UNetConfig(**{**arch, "channel_mult": tuple(arch["channel_mult"]),
                                "attn_resolutions": tuple(arch["attn_resolutions"])})
-        precond = EDMPrecond(float(card["precond"]["sigma_data"]))
-        if card["precond"].get("name") != "edm":
-            raise ValueError(f"preconditioning {card['precond'].get('name')!r} is not supported")
+        pc = card["precond"]
+        if pc.get("name") == "edm":
+            precond = EDMPrecond(float(pc["sigma_data"]))
+        elif pc.get("name") == "cm":
+            precond = ConsistencyPrecond(float(pc["sigma_data"]), float(pc["sigma_min"]))
+        else:
+            raise ValueError(f"preconditioning {pc.get('name')!r} is not supported (edm or cm)")
         kw = dict(sample_shape=tuple(card["sample_shape"]), num_classes=int(card["num_classes"]),
                   sigma_min=float(card["sigma_min"]), sigma_max=float(card["sigma_max"]))
     except (KeyError, TypeError, ValueError) as exc:

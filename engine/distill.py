@@ -1,0 +1,333 @@
+"""Consistency distillation of an EDM teacher into a few-step student (Song, Dhariwal, Chen, Sutskever 2023,
+"Consistency Models", arXiv 2303.01469, Algorithm 2).
+
+The student f_theta(x; sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in x; c_noise) uses the consistency
+parameterisation (``ConsistencyPrecond``: f(x; sigma_min) = x exactly).  The levels are Karras et al.'s
+discretisation (EDM Eq. 5, used by Song et al. Sec. 6) of [sigma_min, sigma_max] into N levels
+
+    t_i = (sigma_min^(1/rho) + (i - 1) / (N - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho,   i = 1..N.
+
+One iteration: training images y with labels, n ~ U{1, ..., N - 1} per sample, x = y + t_{n+1} z; one Heun step of
+the teacher's probability-flow ODE dx/dt = (x - D(x; t)) / t (EDM Algorithm 1's step, no churn) from t_{n+1} to t_n
+gives x_hat; the loss is
+
+    lambda(t_n) d( f_theta(x; t_{n+1}), f_theta-(x_hat; t_n) )
+
+with theta- the target network (an EMA of theta with decay ``mu``, never differentiated), d the pseudo-Huber
+distance sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, "Improved techniques for
+training consistency models", arXiv 2310.14189, Sec. 3.3) or the mean squared error, and lambda = 1 (Song et al.'s
+CD) or 1 / (t_{n+1} - t_n) (the improved recipe).  Student and target start from the teacher's weights (Song et al.
+Sec. 6).  The shipped student is a further EMA of theta (``ema_decay``, ramped up as in ``edmrt.train``).
+Labels are the same for teacher and student and are dropped to the null label with ``p_uncond`` (as in training),
+so the student keeps the unconditional mode.
+
+Checkpoints and resume work as in ``edmrt.train`` (safetensors + ``torch.load(weights_only=True)`` for Adam).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .precond import ConsistencyPrecond
+
+__all__ = ["DistillOptions", "DistillResult", "distill", "karras_levels", "export_student", "student_model",
+           "select_levels", "self_consistency"]
+
+
+def karras_levels(N: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """t_1 = sigma_min < ... < t_N = sigma_max (float64), the discretisation above."""
+    i = torch.arange(N, dtype=torch.float64) / (N - 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    t = (lo + i * (hi - lo)) ** rho
+    t[0], t[-1] = sigma_min, sigma_max
+    return t
+
+
+@dataclass
+class DistillOptions:
+    """Consistency-distillation hyper-parameters (Song et al.'s names where they have one)."""
+
+    iters: int = 3000
+    batch: int = 64
+    lr: float = 2e-4
+    warmup: int = 100
+    N: int = 18                  # discretisation levels (Song et al.'s CIFAR-10 CD setting)
+    rho: float = 7.0
+    mu: float = 0.95             # target network EMA decay
+    ema_decay: float = 0.999     # the shipped student's EMA
+    loss: str = "pseudo_huber"   # or "l2"
+    weighting: str = "uniform"   # lambda = 1, or "inverse_gap": 1 / (t_{n+1} - t_n)
+    p_uncond: float = 0.1
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, lo in (("iters", 0), ("batch", 1), ("seed", 0), ("warmup", 0), ("N", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if self.loss not in ("pseudo_huber", "l2"):
+            raise ValueError(f"loss must be 'pseudo_huber' or 'l2', got {self.loss!r}")
+        if self.weighting not in ("uniform", "inverse_gap"):
+            raise ValueError(f"weighting must be 'uniform' or 'inverse_gap', got {self.weighting!r}")
+        if not (0.0 <= self.mu < 1.0 and 0.0 <= self.ema_decay < 1.0 and 0.0 <= self.p_uncond < 1.0):
+            raise ValueError(f"mu, ema_decay and p_uncond must lie in [0, 1), got {self.mu}, {self.ema_decay}, "
+                             f"{self.p_uncond}")
+        if not (self.lr > 0 and self.rho > 0 and 0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max)):
+            raise ValueError(f"need lr > 0, rho > 0 and 0 < sigma_min < sigma_max < inf, got {self}")
+
+
+@dataclass
+class DistillResult:
+    options: DistillOptions
+    student: torch.nn.Module      # theta (trained)
+    target: torch.nn.Module       # theta- (EMA, decay mu)
+    ema: torch.nn.Module          # the shipped student
+    precond: ConsistencyPrecond
+    step: int
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _coef(precond, sigma: torch.Tensor, dtype: torch.dtype):
+    """(c_skip, c_out, c_in, c_noise) as tensors of ``sigma``'s shape in ``dtype``, from the float64 formulas."""
+    return tuple(torch.as_tensor(c, dtype=dtype) for c in precond.coefficients(sigma.numpy()))
+
+
+def _denoise(net, precond, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+    c_skip, c_out, c_in, c_noise = _coef(precond, sigma, x.dtype)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return c_skip.view(shape) * x + c_out.view(shape) * net(c_in.view(shape) * x, c_noise, labels)
+
+
+def _heun_step(teacher, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, labels) -> torch.Tensor:
+    """One Heun step of dx/dt = (x - D(x; t)) / t from t_cur to t_next > 0 (EDM Algorithm 1, lines 5-8)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    tc, tn = t_cur.to(x.dtype).view(shape), t_next.to(x.dtype).view(shape)
+    d = (x - _denoise(teacher.network, teacher.precond, x, t_cur, labels)) / tc
+    x_e = x + (tn - tc) * d
+    d2 = (x_e - _denoise(teacher.network, teacher.precond, x_e, t_next, labels)) / tn
+    return x + (tn - tc) * 0.5 * (d + d2)
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    diff = (a - b).flatten(1)
+    if kind == "l2":
+        return diff.pow(2).mean(dim=1)
+    c = 0.00054 * math.sqrt(diff.shape[1])
+    return torch.sqrt(diff.pow(2).sum(dim=1) + c * c) - c
+
+
+def self_consistency(net: torch.nn.Module, precond, teacher, y: torch.Tensor, labels: torch.Tensor,
+                     opts: DistillOptions, seed: int = 0) -> float:
+    """Mean distance (``opts.loss``) between f(x; t_{n+1}) and f(x_hat; t_n) with the *same* network on both sides:
+    how far ``net`` is from being consistent along the teacher's ODE, on a fixed draw (seed) of n and noise for
+    the images ``y``.  The teacher itself scores > 0; distillation drives it down."""
+    g = torch.Generator().manual_seed(seed)
+    t = karras_levels(opts.N, opts.sigma_min, opts.sigma_max, opts.rho)
+    n = torch.randint(0, opts.N - 1, (y.shape[0],), generator=g)
+    z = torch.randn(y.shape, generator=g)
+    with torch.no_grad():
+        x = y + t[n + 1].to(y.dtype).view((-1,) + (1,) * (y.ndim - 1)) * z
+        x_hat = _heun_step(teacher, x, t[n + 1], t[n], labels)
+        d = _distance(_denoise(net, precond, x, t[n + 1], labels), _denoise(net, precond, x_hat, t[n], labels),
+                      opts.loss)
+    return float(d.mean())
+
+
+def _state_json(opts: DistillOptions, step: int, losses: list, seconds: float) -> dict:
+    return {"format": "edmrt-distill-checkpoint-1", "step": step, "options": dataclasses.asdict(opts),
+            "losses": [float(v) for v in losses], "seconds": seconds}
+
+
+def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tensor, torch.Tensor] | None = None,
+            checkpoint: str | Path | None = None, resume: str | Path | None = None, progress: bool = True,
+            checkpoint_every: int = 500, callback=None) -> DistillResult:
+    """Distil ``teacher`` (an ``edmrt.Model`` whose network is a class-conditional ``nn.Module`` and whose
+    preconditioning has a ``sigma_data``) into a consistency model; ``data``: (images, labels), default the digits
+    training split.  ``callback(result)`` runs after every checkpoint (e.g. a quick evaluation)."""
+    from tqdm import tqdm
+
+    from .engine import Model
+    from .train import (ema_update_, load_checkpoint_folder, load_digits_split, record_loss,
+                        save_checkpoint_folder)
+
+    opts = opts or DistillOptions()
+    if not isinstance(teacher, Model) or not isinstance(teacher.network, torch.nn.Module):
+        raise ValueError("teacher must be an edmrt Model whose network is a torch.nn.Module (e.g. edmrt.load('digits'))")
+    sigma_data = getattr(teacher.precond, "sigma_data", None)
+    if sigma_data is None:
+        raise ValueError(f"the teacher's preconditioning {teacher.precond.name!r} has no sigma_data for the student")
+    if teacher.num_classes < 1:
+        raise ValueError("distill needs a class-conditional teacher (num_classes >= 1, the null label for CFG)")
+    images, labels = data if data is not None else load_digits_split("train")
+    if tuple(images.shape[1:]) != tuple(teacher.sample_shape) or labels.shape != images.shape[:1]:
+        raise ValueError(f"data must be images (N, {', '.join(map(str, teacher.sample_shape))}) with labels (N,), got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    state = tensors = optim_state = None
+    if resume is not None:
+        state, tensors, optim_state = load_checkpoint_folder(Path(resume), "edmrt-distill-checkpoint-1")
+        opts = DistillOptions(**{**state["options"], "iters": opts.iters})
+    precond = ConsistencyPrecond(float(sigma_data), opts.sigma_min)
+    tnet = teacher.network.eval().requires_grad_(False)
+    student = copy.deepcopy(tnet).requires_grad_(True)
+    target = copy.deepcopy(tnet)
+    ema = copy.deepcopy(tnet)
+    g = torch.Generator().manual_seed(opts.seed)
+    optimizer = torch.optim.Adam(student.parameters(), lr=opts.lr, betas=(0.9, 0.999), eps=1e-8)
+    step, losses, seconds = 0, [], 0.0
+    if state is not None:
+        try:
+            for prefix, net in (("net.", student), ("target.", target), ("ema.", ema)):
+                net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                    strict=True)
+            optimizer.load_state_dict(optim_state)
+            g.set_state(tensors["rng"])
+        except (RuntimeError, KeyError) as exc:
+            raise ValueError(f"checkpoint {str(resume)!r} does not fit this teacher: {exc}") from None
+        step, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
+    t = karras_levels(opts.N, opts.sigma_min, opts.sigma_max, opts.rho)
+    null = teacher.null_label
+    result = DistillResult(opts, student, target, ema, precond, step, losses, seconds)
+
+    def save():
+        save_checkpoint_folder(Path(checkpoint), {"net": student, "target": target, "ema": ema}, g, optimizer,
+                               _state_json(opts, result.step, result.losses, result.seconds))
+
+    student.train()
+    target.eval()
+    bar = tqdm(total=opts.iters, initial=step, disable=not progress, desc="distill", unit="it", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while step < opts.iters:
+        B = opts.batch
+        idx = torch.randint(0, images.shape[0], (B,), generator=g)
+        y, lab = images[idx], labels[idx]
+        drop = torch.rand(B, generator=g) < opts.p_uncond
+        lab = torch.where(drop, torch.full_like(lab, null), lab)
+        n = torch.randint(0, opts.N - 1, (B,), generator=g)        # 0-based: levels t[n] < t[n + 1]
+        t_cur, t_next = t[n + 1], t[n]
+        z = torch.randn(y.shape, generator=g)
+        x = y + t_cur.float().view((-1,) + (1,) * (y.ndim - 1)) * z
+        with torch.no_grad():
+            x_hat = _heun_step(teacher, x, t_cur, t_next, lab)
+            f_target = _denoise(target, precond, x_hat, t_next, lab)
+        for group in optimizer.param_groups:
+            group["lr"] = opts.lr * min(1.0, (step + 1) / max(1, opts.warmup))
+        f_online = _denoise(student, precond, x, t_cur, lab)
+        dist = _distance(f_online, f_target, opts.loss)
+        weight = torch.ones(B) if opts.weighting == "uniform" else (1.0 / (t_cur - t_next)).float()
+        loss = (weight * dist).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update_(target, student, opts.mu)
+        ema_update_(ema, student, min(opts.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        record_loss(losses, loss, step, opts.iters, bar, "distillation")
+        result.step, result.seconds = step, seconds + time.perf_counter() - t0
+        if step % checkpoint_every == 0 and step < opts.iters:
+            if checkpoint is not None:
+                save()
+            if callback is not None:
+                callback(result)
+    bar.close()
+    result.seconds = seconds + time.perf_counter() - t0
+    if checkpoint is not None:
+        save()
+    for net in (student, target, ema):
+        net.eval()
+    return result
+
+
+def student_model(result: DistillResult, teacher, metadata: dict | None = None):
+    """The EMA student as an ``edmrt.Model`` (consistency parameterisation, the teacher's shape and classes)."""
+    from .engine import Model
+
+    return Model(result.ema.eval().requires_grad_(False), result.precond, sample_shape=teacher.sample_shape,
+                 num_classes=teacher.num_classes, sigma_min=result.options.sigma_min,
+                 sigma_max=result.options.sigma_max, metadata=dict(metadata or {}))
+
+
+def export_student(result: DistillResult, teacher, weights: str | Path, card: dict, levels: dict | None = None) -> dict:
+    """Write the EMA student (safetensors) and its model card (JSON beside it, same stem); returns the card.
+
+    ``levels``: ``select_levels``'s result, the card's default noise levels per step count (else Karras')."""
+    from safetensors.torch import save_file
+
+    weights = Path(weights)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in result.ema.state_dict().items()}, str(weights),
+              metadata={"format": "edmrt-unet-1"})
+    card = {"format": "edmrt-model-card-1", "kind": "unet",
+            "architecture": dataclasses.asdict(result.ema.config),
+            "precond": result.precond.to_dict(), "sample_shape": list(teacher.sample_shape),
+            "num_classes": teacher.num_classes, "sigma_min": result.options.sigma_min,
+            "sigma_max": result.options.sigma_max,
+            "teacher": teacher.metadata.get("name"),
+            "sampling": {"solver": "consistency", "steps": 2, "solvers": ["consistency", "tcd"],
+                         **({"levels": levels["levels"], "fd_train": levels["fd_train"],
+                             "levels_note": "greedy choice by FD against the training split (edmrt.distill."
+                                            "select_levels); the test split is not used"} if levels else {})},
+            "distillation": {**dataclasses.asdict(result.options), "iterations_done": result.step,
+                             "wall_time_s": round(result.seconds, 1),
+                             "final_loss_mean_last_100": float(np.mean(result.losses[-100:])) if result.losses
+                             else None},
+            **card}
+    weights.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+    return card
+
+
+def select_levels(model, max_steps: int = 4, grid: int = 24, samples: int = 400, solver: str = "consistency",
+                  progress: bool = True, **options) -> dict:
+    """Greedy choice of the intermediate noise levels for 2..max_steps step sampling (Song et al. 2023 Sec. 6
+    search tau_1 for two steps, then fix it and search the next): each candidate level, on a log grid below
+    the previous one, is scored by the Frechet distance between the shipped classifier's features of
+    ``samples`` samples (seeds 10000.., the training split's labels) and of the *training* split, so that the
+    held-out test split that FD-digits reports on plays no part.  Returns {"levels": {"1": [sigma_max, 0],
+    "2": [sigma_max, tau_1, 0], ...}, "fd_train": {...}}."""
+    from tqdm import tqdm
+
+    from .engine import Sampler
+    from .metrics import digits_features, frechet_distance, load_classifier
+    from .train import load_digits_split
+
+    clf = load_classifier()
+    x_train, y_train = load_digits_split("train")
+    ref = digits_features(x_train, clf)
+    labels = y_train[:samples].tolist()
+    seeds = list(range(10_000, 10_000 + len(labels)))
+
+    def score(levels):
+        s = Sampler(model, solver=solver, steps=len(levels) - 1, schedule=levels, backend="torch", device="cpu",
+                    **options)
+        return frechet_distance(digits_features(s.sample(seeds, cond=labels), clf), ref)
+
+    top = float(model.sigma_max)
+    out = {"levels": {"1": [top, 0.0]}, "fd_train": {"1": score([top, 0.0])}}
+    chosen: list[float] = [top]
+    cands = np.exp(np.linspace(math.log(0.02), math.log(40.0), grid))
+    bar = tqdm(total=sum(int((cands < top).sum()) for _ in range(max_steps - 1)), disable=not progress,
+               desc="levels", unit="run", dynamic_ncols=True)
+    for k in range(2, max_steps + 1):
+        best = None
+        for tau in cands[cands < chosen[-1] * (1 - 1e-9)]:
+            fd = score(chosen + [float(tau), 0.0])
+            bar.update(1)
+            if best is None or fd < best[1]:
+                best = (float(tau), fd)
+        if best is None:
+            break
+        chosen.append(best[0])
+        out["levels"][str(k)] = chosen + [0.0]
+        out["fd_train"][str(k)] = best[1]
+    bar.close()
+    return out

@@ -1,0 +1,174 @@
+"""Quality per NFE on the bundled digits models (``edmrt quality --model digits``).
+
+For each teacher solver at each NFE budget (the largest step count whose NFE fits, Karras levels) and for the
+distilled student at 1-4 steps (``consistency`` and ``tcd`` on the levels of its model card), sample
+``blocks`` disjoint blocks of 197 class-conditional samples (seeds 197 b .. 197 b + 196, test half A's labels:
+the protocol of ``edmrt.metrics.evaluate_digits``) and report FD-digits (mean and standard deviation over the
+blocks) and the class accuracy; the real-vs-real floor is FD between the test split's two halves.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["TEACHER_SOLVERS", "STUDENT_RUNS", "run_quality_digits", "write_results_digits"]
+
+TEACHER_SOLVERS = ("euler", "heun", "dpmpp_2m", "ipndm", "unipc")
+NFES = (2, 3, 4, 5, 6, 8, 10, 16, 20, 35)
+STUDENT_RUNS = (("consistency", {}), ("tcd", {"gamma": 0.3}))
+
+
+def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd", nfes: Sequence[int] = NFES,
+                       solvers: Sequence[str] = TEACHER_SOLVERS, student_steps: Sequence[int] = (1, 2, 3, 4),
+                       blocks: int = 5, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from .engine import Sampler
+    from .metrics import class_accuracy, digits_features, fd_digits_floor, fd_digits_labels, frechet_distance
+    from .metrics import _test_halves, load_classifier
+    from .models.bundled import load
+    from .quality import Recipe, machine_name, steps_for
+
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
+    clf = load_classifier()
+    labels = fd_digits_labels()
+    n = len(labels)
+    _, (xb, _) = _test_halves()
+    ref = digits_features(xb, clf)
+    t_model = load(teacher)
+    s_model = load(student) if student else None
+    jobs = []
+    for solver in solvers:
+        seen = set()
+        for nfe in nfes:
+            steps = steps_for(Recipe(solver, solver), nfe, t_model.sigma_min, t_model.sigma_max)
+            if steps is None:
+                continue
+            s = Sampler(t_model, solver=solver, steps=steps, backend="torch", device="cpu")
+            if s.plan.nfe in seen:
+                continue
+            seen.add(s.plan.nfe)
+            jobs.append(("teacher", teacher, solver, {}, s))
+    if s_model is not None:
+        for solver, opts in STUDENT_RUNS:
+            for k in student_steps:
+                s = Sampler(s_model, solver=solver, steps=k, backend="torch", device="cpu", **opts)
+                jobs.append(("student", student, solver, opts, s))
+    rows = []
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(jobs) * blocks, disable=not progress, desc="quality digits", unit="run", dynamic_ncols=True)
+    for role, name, solver, opts, s in jobs:
+        fds, accs, secs = [], [], 0.0
+        for b in range(blocks):
+            t0 = time.perf_counter()
+            x = s.sample(range(b * n, (b + 1) * n), cond=labels)
+            secs += time.perf_counter() - t0
+            fds.append(frechet_distance(digits_features(x, clf), ref))
+            accs.append(class_accuracy(x, labels, clf))
+            bar.update(1)
+        rows.append({"role": role, "model": name, "solver": solver, "options": opts, "steps": s.steps,
+                     "nfe": s.plan.nfe, "sigmas": [float(v) for v in s.plan.sigmas],
+                     "fd_digits": float(np.mean(fds)), "fd_digits_std": float(np.std(fds, ddof=1)) if blocks > 1 else 0.0,
+                     "fd_digits_blocks": fds, "class_accuracy": float(np.mean(accs)),
+                     "seconds_per_block": round(secs / blocks, 3)})
+    bar.close()
+    floor = fd_digits_floor(clf)
+    return {"benchmark": "quality_digits", "machine": machine_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - t_start, 1),
+            "teacher": teacher, "student": student, "blocks": blocks, "samples_per_block": n,
+            "protocol": "FD-digits (edmrt.metrics) of each block of 197 class-conditional samples (test half A's "
+                        "labels, seeds 197 b .. 197 b + 196) against test half B; mean and std over blocks",
+            "fd_digits_floor": floor, "rows": rows}
+
+
+def _table(result: dict) -> str:
+    out = ["| model | solver | steps | NFE | FD-digits (mean ± std) | class accuracy | s / 197 samples |",
+           "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        out.append(f"| {r['model']} | {r['solver']}{f' ({opts})' if opts else ''} | {r['steps']} | {r['nfe']} | "
+                   f"{r['fd_digits']:.1f} ± {r['fd_digits_std']:.1f} | {100 * r['class_accuracy']:.1f}% | "
+                   f"{r['seconds_per_block']:.2f} |")
+    return "\n".join(out)
+
+
+def goals(result: dict) -> dict:
+    """The issue's goals, read off the rows: teacher Heun at 35 NFE vs the floor, student 2-step vs 1.5x that."""
+    rows = result["rows"]
+    heun35 = next((r for r in rows if r["role"] == "teacher" and r["solver"] == "heun" and r["nfe"] == 35), None)
+    cm2 = next((r for r in rows if r["role"] == "student" and r["solver"] == "consistency" and r["steps"] == 2), None)
+    out = {"fd_digits_floor": result["fd_digits_floor"]}
+    if heun35:
+        out["teacher_heun_35"] = heun35["fd_digits"]
+    if cm2:
+        out["student_consistency_2"] = cm2["fd_digits"]
+    if heun35 and cm2:
+        out["student_2_step_over_teacher_35"] = cm2["fd_digits"] / heun35["fd_digits"]
+        out["student_goal_met"] = cm2["fd_digits"] <= 1.5 * heun35["fd_digits"]
+    cond = [r["class_accuracy"] for r in rows if (r["role"] == "teacher" and r["nfe"] >= 10) or r["role"] == "student"]
+    if cond:
+        out["min_class_accuracy_teacher_nfe_ge_10_and_student"] = min(cond)
+    return out
+
+
+def plot_digits(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    cmap = plt.get_cmap("tab10")
+    groups = list(dict.fromkeys((r["role"], r["solver"]) for r in result["rows"]))
+    for k, (role, solver) in enumerate(groups):
+        pts = sorted((r["nfe"], r["fd_digits"], r["fd_digits_std"], r["class_accuracy"]) for r in result["rows"]
+                     if r["role"] == role and r["solver"] == solver)
+        style = dict(ls="-", marker="o") if role == "teacher" else dict(ls="--", marker="s", lw=2)
+        label = f"{result['teacher'] if role == 'teacher' else result['student']}: {solver}"
+        nfe = [p[0] for p in pts]
+        axes[0].errorbar(nfe, [p[1] for p in pts], yerr=[p[2] for p in pts], color=cmap(k % 10), ms=4, capsize=2,
+                         label=label, **style)
+        axes[1].plot(nfe, [100 * p[3] for p in pts], color=cmap(k % 10), ms=4, label=label, **style)
+    floor = result["fd_digits_floor"]
+    axes[0].axhline(floor, color="k", lw=0.8, ls=":", label=f"real-vs-real floor {floor:.1f}")
+    g = goals(result)
+    if "teacher_heun_35" in g:
+        axes[0].axhline(1.5 * g["teacher_heun_35"], color="r", lw=0.8, ls="-.",
+                        label=f"1.5 x teacher Heun 35 NFE = {1.5 * g['teacher_heun_35']:.1f}")
+    axes[0].set(xscale="log", yscale="log", xlabel="NFE", ylabel="FD-digits (lower is better)",
+                title=f"FD-digits per NFE ({result['blocks']} blocks of {result['samples_per_block']}; bars: std)")
+    axes[1].set(xscale="log", xlabel="NFE", ylabel="class accuracy (%)", title="conditional samples classified as asked")
+    axes[1].axhline(90, color="r", lw=0.8, ls="-.", label="goal 90%")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"edmrt quality on the bundled digits models ({result['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results_digits(result: dict, stem: Path, make_plot: bool = True) -> list[Path]:
+    """``stem.json``, ``stem.md`` (the table and the goals) and ``stem.png``; returns the paths written."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    result = {**result, "goals": goals(result)}
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps(result, indent=1))
+    g = result["goals"]
+    md = ["# Quality per NFE on the bundled digits models", "",
+          f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}; {result['seconds']} s.", "",
+          result["protocol"] + f". Real-vs-real floor: {result['fd_digits_floor']:.2f}.", "", _table(result), "",
+          "Goals: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) and not isinstance(v, bool) else f"{k} = {v}"
+                                for k, v in g.items()), ""]
+    paths[1].write_text("\n".join(md))
+    if make_plot:
+        paths.append(stem.with_suffix(".png"))
+        plot_digits(result, paths[2])
+    return paths
