@@ -151,10 +151,10 @@ def _state_json(opts: DistillOptions, step: int, losses: list, seconds: float) -
 
 def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tensor, torch.Tensor] | None = None,
             checkpoint: str | Path | None = None, resume: str | Path | None = None, progress: bool = True,
-            checkpoint_every: int = 500, callback=None) -> DistillResult:
+            checkpoint_every: int = 500) -> DistillResult:
     """Distil ``teacher`` (an ``edmrt.Model`` whose network is a class-conditional ``nn.Module`` and whose
     preconditioning has a ``sigma_data``) into a consistency model; ``data``: (images, labels), default the digits
-    training split.  ``callback(result)`` runs after every checkpoint (e.g. a quick evaluation)."""
+    training split.  The teacher's network is put in eval mode and frozen (requires_grad False)."""
     from tqdm import tqdm
 
     from .engine import Model
@@ -234,11 +234,8 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
         step += 1
         record_loss(losses, loss, step, opts.iters, bar, "distillation")
         result.step, result.seconds = step, seconds + time.perf_counter() - t0
-        if step % checkpoint_every == 0 and step < opts.iters:
-            if checkpoint is not None:
-                save()
-            if callback is not None:
-                callback(result)
+        if checkpoint is not None and step % checkpoint_every == 0 and step < opts.iters:
+            save()
     bar.close()
     result.seconds = seconds + time.perf_counter() - t0
     if checkpoint is not None:
@@ -289,8 +286,8 @@ def export_student(result: DistillResult, teacher, weights: str | Path, card: di
 def select_levels(model, max_steps: int = 4, grid: int = 24, samples: int = 400, solver: str = "consistency",
                   progress: bool = True, **options) -> dict:
     """Greedy choice of the intermediate noise levels for 2..max_steps step sampling (Song et al. 2023 Sec. 6
-    search tau_1 for two steps, then fix it and search the next): each candidate level, on a log grid below
-    the previous one, is scored by the Frechet distance between the shipped classifier's features of
+    search tau_1 for two steps, then fix it and search the next): each candidate level, on a log grid of
+    ``grid`` values from 1/1000 of the previous level (not below 1.5 sigma_min) to 0.95 of it, is scored by the Frechet distance between the shipped classifier's features of
     ``samples`` samples (seeds 10000.., the training split's labels) and of the *training* split, so that the
     held-out test split that FD-digits reports on plays no part.  Returns {"levels": {"1": [sigma_max, 0],
     "2": [sigma_max, tau_1, 0], ...}, "fd_train": {...}}."""
@@ -314,18 +311,19 @@ def select_levels(model, max_steps: int = 4, grid: int = 24, samples: int = 400,
     top = float(model.sigma_max)
     out = {"levels": {"1": [top, 0.0]}, "fd_train": {"1": score([top, 0.0])}}
     chosen: list[float] = [top]
-    cands = np.exp(np.linspace(math.log(0.02), math.log(40.0), grid))
-    bar = tqdm(total=sum(int((cands < top).sum()) for _ in range(max_steps - 1)), disable=not progress,
-               desc="levels", unit="run", dynamic_ncols=True)
+    floor = 1.5 * float(getattr(model.precond, "sigma_min", model.sigma_min))
+
+    def candidates(prev: float) -> np.ndarray:  # log grid from prev / 1000 (not below 1.5 sigma_min) to 0.95 prev
+        return np.exp(np.linspace(math.log(max(prev * 1e-3, floor)), math.log(0.95 * prev), grid))
+
+    bar = tqdm(total=grid * (max_steps - 1), disable=not progress, desc="levels", unit="run", dynamic_ncols=True)
     for k in range(2, max_steps + 1):
         best = None
-        for tau in cands[cands < chosen[-1] * (1 - 1e-9)]:
+        for tau in candidates(chosen[-1]):
             fd = score(chosen + [float(tau), 0.0])
             bar.update(1)
             if best is None or fd < best[1]:
                 best = (float(tau), fd)
-        if best is None:
-            break
         chosen.append(best[0])
         out["levels"][str(k)] = chosen + [0.0]
         out["fd_train"][str(k)] = best[1]

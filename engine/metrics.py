@@ -166,7 +166,8 @@ def evaluate_digits(model, solver: str = "heun", steps: int = 18, guidance: floa
     t0 = time.perf_counter()
     x = sampler.sample(seeds, cond=labels, guidance=guidance)
     secs = time.perf_counter() - t0
-    return {"solver": solver, "steps": steps, "nfe": sampler.plan.nfe, "guidance": guidance, "backend": backend,
+    return {"solver": solver, "steps": steps, "nfe": sampler.plan.nfe, "sigmas": [float(v) for v in sampler.plan.sigmas],
+            "guidance": guidance, "backend": backend,
             "options": options, "samples": n, "seeds": f"0-{n - 1}", "labels": "fd_digits_labels()",
             "class_accuracy": class_accuracy(x, labels, clf), "fd_digits": fd_digits(x, clf),
             "fd_digits_floor": fd_digits_floor(clf), "seconds": round(secs, 2)}
@@ -189,8 +190,12 @@ def main() -> int:  # python -m edmrt.metrics: train and ship the classifier, or
         from .models.bundled import load
 
         model = load(args.evaluate)
-        runs = [evaluate_digits(model, "heun", 18), evaluate_digits(model, "heun", 18, guidance=2.0),
-                evaluate_digits(model, "euler", 10)]
+        if model.precond.name == "cm":  # a distilled student: its card's levels for 1, 2 and 4 steps
+            runs = [evaluate_digits(model, "consistency", k) for k in (1, 2, 4)]
+            runs.append(evaluate_digits(model, "tcd", 2, gamma=0.3))
+        else:
+            runs = [evaluate_digits(model, "heun", 18), evaluate_digits(model, "heun", 18, guidance=2.0),
+                    evaluate_digits(model, "euler", 10)]
         for r in runs:
             print(json.dumps(r))
         path = WEIGHTS_DIR / f"{args.evaluate}.json"

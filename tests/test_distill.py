@@ -85,6 +85,30 @@ def test_tiny_distillation_loss_falls_and_student_exports(tiny_teacher, tmp_path
     assert edmrt.Sampler(m, solver="euler", steps=2, backend="torch", device="cpu").plan.sigmas[1] == pytest.approx(0.002)
 
 
+def test_select_levels_is_greedy_on_training_fd(tiny_teacher):
+    """Each step count keeps the previous levels and adds the grid level with the lowest FD to the training split."""
+    from edmrt.distill import select_levels
+    from edmrt.metrics import digits_features, frechet_distance, load_classifier
+
+    r = distill(tiny_teacher, DistillOptions(iters=2, batch=4, N=6), progress=False)
+    m = student_model(r, tiny_teacher)
+    out = select_levels(m, max_steps=3, grid=3, samples=40, progress=False)
+    lv = out["levels"]
+    assert lv["1"] == [80.0, 0.0] and lv["2"][:1] == [80.0] and lv["3"][:2] == lv["2"][:2]
+    assert all(len(lv[k]) == int(k) + 1 and all(np.diff(lv[k]) < 0) for k in lv)
+    # recompute the three candidates for step 2 and check the choice
+    clf = load_classifier()
+    x_train, y_train = load_digits_split("train")
+    ref = digits_features(x_train, clf)
+    grid = np.exp(np.linspace(np.log(80.0e-3), np.log(0.95 * 80.0), 3))
+    fds = []
+    for tau in grid:
+        x = edmrt.Sampler(m, solver="consistency", steps=2, schedule=[80.0, float(tau), 0.0], backend="torch",
+                          device="cpu").sample(range(10_000, 10_040), cond=y_train[:40].tolist())
+        fds.append(frechet_distance(digits_features(x, clf), ref))
+    assert lv["2"][1] == pytest.approx(grid[int(np.argmin(fds))]) and out["fd_train"]["2"] == pytest.approx(min(fds))
+
+
 def test_resume_equals_uninterrupted(tiny_teacher, tmp_path):
     opts = dict(batch=8, N=6, warmup=2, seed=4)
     full = distill(tiny_teacher, DistillOptions(iters=6, **opts), progress=False)
@@ -96,6 +120,9 @@ def test_resume_equals_uninterrupted(tiny_teacher, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="cannot resume"):
         distill(tiny_teacher, DistillOptions(iters=2), resume=tmp_path / "nothing", progress=False)
+    # the improved-CT weighting 1 / (t_{n+1} - t_n) on the same draws: a different, finite loss
+    weighted = distill(tiny_teacher, DistillOptions(iters=1, weighting="inverse_gap", **opts), progress=False)
+    assert np.isfinite(weighted.losses[0]) and weighted.losses[0] != full.losses[0]
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -129,3 +156,54 @@ def test_cli_distill_two_iterations(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--iters", "2", "--loss", "lpips"])              # argparse names the choices
     assert main(["distill", "--teacher", "cifar", "--iters", "1"]) == 2   # unknown bundled model: a clear error
+
+
+def _card(name="digits-cd"):
+    return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+
+
+def test_shipped_student_loads_with_its_card():
+    m = edmrt.load("digits-cd")
+    card = _card()
+    assert m.precond == edmrt.ConsistencyPrecond(card["precond"]["sigma_data"], card["precond"]["sigma_min"])
+    assert m.num_classes == 10 and m.sample_shape == (1, 8, 8) and not m.network.training
+    for key in ("architecture", "command", "machine", "distillation", "metrics", "sampling", "teacher"):
+        assert key in card
+    assert card["teacher"] == "digits" and card["distillation"]["iterations_done"] == card["distillation"]["iters"]
+    levels = card["sampling"]["levels"]
+    assert sorted(levels) == ["1", "2", "3", "4"]
+    for k, lv in levels.items():
+        assert len(lv) == int(k) + 1 and lv[0] == 80.0 and lv[-1] == 0.0 and all(np.diff(lv) < 0)
+    assert (WEIGHTS_DIR / "digits-cd.safetensors").stat().st_size < 10_000_000
+
+
+@pytest.mark.parametrize("solver,steps", [("consistency", 1), ("consistency", 2), ("tcd", 2)])
+def test_shipped_student_samples_at_the_card_rate(solver, steps):
+    """Seeds 0..196 with test half A's labels (edmrt.metrics.evaluate_digits): the card's accuracy and FD."""
+    from edmrt.metrics import evaluate_digits
+
+    run = next(r for r in _card()["metrics"]["runs"] if r["solver"] == solver and r["steps"] == steps)
+    got = evaluate_digits(edmrt.load("digits-cd"), solver, steps, **run["options"])
+    assert got["nfe"] == steps and got["sigmas"] == run["sigmas"]
+    assert got["class_accuracy"] >= run["class_accuracy"] - 0.02 and got["class_accuracy"] >= 0.9
+    assert abs(got["fd_digits"] - run["fd_digits"]) <= 0.1 * run["fd_digits"]
+
+
+def test_cli_sample_student_uses_its_card(tmp_path, capsys):
+    out = tmp_path / "cd.png"
+    assert main(["sample", "--model", "digits-cd", "--seeds", "0-9", "--backend", "torch", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "with consistency, 2 steps, NFE 2" in text and out.stat().st_size > 1000
+    assert main(["sample", "--model", "digits-cd", "--seeds", "0-3", "--solver", "tcd", "--steps", "4", "-O",
+                 "gamma=0.3", "--backend", "torch", "-o", str(out)]) == 0
+    assert "with tcd, 4 steps, NFE 4" in capsys.readouterr().out
+
+
+def test_quality_digits_runs_the_student():
+    from edmrt.quality_digits import goals, run_quality_digits
+
+    res = run_quality_digits(solvers=("heun",), nfes=(35,), student_steps=(2,), blocks=1, progress=False)
+    assert [(r["role"], r["solver"], r["nfe"]) for r in res["rows"]] == [
+        ("teacher", "heun", 35), ("student", "consistency", 2), ("student", "tcd", 2)]
+    g = goals(res)
+    assert g["student_2_step_over_teacher_35"] == pytest.approx(res["rows"][1]["fd_digits"] / res["rows"][0]["fd_digits"])
