@@ -3,7 +3,7 @@ against a diffusers-style loop (torch eager network + EDMEulerScheduler) and k-d
 same network, same NFE, same initial noise; plus the engine's overhead over NFE bare forwards.
 Interleaved rounds, medians.  Writes benchmarks/results/engine_cpu.{json,md}.
 
-    python benchmarks/engine_cpu.py [--rounds 3] [--quick]
+    python benchmarks/engine_cpu.py [--rounds 3] [--quick] [--case cifar10:64:3 ...]
 """
 from __future__ import annotations
 
@@ -114,35 +114,61 @@ def measure(config, batch, steps, rounds):
     return rows
 
 
+def markdown(result: dict) -> list[str]:
+    md = [f"# Whole sampling loop on the CPU ({result['machine']}, torch {result['torch']}, "
+          f"{result['rounds']} interleaved rounds, medians; Euler, same network, same NFE, same initial noise)", "",
+          "| UNet | batch | NFE | loop | s | images/s | speed-up vs best peer | overhead vs NFE bare forwards | "
+          "max abs diff vs diffusers |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        sp = f"{r['speedup_vs_best_peer']:.2f}" if "speedup_vs_best_peer" in r else ""
+        ov = f"{r['overhead_vs_bare_forwards']:.3f}" if "overhead_vs_bare_forwards" in r else ""
+        ag = "" if r["max_abs_diff_vs_diffusers"] is None else f"{r['max_abs_diff_vs_diffusers']:.1e}"
+        md.append(f"| {r['config']} | {r['batch']} | {r['nfe']} | {r['case']} | {r['seconds']:.3f} | "
+                  f"{r['images_per_s']:.2f} | {sp} | {ov} | {ag} |")
+    return md
+
+
+def _case(text: str):
+    try:
+        config, batch, nfe = text.split(":")
+        return config, int(batch), int(nfe)
+    except ValueError:
+        raise SystemExit(f"--case must look like CONFIG:BATCH:NFE (e.g. cifar10:64:3), got {text!r}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--case", action="append", type=_case, metavar="CONFIG:BATCH:NFE",
+                    help="run only these cases and merge them into the committed results (replacing the same "
+                         "config and batch)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    cases = [("tiny", 1, 10), ("tiny", 64, 10), ("cifar10", 1, 10)]
+    cases = args.case or [("tiny", 1, 10), ("tiny", 64, 10), ("cifar10", 1, 10), ("cifar10", 64, 3)]
     if args.quick:
         cases = [("tiny", 1, 4)]
     result = dict(machine=machine_name(), torch=torch.__version__, threads=torch.get_num_threads(),
                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rounds=args.rounds, rows=[])
-    md = [f"# Whole sampling loop on the CPU ({result['machine']}, torch {result['torch']}, "
-          f"{args.rounds} interleaved rounds, medians; Euler, same network, same NFE, same initial noise)", "",
-          "| UNet | batch | NFE | loop | s | images/s | speed-up vs best peer | overhead vs NFE bare forwards | "
-          "max abs diff vs diffusers |", "|---|---|---|---|---|---|---|---|---|"]
     for config, batch, steps in cases:
         rows = measure(config, batch, steps, args.rounds)
         result["rows"] += rows
-        for r in rows:
-            sp = f"{r['speedup_vs_best_peer']:.2f}" if "speedup_vs_best_peer" in r else ""
-            ov = f"{r['overhead_vs_bare_forwards']:.3f}" if "overhead_vs_bare_forwards" in r else ""
-            ag = "" if r["max_abs_diff_vs_diffusers"] is None else f"{r['max_abs_diff_vs_diffusers']:.1e}"
-            md.append(f"| {config} | {batch} | {steps} | {r['case']} | {r['seconds']:.3f} | {r['images_per_s']:.2f} | "
-                      f"{sp} | {ov} | {ag} |")
-        print("\n".join(md[-len(rows):]), file=sys.stderr, flush=True)
+        print("\n".join(markdown({**result, "rows": rows})[4:]), file=sys.stderr, flush=True)
+    path = RESULTS / "engine_cpu.json"
+    if args.case and path.exists():  # merge: keep the other cases' rows (and say when each was measured)
+        old = json.loads(path.read_text())
+        new_keys = {(r["config"], r["batch"]) for r in result["rows"]}
+        for r in result["rows"]:
+            r["date"] = result["date"]
+        kept = [dict(r, date=r.get("date", old["date"])) for r in old["rows"] if (r["config"], r["batch"]) not in new_keys]
+        order = {k: i for i, k in enumerate(["tiny", "cifar10"])}
+        result["rows"] = sorted(kept + result["rows"], key=lambda r: (order.get(r["config"], 9), r["batch"]))
+        result["rounds"] = args.rounds if old.get("rounds") == args.rounds else f"{old.get('rounds')} / {args.rounds}"
+    md = markdown(result)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "engine_cpu.json").write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1))
         (RESULTS / "engine_cpu.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
