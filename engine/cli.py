@@ -101,8 +101,25 @@ def cmd_sample_model(args) -> int:
     else:
         labels = [i % model.num_classes for i in range(len(seeds))]
     opts = _options(args.option)
-    sampler = edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=args.backend, schedule=args.schedule,
+    backend = args.backend
+    if args.onnx:
+        from edmrt.backends import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(args.onnx)
+        source = backend.session.get_modelmeta().custom_metadata_map.get("edmrt.model")
+        if source is None:
+            log.warning("%s does not say which bundled model it was exported from: its weights are not checked",
+                        args.onnx)
+        elif source != args.model:
+            raise ValueError(f"--onnx {args.onnx!r} holds the network of {source!r}, not of --model {args.model!r}")
+        if backend.sample_shape != model.sample_shape or backend.conditional != (model.num_classes > 0):
+            raise ValueError(f"--onnx {args.onnx!r} takes samples {backend.sample_shape} "
+                             f"({'conditional' if backend.conditional else 'unconditional'}); model {args.model!r} "
+                             f"needs {model.sample_shape} ({'conditional' if model.num_classes else 'unconditional'})")
+    sampler = edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=backend, schedule=args.schedule,
                             rho=args.rho, **opts)
+    if args.onnx:
+        sampler.backend_name = f"onnxruntime ({args.onnx})"
     args.solver, args.steps = sampler.solver, sampler.steps
     t0 = time.perf_counter()
     x = sampler.sample(seeds, cond=labels, guidance=args.guidance)
@@ -125,6 +142,8 @@ def cmd_sample(args) -> int:
 
     if args.model != "gmm":
         return cmd_sample_model(args)
+    if args.onnx:
+        raise ValueError("--onnx runs a bundled model's exported network; the gmm oracle has none")
     args.solver, args.steps = args.solver or "heun", args.steps or 18
     args.schedule = args.schedule or "karras"
     g = GaussianMixture.random(K=args.components, D=args.dim, seed=args.seed)
@@ -275,31 +294,26 @@ def cmd_export_onnx(args) -> int:
     from edmrt.export import export_onnx
     from edmrt.models import build_unet
 
-    net = build_unet(args.model_config)
-    if args.weights:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    from edmrt.models.bundled import read_weights
 
-        if not Path(args.weights).is_file():
-            raise ValueError(f"weights file {args.weights!r} does not exist")
-        try:  # safetensors only: never torch.load of a pickle
-            state = load_file(args.weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {args.weights!r} as safetensors: {exc}") from None
-        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        bad = {"missing": sorted(set(want) - set(got)), "unexpected": sorted(set(got) - set(want)),
-               "wrong shape": [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(want) & set(got))
-                               if want[k] != got[k]]}
-        if any(bad.values()):
-            raise ValueError(f"{args.weights!r} does not fit UNet config {args.model_config!r}: " + "; ".join(
-                f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in bad.items() if v))
-        net.load_state_dict(state, strict=True)
+    if args.model is not None:  # a bundled model's network, with its weights
+        import edmrt
+
+        if args.weights:
+            raise ValueError("--weights goes with --model-config; --model NAME exports the bundled weights")
+        net = edmrt.load(args.model).network
+        name = args.model
     else:
-        log.warning("no --weights: exporting randomly initialised weights")
+        net = build_unet(args.model_config)
+        name = args.model_config
+        if args.weights:  # safetensors only: never torch.load of a pickle
+            read_weights(Path(args.weights), net, f"UNet config {name!r}")
+        else:
+            log.warning("no --weights: exporting randomly initialised weights")
     dtype = "fp16" if args.fp16 else "fp32"
-    out = args.output or f"{args.model_config}_{dtype}.onnx"
-    r = export_onnx(net, Path(out), dtype=dtype, batch=args.batch, opset=args.opset, verify=not args.no_verify)
+    out = args.output or f"{name}_{dtype}.onnx"
+    r = export_onnx(net, Path(out), dtype=dtype, batch=args.batch, opset=args.opset, verify=not args.no_verify,
+                    metadata={"model": name} if args.model is not None else None)
     sig = ", ".join(f"{k} {list(v[0])} {v[1]}" for k, v in {**r.inputs, **r.outputs}.items())
     err = "not verified" if r.max_abs_err is None else \
         f"max abs err vs torch {r.max_abs_err:.3e} <= {r.tolerance:.3e} at batch {list(r.verified_batches)}"
@@ -355,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled models: class label(s), e.g. 3 or 0-9, cycled over the seeds (default: seed index % 10)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: none, plain conditional)")
     p.add_argument("--backend", default="auto", help="auto, torch, torch-compile, onnxruntime, tensorrt (default auto)")
+    p.add_argument("--onnx", metavar="FILE.onnx", help="bundled models: run this ONNX file (from `edmrt export onnx "
+                                                       "--model NAME`) in ONNX Runtime as the network")
     p.add_argument("-o", "--output", metavar="OUT.png", help="bundled models: PNG grid (default MODEL_samples.png)")
     p.set_defaults(solver=None, steps=None, schedule=None)  # bundled models: the model card's (heun, 18, karras)
     p.add_argument("--batch", type=int, default=64, help="gmm: samples")
@@ -419,11 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_solvers)
 
     export = sub.add_parser("export", help="export a model (ONNX)").add_subparsers(dest="format", required=True)
-    p = export.add_parser("onnx", help="export a UNet config to ONNX with a dynamic batch, verified in ONNX Runtime")
-    p.add_argument("--model-config", required=True, choices=("tiny", "digits", "cifar10"))
+    p = export.add_parser("onnx", help="export a bundled model's network or a UNet config to ONNX with a dynamic "
+                                       "batch, verified in ONNX Runtime")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a bundled model (digits, digits-cd): its network and weights")
+    which.add_argument("--model-config", choices=("tiny", "digits", "cifar10"), help="a UNet config (with --weights)")
     p.add_argument("--weights", metavar="FILE.safetensors", help="weights (safetensors only; default: random)")
     p.add_argument("--fp16", action="store_true", help="float16 inside, float32 inputs and output")
-    p.add_argument("-o", "--output", metavar="OUT.onnx", help="default MODEL_CONFIG_fp32.onnx / _fp16.onnx")
+    p.add_argument("-o", "--output", metavar="OUT.onnx", help="default NAME_fp32.onnx / NAME_fp16.onnx")
     p.add_argument("--batch", type=int, default=2, help="batch of the traced example (>= 2; the file's batch is dynamic)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check against torch")

@@ -129,7 +129,7 @@ def _check_sample_shape(sample_shape) -> tuple[int, int, int]:
 
 def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None = None, dtype: str = "fp32",
                 opset: int | None = None, batch: int = 2, verify: bool = True, simplify: bool = True,
-                verify_batches: tuple = (1, 5), seed: int = 0) -> OnnxReport:
+                verify_batches: tuple = (1, 5), seed: int = 0, metadata: dict | None = None) -> OnnxReport:
     """Export ``net(x_in, c_noise[, class_labels]) -> F`` to ONNX with a dynamic batch, then check it in ONNX Runtime.
 
     ==============  ==============================================================================
@@ -145,6 +145,8 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
                     (sizes other than ``batch``) and compare with the float32 torch net; raises
                     ``ExportVerificationError`` beyond ``TOLERANCE[dtype]`` x max(1, max|F|)
     simplify        run onnxslim on the file when it is importable (it is not a dependency)
+    metadata        extra string entries stored as ``edmrt.KEY`` (e.g. ``{"model": "digits"}``, which
+                    ``edmrt sample --onnx`` checks against the model it samples)
     ==============  ==============================================================================
     """
     import onnx
@@ -218,8 +220,9 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
         # any, is not loaded: the proto keeps its references to the weights file beside it.
         model = onnx.load(str(path), load_external_data=False)
         del model.metadata_props[:]
-        for k, v in {"edmrt.num_classes": str(num_classes), "edmrt.sample_shape": ",".join(map(str, sample_shape)),
-                     "edmrt.dtype": dtype}.items():
+        extra = {f"edmrt.{k}": str(v) for k, v in (metadata or {}).items()}
+        for k, v in {**extra, "edmrt.num_classes": str(num_classes),
+                     "edmrt.sample_shape": ",".join(map(str, sample_shape)), "edmrt.dtype": dtype}.items():
             model.metadata_props.add(key=k, value=v)
         onnx.save(model, str(path))
         opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)

@@ -297,3 +297,28 @@ def test_cli_export_weights(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert re.search(match, err), err
     assert not seen
+
+
+def test_cli_export_bundled_model_then_sample_through_it(tmp_path, capsys):
+    """The README's flow: `edmrt export onnx --model digits`, then `edmrt sample --onnx FILE` (ONNX Runtime)."""
+    pytest.importorskip("sklearn")
+    import edmrt
+    from edmrt.backends import OnnxRuntimeBackend
+    from edmrt.cli import main
+
+    out = tmp_path / "digits.onnx"
+    assert main(["export", "onnx", "--model", "digits", "-o", str(out)]) == 0
+    assert "max abs err vs torch" in capsys.readouterr().out
+    png = tmp_path / "g.png"
+    assert main(["sample", "--onnx", str(out), "--seeds", "0-9", "--steps", "4", "--solver", "euler",
+                 "-o", str(png)]) == 0
+    assert f"backend onnxruntime ({out})" in capsys.readouterr().out and png.stat().st_size > 1000
+    # the same seeds through torch: the same images (the file is the bundled network)
+    m = edmrt.load("digits")
+    a = edmrt.Sampler(m, solver="euler", steps=4, backend=OnnxRuntimeBackend(str(out))).sample(range(4), cond=[1, 2, 3, 4])
+    b = edmrt.Sampler(m, solver="euler", steps=4, backend="torch").sample(range(4), cond=[1, 2, 3, 4])
+    assert float((a - b).abs().max()) < 1e-4
+    # another model's file is refused by name, and --weights does not go with --model
+    assert main(["sample", "--model", "digits-cd", "--onnx", str(out), "-o", str(png)]) == 2
+    assert "holds the network of 'digits', not of --model 'digits-cd'" in capsys.readouterr().err
+    assert main(["export", "onnx", "--model", "digits", "--weights", str(out)]) == 2

@@ -33,8 +33,9 @@ def read_card(name: str, root: Path) -> dict:
     return card
 
 
-def read_weights(path: Path, module: torch.nn.Module) -> None:
-    """Load safetensors ``path`` into ``module`` strictly; ValueError for an unreadable or mismatched file."""
+def read_weights(path: Path, module: torch.nn.Module, expected: str = "its model card's architecture") -> None:
+    """Load safetensors ``path`` into ``module`` strictly; ValueError for an unreadable or mismatched file
+    (``expected`` names what the weights must fit, in that message)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -50,7 +51,7 @@ def read_weights(path: Path, module: torch.nn.Module) -> None:
     bad = {"missing": sorted(set(want) - set(got)), "unexpected": sorted(set(got) - set(want)),
            "wrong shape": [f"{k} {got[k]} (expected {want[k]})" for k in sorted(set(want) & set(got)) if want[k] != got[k]]}
     if any(bad.values()):
-        raise ValueError(f"{str(path)!r} does not fit its model card's architecture: " + "; ".join(
+        raise ValueError(f"{str(path)!r} does not fit {expected}: " + "; ".join(
             f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in bad.items() if v))
     if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
         raise ValueError(f"{str(path)!r} holds NaN or Inf weights")
