@@ -30,6 +30,10 @@ def test_shipped_model_loads_with_its_card():
     assert card["training"]["seed"] == 0 and card["training"]["final_loss_mean_last_100"] > 0
     assert (WEIGHTS_DIR / "digits.safetensors").stat().st_size < 10_000_000
     assert not m.network.training
+    s = edmrt.Sampler(m, backend="torch", device="cpu")  # the card's sampling defaults: Heun, 18 steps, Karras
+    assert (s.solver, s.steps, s.plan.nfe) == ("heun", 18, 35) == (card["sampling"]["solver"],
+                                                                   card["sampling"]["steps"], 35)
+    assert s.plan.sigmas[0] == 80.0 and s.plan.sigmas[-2] == pytest.approx(0.002)
 
 
 def test_conditional_samples_are_classified_at_the_card_rate():
