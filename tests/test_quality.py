@@ -62,6 +62,14 @@ def test_quality_digits_cli_end_to_end(tmp_path, capsys):
     row = res["rows"][0]
     assert row["fd_digits_blocks"][0] == pytest.approx(fd_digits(x), rel=1e-6)
     assert row["fd_digits"] == pytest.approx(np.mean(row["fd_digits_blocks"]))
+    # FD-train: the same block against the whole training split; its floor is test half A against it
+    from edmrt.metrics import _test_halves, digits_features, frechet_distance
+    from edmrt.train import load_digits_split
+
+    ref_train = digits_features(load_digits_split("train")[0])
+    (xa, _), _ = _test_halves()
+    assert res["fd_train_floor"] == pytest.approx(frechet_distance(digits_features(xa), ref_train), rel=1e-9)
+    assert res["rows"][1]["fd_train"] < row["fd_train"]  # 3 Euler steps beat 2 by far on the low-noise metric
     # two Euler steps from sigma = 80 give blurred digits: far above the real-vs-real floor
     assert row["fd_digits"] > 2 * res["fd_digits_floor"]
     assert stem.with_suffix(".png").stat().st_size > 10_000 and "FD-digits" in stem.with_suffix(".md").read_text()
