@@ -140,6 +140,17 @@ def test_bad_teacher_and_data(tiny_teacher):
     uncond = edmrt.Model(tiny_teacher.network, tiny_teacher.precond, sample_shape=(1, 8, 8), num_classes=0)
     with pytest.raises(ValueError, match="class-conditional"):
         distill(uncond, DistillOptions(iters=1), progress=False)
+    class Poisoned(torch.nn.Module):  # a teacher whose output is NaN: stop at once, never train on it
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, c_noise, labels):
+            return self.net(x, c_noise, labels) * float("nan")
+
+    poisoned = edmrt.Model(Poisoned(tiny_teacher.network), tiny_teacher.precond, sample_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(FloatingPointError, match="distillation loss is nan at iteration 1"):
+        distill(poisoned, DistillOptions(iters=3, batch=4), progress=False)
     with pytest.raises(ValueError, match="data must be images"):
         distill(tiny_teacher, DistillOptions(iters=1), data=(torch.zeros(4, 1, 16, 16), torch.zeros(4, dtype=torch.int64)),
                 progress=False)
