@@ -32,13 +32,11 @@ def _buffers(plan, shape, seed=0):
 
 
 def bytes_moved(plan, shape, stage) -> int:
-    """Bytes the fused step must move: reads x, x_eval, F and the K - 1 older history entries; writes Y[s],
-    x_eval, x (when it commits) and x_in (``kernels/reference.py``'s count)."""
-    n = math.prod(shape)
-    K = plan.history
-    reads = 3 + min(K - 1, stage)
-    writes = 3 + int(plan.commit[stage])
-    return 4 * n * (reads + writes)
+    """Bytes the fused step must move (``edmrt.kernels.reference.bytes_moved``: x only where a != 0, Y[s] only
+    when K > 1)."""
+    from edmrt.kernels.reference import bytes_moved as count
+
+    return count(plan, stage, math.prod(shape))
 
 
 def cases(shape):

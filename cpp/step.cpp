@@ -1,5 +1,6 @@
 // The fused step on the CPU: one pass over memory per network evaluation (DESIGN.md's stage).
 #include <algorithm>
+#include <type_traits>
 
 #include "edmrt_core.hpp"
 
@@ -8,8 +9,9 @@ namespace edmrt {
 namespace {
 
 // The update without noise, specialised so that the element loop has no branches and vectorises:
-// CFG (guidance halves), COMMIT (x = x_new), TWICE (x_in holds two copies), TERMS older history entries.
-template <bool CFG, bool COMMIT, bool TWICE, int TERMS>
+// CFG (guidance halves), COMMIT (x = x_new), TWICE (x_in holds two copies), TERMS older history entries,
+// HAS_X (a != 0: read x; plans set a = 0 wherever x == x_eval), WRITE_Y (K > 1: a later stage reads Y[s]).
+template <bool CFG, bool COMMIT, bool TWICE, bool HAS_X, bool WRITE_Y, int TERMS>
 void update(const StepArgs& p, const float (&c)[8], const float* bk, const float* const* yk) {
   const int64_t total = p.batch * p.per_sample;
   const int K = p.K;
@@ -32,8 +34,8 @@ void update(const StepArgs& p, const float (&c)[8], const float* bk, const float
     const float xev = xe[i];
     const float D = c_skip * xev + c_out * f;
     const float y = alpha * xev + beta * D;
-    y0[i] = y;
-    float acc = a * x[i] + e * xev + b0 * y;
+    if (WRITE_Y) y0[i] = y;
+    float acc = HAS_X ? a * x[i] + e * xev + b0 * y : e * xev + b0 * y;
     if (TERMS > 0) acc += b1 * y1[i];
     if (TERMS > 1) acc += b2 * y2[i];
     if (TERMS > 2) acc += b3 * y3[i];
@@ -44,13 +46,23 @@ void update(const StepArgs& p, const float (&c)[8], const float* bk, const float
   }
 }
 
-template <bool CFG, bool COMMIT, bool TWICE>
+template <bool CFG, bool COMMIT, bool TWICE, bool HAS_X, bool WRITE_Y>
 void update_terms(int terms, const StepArgs& p, const float (&c)[8], const float* bk, const float* const* yk) {
   switch (terms) {
-    case 0: return update<CFG, COMMIT, TWICE, 0>(p, c, bk, yk);
-    case 1: return update<CFG, COMMIT, TWICE, 1>(p, c, bk, yk);
-    case 2: return update<CFG, COMMIT, TWICE, 2>(p, c, bk, yk);
-    default: return update<CFG, COMMIT, TWICE, 3>(p, c, bk, yk);
+    case 0: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 0>(p, c, bk, yk);
+    case 1: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 1>(p, c, bk, yk);
+    case 2: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 2>(p, c, bk, yk);
+    default: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 3>(p, c, bk, yk);
+  }
+}
+
+// Calls f(std::true_type) or f(std::false_type): a runtime flag turned into a template argument.
+template <typename Fn>
+void with_flag(bool flag, Fn&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
   }
 }
 
@@ -90,17 +102,19 @@ void fused_step(const StepArgs& p) {
     ++terms;
   }
   const int fused_terms = terms < 3 ? terms : 3;
-  const int sel = (p.guidance ? 4 : 0) | (commit ? 2 : 0) | (p.x_in_twice ? 1 : 0);
-  switch (sel) {
-    case 0: update_terms<false, false, false>(fused_terms, p, c, bk, yk); break;
-    case 1: update_terms<false, false, true>(fused_terms, p, c, bk, yk); break;
-    case 2: update_terms<false, true, false>(fused_terms, p, c, bk, yk); break;
-    case 3: update_terms<false, true, true>(fused_terms, p, c, bk, yk); break;
-    case 4: update_terms<true, false, false>(fused_terms, p, c, bk, yk); break;
-    case 5: update_terms<true, false, true>(fused_terms, p, c, bk, yk); break;
-    case 6: update_terms<true, true, false>(fused_terms, p, c, bk, yk); break;
-    default: update_terms<true, true, true>(fused_terms, p, c, bk, yk); break;
-  }
+  const bool has_x = c[4] != 0.0f, write_y = K > 1;
+  with_flag(p.guidance, [&](auto cfg) {
+    with_flag(commit, [&](auto cm) {
+      with_flag(p.x_in_twice, [&](auto twice) {
+        with_flag(has_x, [&](auto hx) {
+          with_flag(write_y, [&](auto wy) {
+            update_terms<decltype(cfg)::value, decltype(cm)::value, decltype(twice)::value, decltype(hx)::value,
+                         decltype(wy)::value>(fused_terms, p, c, bk, yk);
+          });
+        });
+      });
+    });
+  });
   extra_terms(p, fused_terms, terms, bk, yk, c[7]);
   if (n != 0.0f) {
     // Philox noise keyed by (sample seed, stage + 2, element): a second pass, only on stochastic stages.

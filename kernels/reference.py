@@ -8,9 +8,10 @@ Per element and stage s, with the plan's row r = table[s] (see ``table.py``):
     x_new = a x + e x_eval + sum_{k <= s} b_k Y[(s - k) % K] + n N(seed, s + 2, i)
     x_eval = x_new;  x = x_new if commit;  x_in = c_in_next x_new (both halves with guidance);  sigma_in = c_noise_next
 
-Memory traffic per element (float32 state, F in bytes f, history depth K, guidance g in {0, 1}):
-reads x, x_eval, F (1 + g times), K - 1 history entries: 4 (2 + (K - 1)) + f (1 + g) bytes;
-writes Y[s], x_eval, x (if commit), x_in (1 + g times): 4 (3 + (1 + g)) bytes at most.
+Memory traffic per element (float32 state, F in bytes f, history depth K, guidance g in {0, 1}): reads
+x (only where a != 0: plans set a = 0 wherever x == x_eval), x_eval, F (1 + g times) and the older history
+entries the stage uses; writes Y[s] (only when K > 1: with K = 1 no later stage reads it), x_eval, x (if
+commit), x_in (1 + g times).  ``bytes_moved`` counts them; the C++ step moves exactly these.
 """
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ import torch
 from .philox import philox_normal
 from .table import COL, FIXED
 
-__all__ = ["fused_step_reference", "init_state_reference"]
+__all__ = ["fused_step_reference", "init_state_reference", "bytes_moved"]
+
+
+def bytes_moved(plan, stage: int, numel: int, guidance: bool = False, f_bytes: int = 4) -> int:
+    """Bytes one stage of ``plan`` must move for ``numel`` float32 state elements (the count above)."""
+    g = 1 if guidance else 0
+    reads = (plan.a[stage] != 0.0) + 1 + int(min(plan.history - 1, stage))
+    writes = (plan.history > 1) + 1 + int(plan.commit[stage]) + (1 + g)
+    return numel * (4 * (int(reads) + int(writes)) + f_bytes * (1 + g))
 
 
 def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,

@@ -98,11 +98,12 @@ def measure_bandwidth(impl: str, device, shape, solver: str = "dpmpp_2m", iters:
     import edmrt
 
     from . import fused_step, plan_table
+    from .reference import bytes_moved
 
     plan = edmrt.plan(solver, edmrt.make_sigmas("karras", 18), edmrt.EDMPrecond())
     stage = 5
     n = math.prod(shape)
-    nbytes = 4 * n * ((3 + min(plan.history - 1, stage)) + (3 + int(plan.commit[stage])))
+    nbytes = bytes_moved(plan, stage, n)
     b = dict(table=plan_table(plan, device), x=torch.randn(shape, device=device), x_eval=torch.randn(shape, device=device),
              F=torch.randn(shape, device=device), Y=torch.randn((plan.history,) + tuple(shape), device=device),
              x_in=torch.empty(shape, device=device), sigma_in=torch.empty(shape[0], device=device),

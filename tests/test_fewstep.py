@@ -230,7 +230,7 @@ def test_tcd_intermediate_level_follows_the_model_time():
     """s = (1 - gamma) t in the model's time: sigma(t) = t (EDM), VP's sigma(t), discrete floor((1 - gamma) t)."""
     gamma = 0.3
     s = edmrt.make_sigmas("karras", 5, 0.05, 10.0)
-    sigma_s = lambda plan: plan.a[:-1] * plan.sigma[:-1]  # noqa: E731  a = sigma_s / sigma_t
+    sigma_s = lambda plan: (plan.a + plan.e)[:-1] * plan.sigma[:-1]  # noqa: E731  state weight = sigma_s / sigma_t
     np.testing.assert_allclose(sigma_s(edmrt.plan("tcd", s, edmrt.EDMPrecond(), gamma=gamma)), (1 - gamma) * s[1:-1],
                                rtol=1e-14)
     vp = edmrt.VPPrecond()

@@ -34,6 +34,15 @@ class Builder:
             self.rows[-1]["n"] = n
 
     def build(self) -> Plan:
+        # At the start of stage s, x == x_eval bit for bit when s == 0 or stage s - 1 committed (both were written
+        # from the same value): there a x + e x_eval = (a + e) x_eval, so the weight moves to e and a becomes 0,
+        # which lets the fused kernels skip reading x.  Only Heun-type correctors (after a trial point that does
+        # not commit) keep a != 0.
+        committed = True
+        for r in self.rows:
+            if committed and r["a"] != 0.0:
+                r["e"], r["a"] = r["e"] + r["a"], 0.0
+            committed = r["commit"]
         col = lambda k: np.array([r[k] for r in self.rows], dtype=np.float64)  # noqa: E731
         sigma = col("sigma")
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
