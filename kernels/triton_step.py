@@ -66,7 +66,10 @@ if triton is not None:
         b0 = tl.load(row + 12).to(tl.float32)
 
         xe = tl.load(xe_ptr + offs, mask=mask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        # Plans set a = 0 wherever x == x_eval: then x is not read.
+        x = tl.zeros((BLOCK,), tl.float32)
+        if a != 0.0:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if CFG:
             f_c = tl.load(f_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
@@ -74,7 +77,8 @@ if triton is not None:
         # Preconditioning (EDM Eq. 7) and the history entry.
         D = c_skip * xe + c_out * f
         y = alpha * xe + beta * D
-        tl.store(y_ptr + (stage % K) * N + offs, y, mask=mask)
+        if K > 1:  # with K = 1 no later stage reads the history entry
+            tl.store(y_ptr + (stage % K) * N + offs, y, mask=mask)
         # Linear update over the history ring.
         acc = a * x + e * xe + b0 * y
         for k in tl.static_range(1, K):
@@ -89,7 +93,8 @@ if triton is not None:
             counter = ((stage + 2).to(tl.int64) << 32) | (offs % per_sample)
             acc += n * tl.randn(seed, counter)
         tl.store(xe_ptr + offs, acc, mask=mask)
-        tl.store(x_ptr + offs, tl.where(commit != 0.0, acc, x), mask=mask)
+        if commit != 0.0:
+            tl.store(x_ptr + offs, acc, mask=mask)
         nxt = c_in_next * acc
         tl.store(xin_ptr + offs, nxt.to(xin_ptr.dtype.element_ty), mask=mask)
         if TWICE:
