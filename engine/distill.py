@@ -287,8 +287,8 @@ def select_levels(model, max_steps: int = 4, grid: int = 24, samples: int = 400,
                   progress: bool = True, **options) -> dict:
     """Greedy choice of the intermediate noise levels for 2..max_steps step sampling (Song et al. 2023 Sec. 6
     search tau_1 for two steps, then fix it and search the next): each candidate level, on a log grid of
-    ``grid`` values from 1/1000 of the previous level (not below 1.5 sigma_min) to 0.95 of it, is scored by the Frechet distance between the shipped classifier's features of
-    ``samples`` samples (seeds 10000.., the training split's labels) and of the *training* split, so that the
+    ``grid`` values from 1/1000 of the previous level (not below 1.5 sigma_min) to 0.95 of it, is scored by
+    the Frechet distance between the shipped classifier's features of ``samples`` samples (seeds 10000.., the training split's labels) and of the *training* split, so that the
     held-out test split that FD-digits reports on plays no part.  Returns {"levels": {"1": [sigma_max, 0],
     "2": [sigma_max, tau_1, 0], ...}, "fd_train": {...}}."""
     from tqdm import tqdm
