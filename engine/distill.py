@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from .precond import ConsistencyPrecond
+from .train import denoise
 
 __all__ = ["DistillOptions", "DistillResult", "distill", "karras_levels", "export_student", "student_model",
            "select_levels", "self_consistency"]
@@ -98,24 +98,23 @@ class DistillResult:
     seconds: float = 0.0
 
 
-def _coef(precond, sigma: torch.Tensor, dtype: torch.dtype):
-    """(c_skip, c_out, c_in, c_noise) as tensors of ``sigma``'s shape in ``dtype``, from the float64 formulas."""
-    return tuple(torch.as_tensor(c, dtype=dtype) for c in precond.coefficients(sigma.numpy()))
-
-
-def _denoise(net, precond, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
-    c_skip, c_out, c_in, c_noise = _coef(precond, sigma, x.dtype)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    return c_skip.view(shape) * x + c_out.view(shape) * net(c_in.view(shape) * x, c_noise, labels)
+def _pair(teacher, y: torch.Tensor, labels, t: torch.Tensor, n: torch.Tensor, z: torch.Tensor):
+    """(x, x_hat, t_cur, t_next): the images noised to t_{n+1} with ``z`` and the teacher's Heun step from there to
+    t_n (no gradient), for 0-based level indices ``n`` into the ascending levels ``t``."""
+    t_cur, t_next = t[n + 1], t[n]
+    x = y + t_cur.to(y.dtype).view((-1,) + (1,) * (y.ndim - 1)) * z
+    with torch.no_grad():
+        x_hat = _heun_step(teacher, x, t_cur, t_next, labels)
+    return x, x_hat, t_cur, t_next
 
 
 def _heun_step(teacher, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, labels) -> torch.Tensor:
     """One Heun step of dx/dt = (x - D(x; t)) / t from t_cur to t_next > 0 (EDM Algorithm 1, lines 5-8)."""
     shape = (-1,) + (1,) * (x.ndim - 1)
     tc, tn = t_cur.to(x.dtype).view(shape), t_next.to(x.dtype).view(shape)
-    d = (x - _denoise(teacher.network, teacher.precond, x, t_cur, labels)) / tc
+    d = (x - denoise(teacher.network, teacher.precond, x, t_cur, labels)) / tc
     x_e = x + (tn - tc) * d
-    d2 = (x_e - _denoise(teacher.network, teacher.precond, x_e, t_next, labels)) / tn
+    d2 = (x_e - denoise(teacher.network, teacher.precond, x_e, t_next, labels)) / tn
     return x + (tn - tc) * 0.5 * (d + d2)
 
 
@@ -136,10 +135,9 @@ def self_consistency(net: torch.nn.Module, precond, teacher, y: torch.Tensor, la
     t = karras_levels(opts.N, opts.sigma_min, opts.sigma_max, opts.rho)
     n = torch.randint(0, opts.N - 1, (y.shape[0],), generator=g)
     z = torch.randn(y.shape, generator=g)
+    x, x_hat, t_cur, t_next = _pair(teacher, y, labels, t, n, z)
     with torch.no_grad():
-        x = y + t[n + 1].to(y.dtype).view((-1,) + (1,) * (y.ndim - 1)) * z
-        x_hat = _heun_step(teacher, x, t[n + 1], t[n], labels)
-        d = _distance(_denoise(net, precond, x, t[n + 1], labels), _denoise(net, precond, x_hat, t[n], labels),
+        d = _distance(denoise(net, precond, x, t_cur, labels), denoise(net, precond, x_hat, t_next, labels),
                       opts.loss)
     return float(d.mean())
 
@@ -214,15 +212,13 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
         drop = torch.rand(B, generator=g) < opts.p_uncond
         lab = torch.where(drop, torch.full_like(lab, null), lab)
         n = torch.randint(0, opts.N - 1, (B,), generator=g)        # 0-based: levels t[n] < t[n + 1]
-        t_cur, t_next = t[n + 1], t[n]
         z = torch.randn(y.shape, generator=g)
-        x = y + t_cur.float().view((-1,) + (1,) * (y.ndim - 1)) * z
+        x, x_hat, t_cur, t_next = _pair(teacher, y, lab, t, n, z)
         with torch.no_grad():
-            x_hat = _heun_step(teacher, x, t_cur, t_next, lab)
-            f_target = _denoise(target, precond, x_hat, t_next, lab)
+            f_target = denoise(target, precond, x_hat, t_next, lab)
         for group in optimizer.param_groups:
             group["lr"] = opts.lr * min(1.0, (step + 1) / max(1, opts.warmup))
-        f_online = _denoise(student, precond, x, t_cur, lab)
+        f_online = denoise(student, precond, x, t_cur, lab)
         dist = _distance(f_online, f_target, opts.loss)
         weight = torch.ones(B) if opts.weighting == "uniform" else (1.0 / (t_cur - t_next)).float()
         loss = (weight * dist).mean()
@@ -258,12 +254,8 @@ def export_student(result: DistillResult, teacher, weights: str | Path, card: di
     """Write the EMA student (safetensors) and its model card (JSON beside it, same stem); returns the card.
 
     ``levels``: ``select_levels``'s result, the card's default noise levels per step count (else Karras')."""
-    from safetensors.torch import save_file
+    from .models.bundled import write_model
 
-    weights = Path(weights)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in result.ema.state_dict().items()}, str(weights),
-              metadata={"format": "edmrt-unet-1"})
     card = {"format": "edmrt-model-card-1", "kind": "unet",
             "architecture": dataclasses.asdict(result.ema.config),
             "precond": result.precond.to_dict(), "sample_shape": list(teacher.sample_shape),
@@ -279,8 +271,7 @@ def export_student(result: DistillResult, teacher, weights: str | Path, card: di
                              "final_loss_mean_last_100": float(np.mean(result.losses[-100:])) if result.losses
                              else None},
             **card}
-    weights.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
-    return card
+    return write_model(result.ema, weights, card)
 
 
 def select_levels(model, max_steps: int = 4, grid: int = 24, samples: int = 400, solver: str = "consistency",

@@ -204,12 +204,10 @@ def main() -> int:  # python -m edmrt.metrics: train and ship the classifier, or
         path.write_text(json.dumps(card, indent=1) + "\n")
         print(f"wrote metrics into {path}")
         return 0
-    from safetensors.torch import save_file
+    from .models.bundled import write_model
 
     net, acc, secs = train_classifier(epochs=args.epochs, seed=args.seed)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out), metadata={"format": "edmrt-clf-1"})
     card = {"format": "edmrt-model-card-1", "kind": "classifier", "architecture": DigitsClassifier.__doc__,
             "training": {"command": f"python -m edmrt.metrics --epochs {args.epochs} --seed {args.seed}",
                          "data": "sklearn load_digits, train split (edmrt.train.load_digits_split)",
@@ -217,7 +215,7 @@ def main() -> int:  # python -m edmrt.metrics: train and ship the classifier, or
                          "machine": machine_name()},
             "metrics": {"test_accuracy": acc, "test_images": len(_test_halves()[0][1]) * 2,
                         "fd_digits_floor": fd_digits_floor(net)}}
-    out.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+    write_model(net, out, card, fmt="edmrt-clf-1")
     print(f"wrote {out}: held-out accuracy {acc:.4f}, FD-digits floor {card['metrics']['fd_digits_floor']:.3f}, "
           f"{secs:.1f} s")
     return 0

@@ -37,10 +37,11 @@ def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd
     from tqdm import tqdm
 
     from .engine import Sampler
-    from .metrics import class_accuracy, digits_features, fd_digits_floor, fd_digits_labels, frechet_distance
-    from .metrics import _test_halves, load_classifier
+    from .metrics import _test_halves, class_accuracy, digits_features, fd_digits_labels, frechet_distance
+    from .metrics import load_classifier
     from .models.bundled import load
     from .quality import Recipe, machine_name, steps_for
+    from .train import load_digits_split
 
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
@@ -48,9 +49,7 @@ def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd
     labels = fd_digits_labels()
     n = len(labels)
     (xa, _), (xb, _) = _test_halves()
-    ref = digits_features(xb, clf)
-    from .train import load_digits_split
-
+    ref, feats_a = digits_features(xb, clf), digits_features(xa, clf)
     ref_train = digits_features(load_digits_split("train")[0], clf)
     t_model = load(teacher)
     s_model = load(student) if student else None
@@ -93,13 +92,12 @@ def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd
                      "class_accuracy": float(np.mean(accs)),
                      "seconds_per_block": round(secs / blocks, 3)})
     bar.close()
-    floor = fd_digits_floor(clf)
     return {"benchmark": "quality_digits", "machine": machine_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - t_start, 1),
             "teacher": teacher, "student": student, "blocks": blocks, "samples_per_block": n,
             "protocol": "FD-digits (edmrt.metrics) of each block of 197 class-conditional samples (test half A's "
                         "labels, seeds 197 b .. 197 b + 196) against test half B; mean and std over blocks",
-            "fd_digits_floor": floor, "fd_train_floor": frechet_distance(digits_features(xa, clf), ref_train),
+            "fd_digits_floor": frechet_distance(feats_a, ref), "fd_train_floor": frechet_distance(feats_a, ref_train),
             "rows": rows}
 
 

@@ -39,7 +39,7 @@ import torch
 from .models.unet import UNET_CONFIGS, EDMUNet, UNetConfig
 from .precond import EDMPrecond
 
-__all__ = ["TrainOptions", "TrainResult", "train", "load_digits_split", "SIGMA_DATA", "N_TEST", "NUM_CLASSES",
+__all__ = ["TrainOptions", "TrainResult", "train", "load_digits_split", "denoise", "SIGMA_DATA", "N_TEST", "NUM_CLASSES",
            "save_checkpoint", "save_checkpoint_folder", "load_checkpoint_folder", "export_weights"]
 
 SIGMA_DATA = 0.75
@@ -107,6 +107,15 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def denoise(net, precond, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+    """D(x; sigma) = c_skip x + c_out net(c_in x, c_noise, labels) for per-sample ``sigma`` (B,), with the
+    preconditioning's float64 coefficients cast to ``x``'s dtype (EDM Eq. 7)."""
+    c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=x.dtype)
+                                    for c in precond.coefficients(sigma.double().numpy()))
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return c_skip.view(shape) * x + c_out.view(shape) * net(c_in.view(shape) * x, c_noise, labels)
+
+
 def edm_loss(net: torch.nn.Module, precond: EDMPrecond, y: torch.Tensor, labels: torch.Tensor,
              opts: TrainOptions, g: torch.Generator) -> torch.Tensor:
     """EDM's loss (Sec. 5, Eq. 2 with Table 1's lambda and p_train) for one batch."""
@@ -114,13 +123,9 @@ def edm_loss(net: torch.nn.Module, precond: EDMPrecond, y: torch.Tensor, labels:
     rnd_normal = torch.randn(B, generator=g)
     sigma = (rnd_normal * opts.P_std + opts.P_mean).exp()
     n = torch.randn(y.shape, generator=g) * sigma[:, None, None, None]
-    c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=torch.float32)
-                                    for c in precond.coefficients(sigma.double().numpy()))
     sd = opts.sigma_data
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-    x = y + n
-    F_x = net(c_in[:, None, None, None] * x, c_noise, labels)
-    D_x = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * F_x
+    D_x = denoise(net, precond, y + n, sigma, labels)
     return (weight[:, None, None, None] * (D_x - y) ** 2).mean()
 
 
@@ -249,12 +254,8 @@ def train(opts: TrainOptions | None = None, checkpoint: str | Path | None = None
 
 def export_weights(result: TrainResult, weights: str | Path, card: dict) -> dict:
     """Write the EMA weights (safetensors) and the model card (JSON beside it, same stem); returns the card."""
-    from safetensors.torch import save_file
+    from .models.bundled import write_model
 
-    weights = Path(weights)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in result.ema.state_dict().items()}, str(weights),
-              metadata={"format": "edmrt-unet-1"})
     card = {"format": "edmrt-model-card-1", "kind": "unet", "architecture": dataclasses.asdict(result.ema.config),
             "precond": {"name": "edm", "sigma_data": result.options.sigma_data}, "sample_shape": [1, 8, 8],
             "num_classes": NUM_CLASSES, "sigma_min": 0.002, "sigma_max": 80.0,
@@ -263,5 +264,4 @@ def export_weights(result: TrainResult, weights: str | Path, card: dict) -> dict
                          "wall_time_s": round(result.seconds, 1),
                          "final_loss_mean_last_100": float(np.mean(result.losses[-100:])) if result.losses else None},
             **card}
-    weights.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
-    return card
+    return write_model(result.ema, weights, card)

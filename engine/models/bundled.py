@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "BUNDLED", "WEIGHTS_DIR", "read_card", "read_weights"]
+__all__ = ["load", "BUNDLED", "WEIGHTS_DIR", "read_card", "read_weights", "write_model"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BUNDLED = {
@@ -56,6 +56,19 @@ def read_weights(path: Path, module: torch.nn.Module, expected: str = "its model
     if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
         raise ValueError(f"{str(path)!r} holds NaN or Inf weights")
     module.load_state_dict(state, strict=True)
+
+
+def write_model(module: torch.nn.Module, weights: str | Path, card: dict, fmt: str = "edmrt-unet-1") -> dict:
+    """The inverse of ``read_weights`` + ``read_card``: ``module``'s tensors as safetensors at ``weights`` and
+    ``card`` as JSON beside it (same stem); returns the card."""
+    from safetensors.torch import save_file
+
+    weights = Path(weights)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(weights),
+              metadata={"format": fmt})
+    weights.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+    return card
 
 
 def load(name: str = "digits", root: str | Path | None = None, device: str | torch.device = "cpu"):
