@@ -6,7 +6,6 @@ plan (``edmrt.solve``, the reference executor ``edmrt.execute``).
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable, Sequence
 
 import numpy as np

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -171,12 +172,11 @@ class Engine:
 BACKEND_NAMES = ("auto", "torch", "torch-compile", "onnxruntime", "tensorrt")
 
 
-def onnx_cache_path(model: Model, dtype: str = "fp32") -> "Path":
+def onnx_cache_path(model: Model, dtype: str = "fp32") -> Path:
     """Where ``model``'s network is exported for ONNX Runtime / TensorRT: keyed by a sha256 of its weights,
     its class and config, the sample shape, the classes, the precision and the torch version."""
     import hashlib
     import os
-    from pathlib import Path
 
     net = model.network
     h = hashlib.sha256()

@@ -15,9 +15,9 @@ import logging
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ def write_results(result: dict, stem: Path, make_plot: bool = True) -> list[Path
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(result, indent=1))
     dims = sorted({r["dim"] for r in result["rows"]}, reverse=True)
-    md = [f"# Quality per NFE on the exact Gaussian mixture", "",
+    md = ["# Quality per NFE on the exact Gaussian mixture", "",
           f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}; {result['seconds']} s.", ""]
     for dim in dims:
         m = result["mixtures"][str(dim)]

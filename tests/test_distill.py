@@ -3,7 +3,6 @@ resume, the student's model card and loading, and the shipped digits-cd student'
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest

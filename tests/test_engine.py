@@ -1,8 +1,6 @@
 """The engine: static buffers, the whole loop, guidance; equals the float64 reference executor."""
-import math
 import threading
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,10 +1,8 @@
 """The fused step: torch reference, C++ core and Triton (interpreted on the CPU) against the float64
 reference executor's definition; Philox noise; the C ABI with a C++ host program."""
 import math
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
