@@ -4,8 +4,7 @@ from setuptools import setup
 
 core = Pybind11Extension(
     "edmrt._core",
-    sources=["cpp/lincomb.cpp", "cpp/philox.cpp", "cpp/step.cpp", "cpp/plan_json.cpp", "cpp/capi.cpp",
-             "cpp/bindings.cpp"],
+    sources=["cpp/philox.cpp", "cpp/step.cpp", "cpp/plan_json.cpp", "cpp/capi.cpp", "cpp/bindings.cpp"],
     include_dirs=["cpp/include"],
     cxx_std=17,
     extra_compile_args=["-O3", "-Wall", "-Wextra", "-fopenmp"],

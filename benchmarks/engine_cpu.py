@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import edmrt
-from edmrt.engine import Model, Sampler
-from edmrt.kernels.philox import philox_normal
+from edmrt import Model, Sampler
+from edmrt.kernels.philox import INITIAL_STREAM, philox_normal
 from edmrt.models.unet import build_unet
-from edmrt.quality import machine_name
+from edmrt.lab.common import machine_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,12 +29,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def loops(net, batch, steps):
     """name -> callable returning samples; all start from the same Philox noise."""
     import diffusers
-    from edmrt.peers import load_k_diffusion_sampling
+    from edmrt.lab.peers import load_k_diffusion_sampling
 
     shape = net.sample_shape
     model = Model(net, edmrt.EDMPrecond(), sample_shape=shape)
     seeds = list(range(batch))
-    noise = philox_normal(seeds, 0, shape)
+    noise = philox_normal(seeds, INITIAL_STREAM, shape)
     pre = edmrt.EDMPrecond()
     out = {}
     for backend in ("onnxruntime", "torch"):
@@ -71,7 +71,7 @@ def loops(net, batch, steps):
 
 def bare_forward(net, model, batch, backend):
     """One network evaluation through the same backend the engine used, on static buffers."""
-    from edmrt.engine import resolve_backend
+    from edmrt.backends import resolve_backend
 
     _, be = resolve_backend(backend, model, torch.device("cpu"))
     x = torch.randn(batch, *net.sample_shape)

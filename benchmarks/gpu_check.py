@@ -24,7 +24,7 @@ def engine_latency(dev, rounds: int = 5) -> dict:
         diffusers = None
 
     import edmrt
-    from edmrt.engine import Engine, Model
+    from edmrt import Engine, Model
     from edmrt.backends import TorchBackend
     from edmrt.models.unet import build_unet
 
@@ -104,7 +104,7 @@ def main() -> int:
         return 2
     import triton
 
-    from edmrt.kernels.selfcheck import compare_impls, measure_bandwidth, philox_bits_match
+    from edmrt.lab.selfcheck import compare_impls, measure_bandwidth, philox_bits_match
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(0)

@@ -1,6 +1,6 @@
 """Low-NFE comparison on the exact 64-D Gaussian mixture: edmrt's best recipe against the best peer.
 
-For each mixture seed (``edmrt.quality._mixture(64, seed)``: 8 well separated components) and each NFE
+For each mixture seed (``edmrt.lab.quality_gmm.mixture(64, seed)``: 8 well separated components) and each NFE
 budget (5, 10, 20), on held-out noise (the ``edmrt quality`` convention: 1000 samples from generator
 seed 10_000 + seed, never seen by the fit):
 
@@ -31,8 +31,9 @@ import torch
 
 import edmrt
 from edmrt.optimize import FEW_STEP_CANDIDATES
-from edmrt.peers import available_peers
-from edmrt.quality import _mixture, machine_name
+from edmrt.lab.peers import available_peers
+from edmrt.lab.common import machine_name
+from edmrt.lab.quality_gmm import mixture
 
 log = logging.getLogger("low_nfe")
 
@@ -73,7 +74,7 @@ def run(seeds, nfes, samples: int, train_samples: int, ablations: bool) -> dict:
     rows, fits = [], []
     t_start = time.perf_counter()
     for seed in seeds:
-        g = _mixture(64, seed)
+        g = mixture(64, seed)
         noise = torch.randn(samples, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(10_000 + seed))
         exact = g.ode(80.0 * noise, 80.0, 0.0)
         for nfe in nfes:
@@ -106,7 +107,7 @@ def run(seeds, nfes, samples: int, train_samples: int, ablations: bool) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 seconds=round(time.perf_counter() - t_start, 1), seeds=list(seeds), nfes=list(nfes),
                 samples=samples, train_samples=train_samples, sigma_min=0.002, sigma_max=80.0,
-                mixture="edmrt.quality._mixture(64, seed): GaussianMixture.random(K=8, D=64, seed, spread=3.0)",
+                mixture="edmrt.lab.quality_gmm.mixture(64, seed): GaussianMixture.random(K=8, D=64, seed, spread=3.0)",
                 held_out_noise="torch.Generator().manual_seed(10_000 + seed), randn(samples, 64)",
                 training_noise="optimize_schedule(seed=1): randn(train_samples, 64)", rows=rows, fits=fits)
 

@@ -18,7 +18,7 @@ import torch
 
 import edmrt
 from edmrt import kernels as Kn
-from edmrt.quality import machine_name
+from edmrt.lab.common import machine_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,7 +42,7 @@ def bytes_moved(plan, shape, stage) -> int:
 def cases(shape):
     """name -> (callable, bytes moved); each callable runs one stage (one network evaluation's worth of update)."""
     import diffusers
-    from edmrt.peers import load_k_diffusion_sampling
+    from edmrt.lab.peers import load_k_diffusion_sampling
 
     out = {}
     s = edmrt.make_sigmas("karras", 18)

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,40 +18,7 @@ namespace {
 // Check dtype, contiguity and size *before* touching a pointer: pybind11's array_t would
 // silently copy a non-contiguous or mistyped array, and a write into that copy is lost.
 template <typename T>
-void lincomb_typed(py::array out, const std::vector<double>& coeff, const std::vector<py::array>& in) {
-  const auto size = static_cast<std::size_t>(out.size());
-  std::vector<const T*> ptrs;
-  ptrs.reserve(in.size());
-  for (std::size_t t = 0; t < in.size(); ++t) {
-    const py::array& a = in[t];
-    if (!a.dtype().is(out.dtype()))
-      throw py::value_error("inputs[" + std::to_string(t) + "] must have dtype " +
-                            std::string(py::str(out.dtype())) + " like out, got " + std::string(py::str(a.dtype())));
-    if (!(a.flags() & py::array::c_style))
-      throw py::value_error("inputs[" + std::to_string(t) + "] must be C-contiguous");
-    if (static_cast<std::size_t>(a.size()) != size)
-      throw py::value_error("inputs[" + std::to_string(t) + "] must have " + std::to_string(size) +
-                            " elements like out, got " + std::to_string(a.size()));
-    ptrs.push_back(static_cast<const T*>(a.data()));
-  }
-  T* dst = static_cast<T*>(out.mutable_data());
-  py::gil_scoped_release release;
-  edmrt::lincomb<T>(dst, coeff.data(), ptrs.data(), ptrs.size(), size);
-}
-
-void lincomb(py::array out, const std::vector<double>& coeff, const std::vector<py::array>& in) {
-  if (coeff.size() != in.size())
-    throw py::value_error("coeffs must hold one value per input: " + std::to_string(in.size()) + " inputs, got " +
-                          std::to_string(coeff.size()) + " coeffs");
-  if (!(out.flags() & py::array::c_style)) throw py::value_error("out must be C-contiguous");
-  if (!out.writeable()) throw py::value_error("out must be writeable");
-  if (out.dtype().is(py::dtype::of<float>())) return lincomb_typed<float>(out, coeff, in);
-  if (out.dtype().is(py::dtype::of<double>())) return lincomb_typed<double>(out, coeff, in);
-  throw py::value_error("out must have dtype float32 or float64, got " + std::string(py::str(out.dtype())));
-}
-
-template <typename T>
-T* checked(py::array& a, const char* name, int64_t size) {
+const T* checked(const py::array& a, const char* name, int64_t size) {
   if (!a.dtype().is(py::dtype::of<T>()))
     throw py::value_error(std::string(name) + " must have dtype " + std::string(py::str(py::dtype::of<T>())) +
                           ", got " + std::string(py::str(a.dtype())));
@@ -58,13 +26,14 @@ T* checked(py::array& a, const char* name, int64_t size) {
   if (size >= 0 && a.size() != size)
     throw py::value_error(std::string(name) + " must have " + std::to_string(size) + " elements, got " +
                           std::to_string(a.size()));
-  return static_cast<T*>(a.mutable_data());
+  return static_cast<const T*>(a.data());
 }
 
 template <typename T>
 T* writable(py::array& a, const char* name, int64_t size) {
   if (!a.writeable()) throw py::value_error(std::string(name) + " must be writeable");
-  return checked<T>(a, name, size);
+  checked<T>(a, name, size);
+  return static_cast<T*>(a.mutable_data());
 }
 
 void fused_step(py::array table, int stage, py::array x, py::array x_eval, py::array F, py::array Y, py::array x_in,
@@ -99,7 +68,7 @@ void fused_step(py::array table, int stage, py::array x, py::array x_eval, py::a
 }
 
 void init_state(py::array table, double t0, double n_init, py::array seeds, py::array x, py::array x_eval,
-                py::array x_in, py::array sigma_in, int64_t batch) {
+                py::array x_in, py::array sigma_in, int64_t batch, std::optional<py::array> x0) {
   if (table.ndim() != 2 || table.shape(0) < 1) throw py::value_error("table must be 2-D with at least one stage");
   const double* tab = checked<double>(table, "table", -1);
   if (batch < 1) throw py::value_error("batch must be >= 1");
@@ -108,12 +77,13 @@ void init_state(py::array table, double t0, double n_init, py::array seeds, py::
   const bool twice = x_in.size() == 2 * total;
   if (!twice && x_in.size() != total) throw py::value_error("x_in must have batch or 2 * batch samples like x");
   const int64_t* sd = checked<int64_t>(seeds, "seeds", batch);
+  const float* p0 = x0 ? checked<float>(*x0, "x0", total) : nullptr;
   float* px = writable<float>(x, "x", total);
   float* pe = writable<float>(x_eval, "x_eval", total);
   float* pi = writable<float>(x_in, "x_in", -1);
   float* ps = writable<float>(sigma_in, "sigma_in", twice ? 2 * batch : batch);
   py::gil_scoped_release release;
-  edmrt::init_state(tab, t0, n_init, batch, total / batch, sd, px, pe, pi, twice, ps);
+  edmrt::init_state(tab, t0, n_init, batch, total / batch, sd, p0, px, pe, pi, twice, ps);
 }
 
 void randn(py::array seeds, uint32_t stream, py::array out, int64_t batch) {
@@ -149,20 +119,26 @@ py::array plan_table_from_json(const std::string& text) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "edmrt compiled core (C++17)";
-  m.def("lincomb", &lincomb, py::arg("out"), py::arg("coeffs"), py::arg("inputs"),
-        "out[i] = sum_t coeffs[t] * inputs[t][i] (float32 or float64, C-contiguous, accumulated in float64; "
-        "out may alias an input; GIL released).");
   m.def("fused_step", &fused_step, py::arg("table"), py::arg("stage"), py::arg("x"), py::arg("x_eval"), py::arg("F"),
         py::arg("Y"), py::arg("x_in"), py::arg("sigma_in"), py::arg("seeds"), py::arg("batch"),
         py::arg("guidance") = std::nan(""),
         "One plan stage on float32 CPU buffers (OpenMP, GIL released); guidance NaN = no CFG.");
   m.def("init_state", &init_state, py::arg("table"), py::arg("t0"), py::arg("n_init"), py::arg("seeds"), py::arg("x"),
-        py::arg("x_eval"), py::arg("x_in"), py::arg("sigma_in"), py::arg("batch"),
-        "x = t0 N(seed, 0) + n_init N(seed, 1); x_eval = x; x_in = c_in[0] x; sigma_in = c_noise[0].");
+        py::arg("x_eval"), py::arg("x_in"), py::arg("sigma_in"), py::arg("batch"), py::arg("x0") = py::none(),
+        "x = t0 N(seed, STREAMS['initial']) (or the given float32 x0) + n_init N(seed, STREAMS['churn']); "
+        "x_eval = x; x_in = c_in[0] x; sigma_in = c_noise[0].");
   m.def("randn", &randn, py::arg("seeds"), py::arg("stream"), py::arg("out"), py::arg("batch"),
         "Philox normal noise: out[b, i] = N(seed_b, stream, i).");
   m.def("philox", &philox, "Philox4x32-10 of one counter and key (for tests).");
   m.def("plan_table_from_json", &plan_table_from_json, py::arg("text"),
         "The C++ plan reader: the (S, 12 + K) table of a plan JSON (as the C ABI sees it).");
+  py::list columns;
+  for (int c = 0; c < edmrt::kFixedCols; ++c) columns.append(edmrt::column_name(static_cast<edmrt::Col>(c)));
+  m.attr("TABLE_COLUMNS") = columns;
   m.attr("TABLE_FIXED_COLUMNS") = static_cast<int>(edmrt::kFixedCols);
+  py::dict streams;
+  streams["initial"] = edmrt::kInitialStream;
+  streams["churn"] = edmrt::kChurnStream;
+  streams["stage0"] = edmrt::kStage0Stream;
+  m.attr("STREAMS") = streams;
 }

@@ -53,8 +53,8 @@ double edmrt_plan_sigma(const edmrt_plan* plan, int stage) {
 int edmrt_init(const edmrt_plan* plan, const int64_t* seeds, int64_t batch, int64_t per_sample, float* x,
                float* x_eval, float* x_in, float* sigma_in) {
   if (!plan || !seeds || !x || !x_eval || !x_in || !sigma_in || batch < 1 || per_sample < 1) return 1;
-  edmrt::init_state(plan->plan.table.data(), plan->plan.sigma0, plan->plan.n_init, batch, per_sample, seeds, x, x_eval,
-                    x_in, false, sigma_in);
+  edmrt::init_state(plan->plan.table.data(), plan->plan.sigma0, plan->plan.n_init, batch, per_sample, seeds, nullptr, x,
+                    x_eval, x_in, false, sigma_in);
   return 0;
 }
 

@@ -1,4 +1,4 @@
-// The fused step on the CPU: one pass over memory per network evaluation (DESIGN.md's stage).
+// The fused step on the CPU: one pass over memory per network evaluation (kernels/reference.py's stage).
 #include <algorithm>
 #include <type_traits>
 
@@ -117,8 +117,8 @@ void fused_step(const StepArgs& p) {
   });
   extra_terms(p, fused_terms, terms, bk, yk, c[7]);
   if (n != 0.0f) {
-    // Philox noise keyed by (sample seed, stage + 2, element): a second pass, only on stochastic stages.
-    const uint32_t stream = static_cast<uint32_t>(p.stage + 2);
+    // Philox noise keyed by (sample seed, stage's stream, element): a second pass, only on stochastic stages.
+    const uint32_t stream = kStage0Stream + static_cast<uint32_t>(p.stage);
     const float c_in = c[7];
 #pragma omp parallel for schedule(static) if (total > (1 << 14))
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -140,15 +140,20 @@ void fused_step(const StepArgs& p) {
 }
 
 void init_state(const double* row0, double t0, double n_init, int64_t batch, int64_t per_sample, const int64_t* seeds,
-                float* x, float* x_eval, float* x_in, bool x_in_twice, float* sigma_in) {
+                const float* x0, float* x, float* x_eval, float* x_in, bool x_in_twice, float* sigma_in) {
   const int64_t total = batch * per_sample;
-  randn(seeds, batch, per_sample, 0u, x);
+  // Initial point: the given x0, or t0 times the initial noise.
+  if (x0 != nullptr) {
+    if (x0 != x) std::copy(x0, x0 + total, x);
+  } else {
+    randn(seeds, batch, per_sample, kInitialStream, x);
+    for (int64_t i = 0; i < total; ++i) x[i] = static_cast<float>(t0) * x[i];
+  }
+  // Churn before stage 0.
   if (n_init != 0.0) {
     std::vector<float> z(static_cast<std::size_t>(total));
-    randn(seeds, batch, per_sample, 1u, z.data());
-    for (int64_t i = 0; i < total; ++i) x[i] = static_cast<float>(t0) * x[i] + static_cast<float>(n_init) * z[i];
-  } else {
-    for (int64_t i = 0; i < total; ++i) x[i] = static_cast<float>(t0) * x[i];
+    randn(seeds, batch, per_sample, kChurnStream, z.data());
+    for (int64_t i = 0; i < total; ++i) x[i] = x[i] + static_cast<float>(n_init) * z[i];
   }
   const float c_in = static_cast<float>(row0[C_IN]);
   for (int64_t i = 0; i < total; ++i) {

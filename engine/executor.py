@@ -44,8 +44,8 @@ class SeededNoise:
     """Standard normal noise keyed by (sample seed, stream): a sample's noise never depends on its batch.
 
     Counter-based Philox4x32-10 (``edmrt.kernels.philox``), the same numbers the C++ core and the
-    Triton kernel draw: plan stream k (0 = churn before stage 0, s + 1 = stage s) is Philox stream k + 1,
-    stream 0 being the initial noise.  Drawn in float32 and cast to ``dtype``.
+    Triton kernel draw: the plan's stream 0 (the churn before stage 0) is Philox's ``CHURN_STREAM``, its
+    stream s + 1 (the noise of stage s) is ``stage_stream(s)``.  Drawn in float32 and cast to ``dtype``.
     """
 
     def __init__(self, seeds: Sequence[int], sample_shape: Sequence[int], dtype: torch.dtype = torch.float64,
@@ -56,9 +56,10 @@ class SeededNoise:
         self._seeds = torch.tensor(self.seeds, dtype=torch.int64, device=self.device)
 
     def __call__(self, stream: int) -> torch.Tensor:
-        from edmrt.kernels.philox import philox_normal, stage_stream
+        from edmrt.kernels.philox import CHURN_STREAM, philox_normal, stage_stream
 
-        return philox_normal(self._seeds, stage_stream(stream), self.sample_shape, torch.float32, self.device).to(self.dtype)
+        return philox_normal(self._seeds, CHURN_STREAM if stream == 0 else stage_stream(stream - 1), self.sample_shape,
+                             torch.float32, self.device).to(self.dtype)
 
 
 def execute(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_init: torch.Tensor,
@@ -75,6 +76,7 @@ def execute(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         raise ValueError("x_init must be a floating-point torch.Tensor of shape (B, ...)")
     if plan.stochastic and noise is None:
         raise ValueError(f"plan {plan.solver!r} is stochastic (noise scales > 0): pass a noise source (seeds)")
+    from edmrt.kernels.reference import history_entry, precondition  # the stage equations, defined once
     S, K = plan.stages, plan.history
     # Host copies of the plan: Python floats, so the loop never touches device values.
     c_in, c_noise, c_skip, c_out = (getattr(plan, k).tolist() for k in ("c_in", "c_noise", "c_skip", "c_out"))
@@ -94,9 +96,9 @@ def execute(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         if not isinstance(F, torch.Tensor) or F.shape != x.shape:
             raise ValueError(f"the network must return a tensor of shape {tuple(x.shape)}, got "
                              f"{tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__} at stage {s}")
-        D = c_skip[s] * x_eval + c_out[s] * F.to(x.dtype)
+        D = precondition(c_skip[s], c_out[s], x_eval, F.to(x.dtype))
         # History entry.
-        Y[s % K] = alpha[s] * x_eval + beta[s] * D
+        Y[s % K] = history_entry(alpha[s], beta[s], x_eval, D)
         # Linear update.
         x_new = a[s] * x + e[s] * x_eval
         for k in range(min(K, s + 1)):

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from .executor import execute
-from .schedules import _check_range, check_sigmas, given, karras
+from .plan import Plan
+from .schedules import check_range, check_sigmas, given, karras
 from .solvers import build_plan, get_solver
 
 __all__ = ["OptimizedSchedule", "optimize_schedule", "FEW_STEP_CANDIDATES"]
@@ -153,9 +154,42 @@ def optimize_schedule(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     """
     if not callable(denoiser):
         raise ValueError(f"denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")
+    candidates = _check_candidates(solver, options, candidates)
+    get_solver(reference_solver)
+    nfe, samples, seed = _int("nfe", nfe, 1), _int("samples", samples, 1), _int("seed", seed, 0)
+    reference_nfe = _int("reference_nfe", reference_nfe, 2)
+    max_iter, screen_iter = _int("max_iter", max_iter, 0), _int("screen_iter", screen_iter, 0)
+    batch = _int("batch", batch, 1)
+    shape = _check_shape(shape)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    sigma_min, sigma_max = check_range(sigma_min, sigma_max)
+    jobs = _jobs(candidates, nfe, sigma_min, sigma_max, init, starts)
+
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((samples,) + shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    fit = _Fit(denoiser, sigma_max * noise, batch, sigma_min, sigma_max,
+               build_plan(reference_solver, karras(reference_nfe, sigma_min, sigma_max), None),
+               # Finite-difference step in theta: well above the denoiser's rounding (float32 models need larger).
+               diff_step=1e-6 if dtype == torch.float64 else 1e-3)
+    initial_loss = math.sqrt(fit(jobs[0], jobs[0].theta0, 0)[1])
+    # Successive halving: every job runs screen_iter iterations, the better half goes on, until one is left.
+    pool, done = [(job, job.theta0) for job in jobs], 0
+    while len(pool) > 1:
+        ranked = sorted(((job,) + fit(job, theta, screen_iter) for job, theta in pool), key=lambda r: r[2])
+        pool, done = [(job, theta) for job, theta, _ in ranked[:len(ranked) // 2]], done + screen_iter
+    job, theta = pool[0]
+    theta, mse = fit(job, theta, max(max_iter - done, 0))
+    sig = check_sigmas(_sigmas(theta, sigma_max, sigma_min))
+    return OptimizedSchedule(sigmas=[float(v) for v in sig], solver=job.solver, steps=job.steps, nfe=job.nfe,
+                             cost=fit.net.count, reference_cost=fit.reference_cost, loss=math.sqrt(mse),
+                             initial_loss=initial_loss, solves=fit.solves, options=dict(job.options))
+
+
+def _check_candidates(solver: str, options: dict, candidates) -> list[tuple[str, dict]]:
     if candidates is None:
-        candidates = [(solver, options)]
-    elif options:
+        return [(solver, options)]
+    if options:
         raise ValueError(f"pass solver options inside candidates, not as keywords, got {sorted(options)}")
     try:
         candidates = [(str(c[0]), dict(c[1])) for c in candidates]
@@ -163,23 +197,32 @@ def optimize_schedule(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Ten
         raise ValueError(f"candidates must be a sequence of (solver, options) pairs, got {candidates!r}") from None
     if not candidates:
         raise ValueError("candidates must hold at least one (solver, options) pair")
-    get_solver(reference_solver)
-    nfe = _int("nfe", nfe, 1)
-    samples = _int("samples", samples, 1)
-    seed = _int("seed", seed, 0)
-    reference_nfe = _int("reference_nfe", reference_nfe, 2)
-    max_iter = _int("max_iter", max_iter, 0)
-    screen_iter = _int("screen_iter", screen_iter, 0)
-    batch = _int("batch", batch, 1)
+    return candidates
+
+
+def _check_shape(shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError):
         raise ValueError(f"shape must be a sequence of positive integers, got {shape!r}") from None
     if not shape or any(d < 1 for d in shape):
         raise ValueError(f"shape must be a non-empty sequence of positive integers, got {shape!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    return shape
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One start of the fit: a candidate solver with its options, its step count and NFE, and the first theta."""
+
+    solver: str
+    options: dict
+    steps: int
+    nfe: int
+    theta0: np.ndarray
+
+
+def _jobs(candidates, nfe: int, sigma_min: float, sigma_max: float, init, starts) -> list[_Job]:
+    """One job per (candidate, start): Karras schedules ending at sigma_min (sigma_max / sigma_min)^f, or ``init``."""
     u_max, u_min = math.log(sigma_max), math.log(sigma_min)
     if init is None:
         try:
@@ -188,8 +231,6 @@ def optimize_schedule(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Ten
             raise ValueError(f"starts must be a sequence of fractions in [0, 1), got {starts!r}") from None
         if not fs or any(not 0.0 <= f < 1.0 for f in fs):
             raise ValueError(f"starts must be a non-empty sequence of fractions in [0, 1), got {starts!r}")
-
-    # One job per (candidate, start): (solver, options, steps, nfe, theta0).
     jobs = []
     for name, opts in candidates:
         get_solver(name)
@@ -204,63 +245,48 @@ def optimize_schedule(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Ten
             inits = [s]
         else:
             inits = [karras(steps, math.exp(u_min + f * (u_max - u_min)), sigma_max) for f in fs]
-        jobs += [(name, opts, steps, used, _theta(s, sigma_max, sigma_min)) for s in inits]
+        jobs += [_Job(name, opts, steps, used, _theta(s, sigma_max, sigma_min)) for s in inits]
+    return jobs
 
-    from scipy.optimize import least_squares
 
-    net = _Counted(denoiser)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((samples,) + shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    x_init = sigma_max * noise
-    chunks = [slice(i, i + batch) for i in range(0, samples, batch)]
+class _Fit:
+    """The references (``reference`` solved by the model itself) and the least-squares fit of a job against them;
+    counts network evaluations (``net.count``) and few-step solves (``solves``)."""
 
-    def run(p) -> torch.Tensor:
+    def __init__(self, denoiser, x_init: torch.Tensor, batch: int, sigma_min: float, sigma_max: float,
+                 reference: Plan, diff_step: float):
+        self.net = _Counted(denoiser)
+        self.x_init, self.sigma_min, self.sigma_max, self.diff_step = x_init, sigma_min, sigma_max, diff_step
+        self.chunks = [slice(i, i + batch) for i in range(0, x_init.shape[0], batch)]
+        self.x_ref = self.run(reference)
+        self.reference_cost = self.net.count
+        if not bool(torch.isfinite(self.x_ref).all()):
+            raise FloatingPointError("the reference solve produced NaN or Inf: check the denoiser")
+        self.scale = 1.0 / math.sqrt(self.x_ref.numel())
+        self.bad = np.full(self.x_ref.numel(), 1e3 * self.scale)
+        self.solves = 0
+
+    def run(self, p: Plan) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([execute(p, net, x_init[c]) for c in chunks]).double()
+            return torch.cat([execute(p, self.net, self.x_init[c]) for c in self.chunks]).double()
 
-    x_ref = run(build_plan(reference_solver, karras(reference_nfe, sigma_min, sigma_max), None))
-    reference_cost = net.count
-    if not bool(torch.isfinite(x_ref).all()):
-        raise FloatingPointError("the reference solve produced NaN or Inf: check the denoiser")
+    def residuals(self, job: _Job, theta: np.ndarray) -> np.ndarray:
+        """Endpoint error / sqrt(samples * size): its squared norm is the MSE."""
+        self.solves += 1
+        try:
+            p = build_plan(job.solver, _sigmas(theta, self.sigma_max, self.sigma_min), None, **job.options)
+        except ValueError:  # two sigmas merged at float precision
+            return self.bad
+        r = ((self.run(p) - self.x_ref) * self.scale).reshape(-1).cpu().numpy()
+        return r if np.all(np.isfinite(r)) else self.bad
 
-    scale = 1.0 / math.sqrt(x_ref.numel())
-    bad = np.full(x_ref.numel(), 1e3 * scale)
-    solves = 0
-    # Finite-difference step in theta: well above the denoiser's rounding (float32 models need larger).
-    diff_step = 1e-6 if dtype == torch.float64 else 1e-3
-
-    def fit(job, theta0: np.ndarray, iters: int) -> tuple[np.ndarray, float]:
+    def __call__(self, job: _Job, theta0: np.ndarray, iters: int) -> tuple[np.ndarray, float]:
         """Least squares from theta0; returns theta and the training MSE."""
-        name, opts = job[0], job[1]
-
-        def residuals(theta: np.ndarray) -> np.ndarray:
-            """Endpoint error / sqrt(samples * size): its squared norm is the MSE."""
-            nonlocal solves
-            solves += 1
-            try:
-                p = build_plan(name, _sigmas(theta, sigma_max, sigma_min), None, **opts)
-            except ValueError:  # two sigmas merged at float precision
-                return bad
-            r = ((run(p) - x_ref) * scale).reshape(-1).cpu().numpy()
-            return r if np.all(np.isfinite(r)) else bad
+        from scipy.optimize import least_squares
 
         if theta0.size == 0 or iters == 0:
-            r = residuals(theta0)
+            r = self.residuals(job, theta0)
             return theta0, float(r @ r)
-        res = least_squares(residuals, theta0, method="trf", diff_step=diff_step, max_nfev=iters, x_scale=1.0,
-                            ftol=1e-3, xtol=1e-10, gtol=1e-10)
+        res = least_squares(lambda theta: self.residuals(job, theta), theta0, method="trf", diff_step=self.diff_step,
+                            max_nfev=iters, x_scale=1.0, ftol=1e-3, xtol=1e-10, gtol=1e-10)
         return res.x, 2.0 * float(res.cost)
-
-    initial_loss = math.sqrt(fit(jobs[0], jobs[0][4], 0)[1])
-    # Successive halving: every job runs screen_iter iterations, the better half goes on, until one is left.
-    pool, done = [(job, job[4]) for job in jobs], 0
-    while len(pool) > 1:
-        ranked = sorted(((job,) + fit(job, theta, screen_iter) for job, theta in pool), key=lambda r: r[2])
-        pool, done = [(job, theta) for job, theta, _ in ranked[:len(ranked) // 2]], done + screen_iter
-    job, theta = pool[0]
-    theta, mse = fit(job, theta, max(max_iter - done, 0))
-    name, opts, steps, used = job[:4]
-    sig = check_sigmas(_sigmas(theta, sigma_max, sigma_min))
-    return OptimizedSchedule(sigmas=[float(v) for v in sig], solver=name, steps=steps, nfe=used, cost=net.count,
-                             reference_cost=reference_cost, loss=math.sqrt(mse), initial_loss=initial_loss,
-                             solves=solves, options=dict(opts))

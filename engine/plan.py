@@ -1,6 +1,6 @@
 """The coefficient plan: a sampler, decided once on the host in float64.
 
-Stage ``s`` of a plan is one network evaluation (``../shared/DESIGN.md``)::
+Stage ``s`` of a plan is one network evaluation (docs/ARCHITECTURE.md; ``edmrt.kernels.reference`` executes it)::
 
     x_in  = c_in[s] * x_eval
     F     = net(x_in, c_noise[s])

@@ -7,6 +7,7 @@ arguments and raises ``ValueError`` naming the argument and its allowed range.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential",
-    "given", "get_schedule", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas",
+    "given", "make_sigmas", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
 ]
 
 
@@ -38,7 +39,8 @@ def _check_positive(name: str, value) -> float:
     return v
 
 
-def _check_range(sigma_min, sigma_max) -> tuple[float, float]:
+def check_range(sigma_min, sigma_max) -> tuple[float, float]:
+    """(sigma_min, sigma_max) as floats with 0 < sigma_min < sigma_max < inf, or ValueError naming the one that is not."""
     lo = _check_positive("sigma_min", sigma_min)
     hi = _check_positive("sigma_max", sigma_max)
     if lo >= hi:
@@ -79,7 +81,7 @@ def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: f
     """EDM time steps, Karras et al. (2022) Eq. 5:
     t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, t_N = 0."""
     n = _check_steps(steps)
-    lo, hi = _check_range(sigma_min, sigma_max)
+    lo, hi = check_range(sigma_min, sigma_max)
     rho = _check_positive("rho", rho)
     inv = 1.0 / rho
     t = (hi ** inv + _ramp(n) * (lo ** inv - hi ** inv)) ** rho
@@ -114,7 +116,7 @@ def vp(steps: int, sigma_min: float | None = None, sigma_max: float | None = Non
         raise ValueError(f"eps_s must be in (0, 1), got {eps_s!r}")
     t_max, t_min = 1.0, eps_s
     if sigma_min is not None or sigma_max is not None:
-        lo, hi = _check_range(vp_sigma(t_min, beta_d, beta_min) if sigma_min is None else sigma_min,
+        lo, hi = check_range(vp_sigma(t_min, beta_d, beta_min) if sigma_min is None else sigma_min,
                               vp_sigma(t_max, beta_d, beta_min) if sigma_max is None else sigma_max)
         t_min, t_max = float(vp_sigma_inv(lo, beta_d, beta_min)), float(vp_sigma_inv(hi, beta_d, beta_min))
     t = t_max + _ramp(n) * (t_min - t_max)
@@ -124,7 +126,7 @@ def vp(steps: int, sigma_min: float | None = None, sigma_max: float | None = Non
 def ve(steps: int, sigma_min: float = 0.02, sigma_max: float = 100.0) -> np.ndarray:
     """VE time steps, Karras et al. (2022) Table 1: t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)), sigma = sqrt(t)."""
     n = _check_steps(steps)
-    lo, hi = _check_range(sigma_min, sigma_max)
+    lo, hi = check_range(sigma_min, sigma_max)
     t = hi ** 2 * (lo ** 2 / hi ** 2) ** _ramp(n)
     return _append_zero(np.sqrt(t))
 
@@ -153,7 +155,7 @@ def iddpm(steps: int, sigma_min: float = 0.002, sigma_max: float = 81.0, C_1: fl
     a diffusers ``alphas_cumprod``) instead of iDDPM's cosine levels.
     """
     n = _check_steps(steps)
-    lo, hi = _check_range(sigma_min, sigma_max)
+    lo, hi = check_range(sigma_min, sigma_max)
     if model_sigmas is None:
         u = iddpm_sigmas(C_1, C_2, M)
     else:
@@ -171,14 +173,14 @@ def iddpm(steps: int, sigma_min: float = 0.002, sigma_max: float = 81.0, C_1: fl
 def linear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> np.ndarray:
     """Linear in sigma: t_i = sigma_max + i/(N-1) (sigma_min - sigma_max)."""
     n = _check_steps(steps)
-    lo, hi = _check_range(sigma_min, sigma_max)
+    lo, hi = check_range(sigma_min, sigma_max)
     return _append_zero(hi + _ramp(n) * (lo - hi))
 
 
 def loglinear(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> np.ndarray:
     """Linear in log sigma (k-diffusion's "exponential"): ln t_i = ln sigma_max + i/(N-1) (ln sigma_min - ln sigma_max)."""
     n = _check_steps(steps)
-    lo, hi = _check_range(sigma_min, sigma_max)
+    lo, hi = check_range(sigma_min, sigma_max)
     return _append_zero(np.exp(math.log(hi) + _ramp(n) * (math.log(lo) - math.log(hi))))
 
 
@@ -186,7 +188,7 @@ def polyexponential(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.
     """Polynomial in log sigma (k-diffusion's "polyexponential"):
     ln t_i = ln sigma_min + (1 - i/(N-1))^rho (ln sigma_max - ln sigma_min); rho = 1 is ``loglinear``."""
     n = _check_steps(steps)
-    lo, hi = _check_range(sigma_min, sigma_max)
+    lo, hi = check_range(sigma_min, sigma_max)
     rho = _check_positive("rho", rho)
     return _append_zero(np.exp(math.log(lo) + (1.0 - _ramp(n)) ** rho * (math.log(hi) - math.log(lo))))
 
@@ -229,9 +231,17 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def get_schedule(name: str) -> Callable[..., np.ndarray]:
-    """Look a schedule up by name; an unknown name raises ``ValueError`` listing the known ones."""
-    try:
-        return SCHEDULES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)} or an explicit list of sigmas") from None
+def make_sigmas(schedule, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
+    """A schedule by name (``SCHEDULES``, given the range and rho where it takes them) or an explicit list of
+    sigmas (``given``: used as it is, or interpolated log-linearly to ``steps`` levels)."""
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a list of sigmas")
+        fn = SCHEDULES[schedule]
+        params = inspect.signature(fn).parameters
+        kw = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if k in params}
+        return fn(steps, **kw)
+    if isinstance(schedule, (Sequence, np.ndarray)) or hasattr(schedule, "tolist"):  # a list, an array, a tensor
+        values = schedule.tolist() if hasattr(schedule, "tolist") else schedule
+        return given(steps, np.asarray(values, dtype=np.float64))
+    raise ValueError(f"schedule must be a name in {sorted(SCHEDULES)} or a list of sigmas, got {type(schedule).__name__}")

@@ -1,15 +1,7 @@
 """ONNX export of a denoiser network F(x_in, c_noise[, class_labels]) with a dynamic batch, verified in ONNX Runtime.
 
-The declared signature of every edmrt ONNX file (what ``load_onnx_session`` checks and the backends bind):
-
-=============  =============================  ==========================================================
-name           shape                          dtype
-=============  =============================  ==========================================================
-x_in           (B, C, H, W)                   float32 (float16 accepted from foreign files)
-c_noise        (B,)                           float32 (float16 accepted from foreign files)
-class_labels   (B,), only when conditional    int64, in [0, num_classes]; num_classes is the null label
-F              (B, C, H, W)  (output)         x_in's dtype
-=============  =============================  ==========================================================
+The file has the declared signature of every edmrt ONNX file (x_in, c_noise[, class_labels] -> F;
+``edmrt.backends.ort`` defines and checks it, and runs the file).
 
 ``dtype="fp16"`` keeps that float32 I/O and runs the network inside in float16 (``EDMUNet.to_fp16``:
 convolutions, linear maps and the label embedding in float16; GroupNorm, the softmax of attention and
@@ -38,16 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from edmrt.backends.ort import INPUT_NAMES, OUTPUT_NAME, load_onnx_session
+
 log = logging.getLogger("edmrt.export")
 
-__all__ = ["export_onnx", "load_onnx_session", "check_onnx_signature", "OnnxReport", "ExportVerificationError",
-           "TOLERANCE", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES"]
+__all__ = ["export_onnx", "OnnxReport", "ExportVerificationError", "TOLERANCE"]
 
-INPUT_NAMES = ("x_in", "c_noise", "class_labels")
-OUTPUT_NAME = "F"
-# ONNX Runtime's type strings and the torch dtypes they bind to.
-ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
-_FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 _DTYPES = ("fp32", "fp16")
 
 # Verification bound, relative to the output's scale max|F_torch| (floored at 1):
@@ -149,9 +137,42 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
                     ``edmrt sample --onnx`` checks against the model it samples)
     ==============  ==============================================================================
     """
-    import onnx
-
     t0 = time.perf_counter()
+    sample_shape, num_classes, verify_batches = _check_args(net, sample_shape, num_classes, dtype, batch, opset,
+                                                            verify, verify_batches)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = net.training
+    net.eval()
+    try:
+        _trace(net, path, sample_shape, num_classes, dtype, batch, opset, gen)
+        if simplify:
+            _simplify(path)
+        opset_used = _write_metadata(path, {**{k: str(v) for k, v in (metadata or {}).items()},
+                                            "num_classes": str(num_classes),
+                                            "sample_shape": ",".join(map(str, sample_shape)), "dtype": dtype})
+        session = load_onnx_session(path, providers=["CPUExecutionProvider"], conditional=num_classes > 0)
+        inputs, outputs = _describe(session.get_inputs()), _describe(session.get_outputs())
+        max_err = tol = None
+        if verify:
+            try:
+                max_err, tol = _verify(session, net, sample_shape, num_classes, dtype, verify_batches, gen)
+            except ExportVerificationError as exc:
+                del session
+                path.unlink()  # a file that failed its check must not be picked up later (by a cache, an engine)
+                raise ExportVerificationError(f"{exc}; {path} removed") from None
+    finally:
+        net.train(was_training)
+    report = OnnxReport(path=str(path), inputs=inputs, outputs=outputs, max_abs_err=max_err, tolerance=tol,
+                        seconds=time.perf_counter() - t0, opset=opset_used, dtype=dtype,
+                        verified_batches=verify_batches if verify else ())
+    log.info("exported %s (%s, opset %d) in %.1f s, max abs err %s", path, dtype, opset_used, report.seconds, max_err)
+    return report
+
+
+def _check_args(net, sample_shape, num_classes, dtype, batch, opset, verify, verify_batches):
+    """(sample_shape, num_classes, verify_batches) checked, defaults filled from the net; ValueError otherwise."""
     if not isinstance(net, nn.Module):
         raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
     if dtype not in _DTYPES:
@@ -176,99 +197,83 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
     verify_batches = tuple(int(b) for b in verify_batches)
     if verify and (not verify_batches or batch in verify_batches or min(verify_batches) < 1):
         raise ValueError(f"verify_batches must be sizes >= 1 other than the export batch {batch}, got {verify_batches}")
-    conditional = num_classes > 0
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     if device.type != "cpu":
         raise ValueError(f"export_onnx traces on the CPU: move the net there first (it is on {device})")
+    return sample_shape, num_classes, verify_batches
 
-    was_training = net.training
-    net.eval()
+
+def _trace(net: nn.Module, path: Path, sample_shape, num_classes: int, dtype: str, batch: int, opset, gen) -> None:
+    """torch.onnx.export(dynamo=True) of the net (float32, or a float16 copy with float32 I/O), batch symbolic."""
+    conditional = num_classes > 0
+    if dtype == "fp16":
+        half = copy.deepcopy(net)
+        traced = half.to_fp16() if hasattr(half, "to_fp16") else _HalfInside(half)
+    else:
+        traced = net
+    module = _Signature(traced, conditional).eval()
+    x_in, c_noise, labels = _inputs(batch, sample_shape, num_classes, gen)
+    args = (x_in, c_noise) + ((labels,) if conditional else ())
+    B = torch.export.Dim("batch", min=1, max=4096)
+    nbytes = sum(p.numel() * p.element_size() for p in traced.parameters())
+    # The exporter warns about every torchvision op it cannot register (torchvision is not installed, by
+    # design) and about deprecations of its own: neither concerns this model.
+    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
     try:
-        # The module to trace: float32, or a float16 copy with float32 I/O.
-        if dtype == "fp16":
-            half = copy.deepcopy(net)
-            traced = half.to_fp16() if hasattr(half, "to_fp16") else _HalfInside(half)
-        else:
-            traced = net
-        module = _Signature(traced, conditional).eval()
-        gen = torch.Generator().manual_seed(seed)
-        x_in, c_noise, labels = _inputs(batch, sample_shape, num_classes, gen)
-        args = (x_in, c_noise) + ((labels,) if conditional else ())
-        names = list(INPUT_NAMES[:len(args)])
-        B = torch.export.Dim("batch", min=1, max=4096)
-        dynamic_shapes = tuple({0: B} for _ in args)
-        nbytes = sum(p.numel() * p.element_size() for p in traced.parameters())
-        # The exporter warns about every torchvision op it cannot register (torchvision is not installed, by
-        # design) and about deprecations of its own: neither concerns this model.
-        noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
-        level = noisy.level
-        noisy.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=[OUTPUT_NAME],
-                                  dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
-                                  external_data=nbytes > 1_800_000_000, optimize=True)
-        finally:
-            noisy.setLevel(level)
-
-        if simplify:
-            _simplify(path)
-        # Metadata for loaders (an engine reads the sample shape and classes from the file).  External data, if
-        # any, is not loaded: the proto keeps its references to the weights file beside it.
-        model = onnx.load(str(path), load_external_data=False)
-        del model.metadata_props[:]
-        extra = {f"edmrt.{k}": str(v) for k, v in (metadata or {}).items()}
-        for k, v in {**extra, "edmrt.num_classes": str(num_classes),
-                     "edmrt.sample_shape": ",".join(map(str, sample_shape)), "edmrt.dtype": dtype}.items():
-            model.metadata_props.add(key=k, value=v)
-        onnx.save(model, str(path))
-        opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
-
-        session = load_onnx_session(path, providers=["CPUExecutionProvider"], conditional=conditional)
-        def describe(args):  # name -> (shape with "batch" for the symbolic axis, type)
-            return {a.name: (tuple(d if isinstance(d, int) else "batch" for d in a.shape), a.type) for a in args}
-
-        inputs, outputs = describe(session.get_inputs()), describe(session.get_outputs())
-
-        max_err = tol = None
-        try:
-            if verify:
-                max_err, scale = 0.0, 0.0
-                for b in verify_batches:
-                    x_in, c_noise, labels = _inputs(b, sample_shape, num_classes, gen)
-                    with torch.no_grad():
-                        ref = net(x_in, c_noise, labels) if conditional else net(x_in, c_noise)
-                    feed = {"x_in": x_in.numpy(), "c_noise": c_noise.numpy()}
-                    if conditional:
-                        feed["class_labels"] = labels.numpy()
-                    got = session.run([OUTPUT_NAME], feed)[0]
-                    if got.shape != tuple(ref.shape):
-                        raise ExportVerificationError(f"ONNX output at batch {b} has shape {got.shape}, "
-                                                      f"torch {tuple(ref.shape)}")
-                    if not np.all(np.isfinite(got)):
-                        raise ExportVerificationError(f"ONNX output at batch {b} ({dtype}) contains NaN or Inf")
-                    max_err = max(max_err, float(np.abs(got.astype(np.float64) - ref.double().numpy()).max()))
-                    scale = max(scale, float(ref.abs().max()))
-                tol = TOLERANCE[dtype] * max(1.0, scale)
-                if not max_err <= tol:
-                    raise ExportVerificationError(
-                        f"ONNX Runtime output differs from torch by max abs {max_err:.3e} > tolerance {tol:.3e} "
-                        f"({dtype}: {TOLERANCE[dtype]:g} x max(1, max|F| = {scale:.3g})) at batch sizes {verify_batches}")
-        except ExportVerificationError as exc:
-            del session
-            path.unlink()  # a file that failed its check must not be picked up later (by a cache, an engine)
-            raise ExportVerificationError(f"{exc}; {path} removed") from None
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), dynamo=True, input_names=list(INPUT_NAMES[:len(args)]),
+                              output_names=[OUTPUT_NAME], dynamic_shapes=tuple({0: B} for _ in args),
+                              opset_version=opset, verbose=False, external_data=nbytes > 1_800_000_000, optimize=True)
     finally:
-        net.train(was_training)
+        noisy.setLevel(level)
 
-    report = OnnxReport(path=str(path), inputs=inputs, outputs=outputs, max_abs_err=max_err, tolerance=tol,
-                        seconds=time.perf_counter() - t0, opset=opset_used, dtype=dtype,
-                        verified_batches=verify_batches if verify else ())
-    log.info("exported %s (%s, opset %d) in %.1f s, max abs err %s", path, dtype, opset_used, report.seconds, max_err)
-    return report
+
+def _write_metadata(path: Path, entries: dict) -> int:
+    """Store ``entries`` as ``edmrt.KEY`` metadata (loaders read the sample shape and classes from the file); returns
+    the opset.  External data, if any, is not loaded: the proto keeps its references to the weights file beside it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    for k, v in entries.items():
+        model.metadata_props.add(key=f"edmrt.{k}", value=v)
+    onnx.save(model, str(path))
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def _describe(args) -> dict:
+    """name -> (shape with "batch" for the symbolic axis, type) of ONNX Runtime's inputs or outputs."""
+    return {a.name: (tuple(d if isinstance(d, int) else "batch" for d in a.shape), a.type) for a in args}
+
+
+def _verify(session, net: nn.Module, sample_shape, num_classes: int, dtype: str, batches, gen) -> tuple[float, float]:
+    """(max abs error, bound) of the file against the float32 torch net on fresh inputs at ``batches``;
+    ExportVerificationError beyond ``TOLERANCE[dtype]`` x max(1, max|F|) or on a wrong shape or NaN."""
+    conditional = num_classes > 0
+    max_err, scale = 0.0, 0.0
+    for b in batches:
+        x_in, c_noise, labels = _inputs(b, sample_shape, num_classes, gen)
+        with torch.no_grad():
+            ref = net(x_in, c_noise, labels) if conditional else net(x_in, c_noise)
+        feed = {"x_in": x_in.numpy(), "c_noise": c_noise.numpy()}
+        if conditional:
+            feed["class_labels"] = labels.numpy()
+        got = session.run([OUTPUT_NAME], feed)[0]
+        if got.shape != tuple(ref.shape):
+            raise ExportVerificationError(f"ONNX output at batch {b} has shape {got.shape}, torch {tuple(ref.shape)}")
+        if not np.all(np.isfinite(got)):
+            raise ExportVerificationError(f"ONNX output at batch {b} ({dtype}) contains NaN or Inf")
+        max_err = max(max_err, float(np.abs(got.astype(np.float64) - ref.double().numpy()).max()))
+        scale = max(scale, float(ref.abs().max()))
+    tol = TOLERANCE[dtype] * max(1.0, scale)
+    if not max_err <= tol:
+        raise ExportVerificationError(
+            f"ONNX Runtime output differs from torch by max abs {max_err:.3e} > tolerance {tol:.3e} "
+            f"({dtype}: {TOLERANCE[dtype]:g} x max(1, max|F| = {scale:.3g})) at batch sizes {tuple(batches)}")
+    return max_err, tol
 
 
 def _simplify(path: Path) -> None:
@@ -284,106 +289,3 @@ def _simplify(path: Path) -> None:
         onnx.save(onnxslim.slim(str(path)), str(path))
     except Exception as exc:  # an optional optimisation: keep the exporter's file, say why
         log.warning("onnxslim failed on %s (%s: %s); keeping the unsimplified file", path, type(exc).__name__, exc)
-
-
-def check_onnx_signature(inputs, outputs, conditional: bool | None = None) -> bool:
-    """Check ONNX Runtime's ``get_inputs()`` / ``get_outputs()`` against the declared signature (module docstring).
-
-    Returns whether the model is conditional (has ``class_labels``); raises ValueError naming the first mismatch.
-    """
-    ins = {i.name: i for i in inputs}
-    outs = {o.name: o for o in outputs}
-    expected = ["x_in", "c_noise"] + (["class_labels"] if "class_labels" in ins else [])
-    if list(ins) != expected or (set(ins) - set(INPUT_NAMES)):
-        raise ValueError(f"ONNX inputs must be named {list(INPUT_NAMES[:2])} (+ 'class_labels' when conditional), "
-                         f"in that order; got {list(ins)}")
-    if list(outs) != [OUTPUT_NAME]:
-        raise ValueError(f"ONNX outputs must be [{OUTPUT_NAME!r}], got {list(outs)}")
-    has_labels = "class_labels" in ins
-    if conditional is not None and bool(conditional) != has_labels:
-        raise ValueError(f"expected a {'conditional' if conditional else 'unconditional'} model, but the ONNX file "
-                         f"{'has' if has_labels else 'lacks'} the input 'class_labels'")
-    rules = [("x_in", ins["x_in"], 4, _FLOAT_TYPES), ("c_noise", ins["c_noise"], 1, _FLOAT_TYPES),
-             ("F", outs[OUTPUT_NAME], 4, _FLOAT_TYPES)]
-    if has_labels:
-        rules.append(("class_labels", ins["class_labels"], 1, ("tensor(int64)",)))
-    for name, arg, rank, types in rules:
-        if len(arg.shape) != rank:
-            raise ValueError(f"ONNX {name!r} must have rank {rank}, got shape {list(arg.shape)}")
-        if arg.type not in types:
-            raise ValueError(f"ONNX {name!r} must have type {' or '.join(types)}, got {arg.type}")
-    x, f = ins["x_in"], outs[OUTPUT_NAME]
-    if f.type != x.type:
-        raise ValueError(f"ONNX output 'F' must have x_in's type {x.type}, got {f.type}")
-    for k in (1, 2, 3):
-        if isinstance(x.shape[k], int) and isinstance(f.shape[k], int) and x.shape[k] != f.shape[k]:
-            raise ValueError(f"ONNX output 'F' must have x_in's shape, got {list(f.shape)} for x_in {list(x.shape)}")
-    return has_labels
-
-
-@dataclass(frozen=True)
-class _Arg:
-    """An ONNX graph input/output described like ONNX Runtime's ``NodeArg`` (name, shape, type string)."""
-
-    name: str
-    shape: tuple
-    type: str
-
-
-def _graph_args(values, skip) -> list[_Arg]:
-    import onnx
-
-    args = []
-    for v in values:
-        if v.name in skip:  # initializers listed as inputs (IR < 4) are weights, not inputs
-            continue
-        t = v.type.tensor_type
-        elem = onnx.helper.tensor_dtype_to_string(t.elem_type).removeprefix("TensorProto.").lower() if t.elem_type else "?"
-        type_str = "tensor(float)" if elem == "float" else f"tensor({elem})"
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-        args.append(_Arg(v.name, shape, type_str))
-    return args
-
-
-def default_providers() -> list[str]:
-    import onnxruntime as ort
-
-    avail = ort.get_available_providers()
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
-
-
-def load_onnx_session(path, providers=None, conditional: bool | None = None, sess_options=None):
-    """An ``onnxruntime.InferenceSession`` on ``path`` after checking the file and its signature.
-
-    Raises ValueError when the file is missing, is not a valid ONNX model (truncated, corrupt), the session
-    cannot be built, or its inputs/outputs are not the declared ones (names, ranks, types; see the module
-    docstring).  ``providers``: default CUDA (when this onnxruntime build has it) then CPU; ``conditional``:
-    True/False also requires/forbids ``class_labels``.
-    """
-    import onnx
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"ONNX file {str(path)!r} does not exist")
-    try:
-        onnx.checker.check_model(str(path))  # parses the file (protobuf), checks the graph; by path: > 2 GB works
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:  # DecodeError, ValidationError, ...: all mean "not a usable ONNX file"
-        raise ValueError(f"{str(path)!r} is not a valid ONNX model (truncated or corrupt?): "
-                         f"{type(exc).__name__}: {str(exc).strip()[:300]}") from None
-    # The signature first, from the file itself: a mismatch is named as such, not as a runtime load error.
-    check_onnx_signature(_graph_args(graph.input, {t.name for t in graph.initializer}), _graph_args(graph.output, ()),
-                         conditional)
-    avail = ort.get_available_providers()
-    providers = default_providers() if providers is None else list(providers)
-    for p in providers:
-        name = p[0] if isinstance(p, tuple) else p
-        if name not in avail:
-            raise ValueError(f"ONNX Runtime provider {name!r} is not available in this build; available: {avail}")
-    try:
-        session = ort.InferenceSession(str(path), sess_options=sess_options, providers=providers)
-    except Exception as exc:
-        raise ValueError(f"ONNX Runtime cannot load {str(path)!r}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
-    check_onnx_signature(session.get_inputs(), session.get_outputs(), conditional)
-    return session

@@ -24,28 +24,14 @@ from typing import Callable
 
 import torch
 
+from edmrt.backends.trt import import_tensorrt
+
 log = logging.getLogger("edmrt.tensorrt")
 
-__all__ = ["Profile", "EngineCache", "build_engine", "TensorRTBackend", "tensorrt_available", "CACHE_FORMAT"]
+__all__ = ["Profile", "EngineCache", "build_engine", "CACHE_FORMAT"]
 
 CACHE_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def _trt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise RuntimeError("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU)") from None
-    return trt
 
 
 @dataclass(frozen=True)
@@ -74,7 +60,7 @@ def _sha256_file(path: Path) -> str:
 
 def build_engine(onnx_path: Path, profile: Profile, precision: str, timing_cache: Path | None = None) -> bytes:
     """Build a serialised TensorRT engine from an ONNX file (through the API, never a shell command)."""
-    trt = _trt()
+    trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -122,7 +108,7 @@ class EngineCache:
     @property
     def trt_version(self) -> str:
         if self._trt_version is None:
-            self._trt_version = _trt().__version__
+            self._trt_version = import_tensorrt().__version__
         return self._trt_version
 
     @property
@@ -183,37 +169,3 @@ class EngineCache:
         if m.get("engine_sha256") != _sha256_file(engine):
             return "engine file does not match its recorded sha256 (corrupt or replaced)"
         return None
-
-
-class TensorRTBackend:
-    """Runs a serialised engine on torch's current CUDA stream; ``backend(x_in, c_noise, labels, out)``."""
-
-    def __init__(self, engine_path: str | os.PathLike):
-        trt = _trt()
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise ValueError(f"TensorRT could not deserialise {engine_path}")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        missing = {"x_in", "c_noise", "F"} - set(names)
-        if missing:
-            raise ValueError(f"engine {engine_path} lacks I/O tensors {sorted(missing)}; has {names}")
-        self.conditional = "class_labels" in names
-
-    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None, out: torch.Tensor) -> None:
-        if x_in.device.type != "cuda" or out.device.type != "cuda":
-            raise ValueError("TensorRTBackend needs CUDA tensors")
-        ctx = self.context
-        ctx.set_input_shape("x_in", tuple(x_in.shape))
-        ctx.set_tensor_address("x_in", x_in.data_ptr())
-        ctx.set_input_shape("c_noise", tuple(c_noise.reshape(-1).shape))
-        ctx.set_tensor_address("c_noise", c_noise.data_ptr())
-        if self.conditional:
-            if labels is None:
-                raise ValueError("this engine is class-conditional: labels are required")
-            ctx.set_input_shape("class_labels", tuple(labels.shape))
-            ctx.set_tensor_address("class_labels", labels.data_ptr())
-        ctx.set_tensor_address("F", out.data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")

@@ -8,7 +8,9 @@ maps the first two words to a normal variate by Box-Muller:
     u_i = float32(int32(w_i) < 0 ? ~int32(w_i) : int32(w_i)) * 4.6566127342e-10,
     z = sqrt(-2 ln max(u_1, 1e-7)) cos(2 pi u_2).
 
-Streams: 0 is the initial noise, 1 the churn before the first stage, s + 2 the noise of stage s.
+Streams, defined here once (the C++ core's kInitialStream, kChurnStream, kStage0Stream equal them, and the
+Triton kernels receive them as constexpr arguments): ``INITIAL_STREAM`` is the initial noise, ``CHURN_STREAM``
+the churn before stage 0, ``stage_stream(s)`` the noise of stage s.
 The integers agree bit for bit across torch, C++ and Triton; normal variates within float32 rounding.
 """
 from __future__ import annotations
@@ -17,17 +19,22 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["philox4x32", "uniform_from_uint32", "normal_from_uint32", "philox_normal", "INIT_STREAM", "stage_stream"]
+__all__ = ["philox4x32", "uniform_from_uint32", "normal_from_uint32", "philox_normal", "INITIAL_STREAM", "CHURN_STREAM",
+           "STAGE0_STREAM", "stage_stream"]
 
 M0, M1 = 0xD2511F53, 0xCD9E8D57          # round multipliers
 W0, W1 = 0x9E3779B9, 0xBB67AE85          # Weyl key increments
 _MASK32 = 0xFFFFFFFF
-INIT_STREAM = 0
+
+# Philox streams.
+INITIAL_STREAM = 0                       # x_init = t0 N(seed, INITIAL_STREAM)
+CHURN_STREAM = 1                         # the churn before stage 0
+STAGE0_STREAM = 2                        # the noise of stage 0
 
 
-def stage_stream(plan_stream: int) -> int:
-    """Philox stream of a plan noise stream (plan: 0 = churn before stage 0, s + 1 = stage s)."""
-    return plan_stream + 1
+def stage_stream(stage: int) -> int:
+    """Philox stream of the noise of stage ``stage``."""
+    return STAGE0_STREAM + stage
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:

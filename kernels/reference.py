@@ -3,9 +3,9 @@
 Per element and stage s, with the plan's row r = table[s] (see ``table.py``):
 
     F     = F_u + w (F_c - F_u)              (classifier-free guidance; otherwise F)
-    D     = c_skip x_eval + c_out F
-    Y[s % K] = alpha x_eval + beta D
-    x_new = a x + e x_eval + sum_{k <= s} b_k Y[(s - k) % K] + n N(seed, s + 2, i)
+    D     = c_skip x_eval + c_out F          (``precondition``, EDM Eq. 7)
+    Y[s % K] = alpha x_eval + beta D         (``history_entry``)
+    x_new = a x + e x_eval + sum_{k <= s} b_k Y[(s - k) % K] + n N(seed, stage_stream(s), i)
     x_eval = x_new;  x = x_new if commit;  x_in = c_in_next x_new (both halves with guidance);  sigma_in = c_noise_next
 
 Memory traffic per element (float32 state, F in bytes f, history depth K, guidance g in {0, 1}): reads
@@ -17,10 +17,20 @@ from __future__ import annotations
 
 import torch
 
-from .philox import philox_normal
+from .philox import CHURN_STREAM, INITIAL_STREAM, philox_normal, stage_stream
 from .table import COL, FIXED
 
-__all__ = ["fused_step_reference", "init_state_reference", "bytes_moved"]
+__all__ = ["precondition", "history_entry", "fused_step_reference", "init_state_reference", "bytes_moved"]
+
+
+def precondition(c_skip, c_out, x_eval: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """The denoiser from the raw network output, D = c_skip x + c_out F (EDM Eq. 7)."""
+    return c_skip * x_eval + c_out * F
+
+
+def history_entry(alpha, beta, x_eval: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """The stage's history entry Y = alpha x_eval + beta D (Y = d: alpha = 1 / t, beta = -1 / t; Y = D: 0, 1)."""
+    return alpha * x_eval + beta * D
 
 
 def bytes_moved(plan, stage: int, numel: int, guidance: bool = False, f_bytes: int = 4) -> int:
@@ -43,8 +53,8 @@ def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eva
     if guidance is not None:
         f_u, f_c = f[:B], f[B:]
         f = f_u + guidance * (f_c - f_u)
-    D = col("c_skip") * x_eval + col("c_out") * f
-    y = col("alpha") * x_eval + col("beta") * D
+    D = precondition(col("c_skip"), col("c_out"), x_eval, f)
+    y = history_entry(col("alpha"), col("beta"), x_eval, D)
     Y[stage % K] = y
     acc = col("a") * x + col("e") * x_eval + r[FIXED] * y
     for k in range(1, min(K, stage + 1)):
@@ -52,7 +62,7 @@ def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eva
     # Noise: the one host read of the table (a sync on CUDA; this readable path is not the one a CUDA
     # graph captures), so that deterministic stages do not pay for drawing noise they multiply by 0.
     if float(table[stage, COL["n"]]) != 0.0:
-        acc = acc + col("n") * philox_normal(seeds, stage + 2, x.shape[1:], torch.float32, x.device)
+        acc = acc + col("n") * philox_normal(seeds, stage_stream(stage), x.shape[1:], torch.float32, x.device)
     x_eval.copy_(acc)
     x.copy_(torch.where(col("commit") != 0, acc, x))
     nxt = (col("c_in_next") * acc).to(x_in.dtype)
@@ -63,13 +73,19 @@ def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eva
 
 
 def init_state_reference(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,
-                         x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor) -> None:
-    """x = t0 N(seed, 0) + n_init N(seed, 1); x_eval = x; x_in = c_in[0] x; sigma_in = c_noise[0]."""
+                         x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor,
+                         x0: torch.Tensor | None = None) -> None:
+    """x = t0 N(seed, INITIAL_STREAM) (or the given x0) + n_init N(seed, CHURN_STREAM); x_eval = x;
+    x_in = c_in[0] x; sigma_in = c_noise[0]."""
     B = x.shape[0]
-    z0 = philox_normal(seeds, 0, x.shape[1:], torch.float32, x.device)
-    v = torch.tensor(t0, dtype=torch.float32) * z0
+    if x0 is None:
+        z0 = philox_normal(seeds, INITIAL_STREAM, x.shape[1:], torch.float32, x.device)
+        v = torch.tensor(t0, dtype=torch.float32) * z0
+    else:
+        v = x0.clone()  # x0 may be x itself
     if n_init:
-        v = v + torch.tensor(n_init, dtype=torch.float32) * philox_normal(seeds, 1, x.shape[1:], torch.float32, x.device)
+        z = philox_normal(seeds, CHURN_STREAM, x.shape[1:], torch.float32, x.device)
+        v = v + torch.tensor(n_init, dtype=torch.float32) * z
     x.copy_(v)
     x_eval.copy_(v)
     r = table[0].to(torch.float32)

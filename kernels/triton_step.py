@@ -4,7 +4,8 @@ One program per BLOCK elements; the stage index is a runtime argument, so one co
 serves every stage of every plan with the same history depth K and the whole sampling loop can
 be captured in one CUDA graph.  Coefficients come from the device table (float64), arithmetic
 is float32, the network output may be float32, float16 or bfloat16 (loaded, then widened).
-Runs on Triton 3.6 to 3.9 (only tl.load/store/where/randn and scalar control flow).
+Runs on Triton 3.6 to 3.9 (only tl.load/store/where/randn and scalar control flow).  Table column offsets
+(``table.COLUMNS``) and Philox streams (``philox.py``) reach the kernels as constexpr arguments from the launchers.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-from .table import FIXED
+from .philox import CHURN_STREAM, INITIAL_STREAM, STAGE0_STREAM
+from .table import COL, FIXED
 
 __all__ = ["available", "fused_step_triton", "init_state_triton"]
 
@@ -27,6 +29,11 @@ def available() -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _philox_offset(stream, elem):
+        """tl.randn's offset for (Philox stream, element): counter = (element, stream, 0, 0)."""
+        return ((tl.zeros_like(elem) + stream) << 32) | elem
 
     @triton.jit
     def _fused_step_kernel(
@@ -43,27 +50,39 @@ if triton is not None:
         per_sample,       # elements per sample
         n_sig,            # entries of sig_ptr to write
         w,                # guidance weight (unused without CFG)
-        W: tl.constexpr,      # table width = 12 + K
-        K: tl.constexpr,      # history depth
-        CFG: tl.constexpr,    # F holds [F_u; F_c]
-        TWICE: tl.constexpr,  # x_in holds two copies (guidance batch)
-        BLOCK: tl.constexpr,  # elements per program
+        W: tl.constexpr,                 # table width = FIXED + K
+        K: tl.constexpr,                 # history depth
+        CFG: tl.constexpr,               # F holds [F_u; F_c]
+        TWICE: tl.constexpr,             # x_in holds two copies (guidance batch)
+        STAGE0_STREAM: tl.constexpr,     # Philox stream of stage 0's noise (stage s draws STAGE0_STREAM + s)
+        COL_C_SKIP: tl.constexpr,        # table column offsets (table.COLUMNS)
+        COL_C_OUT: tl.constexpr,
+        COL_ALPHA: tl.constexpr,
+        COL_BETA: tl.constexpr,
+        COL_A: tl.constexpr,
+        COL_E: tl.constexpr,
+        COL_N: tl.constexpr,
+        COL_COMMIT: tl.constexpr,
+        COL_C_IN_NEXT: tl.constexpr,
+        COL_C_NOISE_NEXT: tl.constexpr,
+        COL_B0: tl.constexpr,            # b_0, the first history weight (table.FIXED)
+        BLOCK: tl.constexpr,             # elements per program
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         row = table_ptr + stage * W
-        c_skip = tl.load(row + 2).to(tl.float32)
-        c_out = tl.load(row + 3).to(tl.float32)
-        alpha = tl.load(row + 4).to(tl.float32)
-        beta = tl.load(row + 5).to(tl.float32)
-        a = tl.load(row + 6).to(tl.float32)
-        e = tl.load(row + 7).to(tl.float32)
-        n = tl.load(row + 8).to(tl.float32)
-        commit = tl.load(row + 9)
-        c_in_next = tl.load(row + 10).to(tl.float32)
-        c_noise_next = tl.load(row + 11).to(tl.float32)
-        b0 = tl.load(row + 12).to(tl.float32)
+        c_skip = tl.load(row + COL_C_SKIP).to(tl.float32)
+        c_out = tl.load(row + COL_C_OUT).to(tl.float32)
+        alpha = tl.load(row + COL_ALPHA).to(tl.float32)
+        beta = tl.load(row + COL_BETA).to(tl.float32)
+        a = tl.load(row + COL_A).to(tl.float32)
+        e = tl.load(row + COL_E).to(tl.float32)
+        n = tl.load(row + COL_N).to(tl.float32)
+        commit = tl.load(row + COL_COMMIT)
+        c_in_next = tl.load(row + COL_C_IN_NEXT).to(tl.float32)
+        c_noise_next = tl.load(row + COL_C_NOISE_NEXT).to(tl.float32)
+        b0 = tl.load(row + COL_B0).to(tl.float32)
 
         xe = tl.load(xe_ptr + offs, mask=mask, other=0.0)
         # Plans set a = 0 wherever x == x_eval: then x is not read.
@@ -82,16 +101,15 @@ if triton is not None:
         # Linear update over the history ring.
         acc = a * x + e * xe + b0 * y
         for k in tl.static_range(1, K):
-            bk = tl.load(row + 12 + k).to(tl.float32)
+            bk = tl.load(row + COL_B0 + k).to(tl.float32)
             has = stage >= k
             slot = (stage - k + K) % K
             yk = tl.load(y_ptr + slot * N + offs, mask=mask & has, other=0.0)
             acc += tl.where(has, bk * yk, 0.0)
-        # Philox noise keyed by (sample seed, stage + 2, element).
+        # Philox noise keyed by (sample seed, stage's stream, element).
         if n != 0.0:
             seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
-            counter = ((stage + 2).to(tl.int64) << 32) | (offs % per_sample)
-            acc += n * tl.randn(seed, counter)
+            acc += n * tl.randn(seed, _philox_offset(STAGE0_STREAM + stage, offs % per_sample))
         tl.store(xe_ptr + offs, acc, mask=mask)
         if commit != 0.0:
             tl.store(x_ptr + offs, acc, mask=mask)
@@ -105,29 +123,40 @@ if triton is not None:
     @triton.jit
     def _init_kernel(
         table_ptr,        # (S, W) float64 plan table (row 0 read)
+        x0_ptr,           # (N,) float32 given initial state (read only if GIVEN_X0)
         x_ptr, xe_ptr,    # (N,) float32 state, out
         xin_ptr,          # (N,) or (2N,) network input, out
         sig_ptr,          # (B,) or (2B,) network noise input, out
         seed_ptr,         # (B,) int64 seeds
-        N, per_sample, n_sig,
+        N,                # elements in the batch (B * per_sample)
+        per_sample,       # elements per sample
+        n_sig,            # entries of sig_ptr to write
         t0,               # first noise level (float32)
         n_init,           # churn before stage 0 (float32)
-        CHURN: tl.constexpr,
-        TWICE: tl.constexpr,
-        BLOCK: tl.constexpr,
+        GIVEN_X0: tl.constexpr,        # x = x0 (+ churn) instead of t0 N(seed, INITIAL_STREAM) (+ churn)
+        CHURN: tl.constexpr,           # n_init != 0
+        TWICE: tl.constexpr,           # x_in holds two copies (guidance batch)
+        INITIAL_STREAM: tl.constexpr,  # Philox stream of the initial noise
+        CHURN_STREAM: tl.constexpr,    # Philox stream of the churn before stage 0
+        COL_C_IN: tl.constexpr,        # table column offsets (table.COLUMNS)
+        COL_C_NOISE: tl.constexpr,
+        BLOCK: tl.constexpr,           # elements per program
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
         elem = offs % per_sample
-        v = t0 * tl.randn(seed, elem)
+        if GIVEN_X0:
+            v = tl.load(x0_ptr + offs, mask=mask, other=0.0)
+        else:
+            v = t0 * tl.randn(seed, _philox_offset(INITIAL_STREAM, elem))
         if CHURN:
-            v += n_init * tl.randn(seed, (tl.full((BLOCK,), 1, tl.int64) << 32) | elem)
+            v += n_init * tl.randn(seed, _philox_offset(CHURN_STREAM, elem))
         tl.store(x_ptr + offs, v, mask=mask)
         tl.store(xe_ptr + offs, v, mask=mask)
-        c_in = tl.load(table_ptr).to(tl.float32)
-        c_noise = tl.load(table_ptr + 1).to(tl.float32)
+        c_in = tl.load(table_ptr + COL_C_IN).to(tl.float32)
+        c_noise = tl.load(table_ptr + COL_C_NOISE).to(tl.float32)
         tl.store(xin_ptr + offs, (c_in * v).to(xin_ptr.dtype.element_ty), mask=mask)
         if TWICE:
             tl.store(xin_ptr + N + offs, (c_in * v).to(xin_ptr.dtype.element_ty), mask=mask)
@@ -136,6 +165,15 @@ if triton is not None:
 
 def _block(N: int) -> int:
     return 1024 if N >= 1024 else max(16, triton.next_power_of_2(N))
+
+
+def _columns(*names: str) -> dict[str, int]:
+    """Constexpr column offsets ``COL_<NAME>`` from ``table.COLUMNS`` ("b0": b_0, the first history column)."""
+    return {f"COL_{name.upper()}": FIXED if name == "b0" else COL[name] for name in names}
+
+
+_STEP_COLUMNS = _columns("c_skip", "c_out", "alpha", "beta", "a", "e", "n", "commit", "c_in_next", "c_noise_next", "b0")
+_INIT_COLUMNS = _columns("c_in", "c_noise")
 
 
 def fused_step_triton(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
@@ -149,13 +187,18 @@ def fused_step_triton(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: 
     _fused_step_kernel[grid](
         table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, N, N // B, sigma_in.numel(),
         float(guidance) if guidance is not None else 1.0,
-        W=table.shape[1], K=K, CFG=guidance is not None, TWICE=x_in.shape[0] == 2 * B, BLOCK=_block(N))
+        W=table.shape[1], K=K, CFG=guidance is not None, TWICE=x_in.shape[0] == 2 * B, STAGE0_STREAM=STAGE0_STREAM,
+        **_STEP_COLUMNS, BLOCK=_block(N))
 
 
 def init_state_triton(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,
-                      x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor) -> None:
+                      x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor,
+                      x0: torch.Tensor | None = None) -> None:
+    """Launch the initial-state kernel (arguments already validated by ``edmrt.kernels.init_state``)."""
     B = x.shape[0]
     N = x.numel()
     grid = (triton.cdiv(max(N, sigma_in.numel()), _block(N)),)
-    _init_kernel[grid](table, x, x_eval, x_in, sigma_in, seeds, N, N // B, sigma_in.numel(), float(t0), float(n_init),
-                       CHURN=n_init != 0.0, TWICE=x_in.shape[0] == 2 * B, BLOCK=_block(N))
+    _init_kernel[grid](
+        table, x if x0 is None else x0, x, x_eval, x_in, sigma_in, seeds, N, N // B, sigma_in.numel(), float(t0),
+        float(n_init), GIVEN_X0=x0 is not None, CHURN=n_init != 0.0, TWICE=x_in.shape[0] == 2 * B,
+        INITIAL_STREAM=INITIAL_STREAM, CHURN_STREAM=CHURN_STREAM, **_INIT_COLUMNS, BLOCK=_block(N))

@@ -26,11 +26,25 @@ def test_solve_defaults_are_edm_heun_18(gmm, gen):
 
 
 @pytest.mark.parametrize("schedule", sorted(edmrt.SCHEDULES) + ["list"])
-def test_every_schedule_name_and_a_list_is_accepted(gmm, gen, schedule):
+def test_every_schedule_name_and_a_list_is_honoured(gmm, gen, schedule):
+    """The denoiser is evaluated at exactly the schedule's levels (DPM-Solver++(2M) evaluates at t_0 .. t_{N-1}),
+    from t_0 times the noise, and the result is the reference executor's on that plan, bit for bit."""
     noise = torch.randn(3, 10, dtype=torch.float64, generator=gen)
     sched = [80.0, 20.0, 3.0, 0.5, 0.05, 0.002] if schedule == "list" else schedule
-    out = edmrt.solve(gmm, noise, solver="dpmpp_2m", steps=12, schedule=sched)
-    assert torch.isfinite(out).all()
+    levels = edmrt.make_sigmas(sched, 12)
+    seen = []
+
+    def den(x, sigma):
+        seen.append(sigma)
+        return gmm(x, sigma)
+
+    out = edmrt.solve(den, noise, solver="dpmpp_2m", steps=12, schedule=sched)
+    assert [float(s[0, 0]) for s in seen] == levels[:-1].tolist()
+    assert all(torch.equal(s, s[:1].expand_as(s)) for s in seen)  # one sigma per call, for every sample
+    ref = edmrt.execute(edmrt.plan("dpmpp_2m", levels), gmm, float(levels[0]) * noise)
+    assert torch.equal(out, ref)
+    if schedule in ("karras", "loglinear", "linear", "polyexponential", "list"):
+        assert levels[0] == pytest.approx(80.0, rel=1e-12) and levels[-2] == pytest.approx(0.002, rel=1e-9)
 
 
 def test_float32_follows_float64(gmm, gen):

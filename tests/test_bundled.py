@@ -38,7 +38,7 @@ def test_shipped_model_loads_with_its_card():
 
 def test_conditional_samples_are_classified_at_the_card_rate():
     """Heun, 18 steps (35 NFE), seeds 0..196 with test half A's labels: the card's class accuracy and FD."""
-    from edmrt.metrics import evaluate_digits
+    from edmrt.lab.metrics import evaluate_digits
 
     run = next(r for r in _card()["metrics"]["runs"] if r["solver"] == "heun" and r["guidance"] is None)
     got = evaluate_digits(edmrt.load("digits"), "heun", 18)
@@ -52,7 +52,7 @@ def test_conditional_samples_are_classified_at_the_card_rate():
 def test_guided_samples_follow_their_class():
     m = edmrt.load("digits")
     x = edmrt.Sampler(m, solver="heun", steps=8, backend="torch", device="cpu").sample(range(20), cond=3, guidance=2.0)
-    from edmrt.metrics import class_accuracy
+    from edmrt.lab.metrics import class_accuracy
 
     assert class_accuracy(x, [3] * 20) >= 0.9
 

@@ -1,45 +1,112 @@
-"""The compiled core edmrt._core: fused linear combination against numpy, and its input checks."""
+"""The compiled core edmrt._core: its exported constants against the Python definitions, and the input checks
+of its bindings (dtype, contiguity, size and writeability, checked before a pointer is touched)."""
 import numpy as np
 import pytest
 
-from edmrt import _core
+import edmrt
+from edmrt.kernels import philox, plan_table
+from edmrt.kernels.table import COLUMNS, FIXED
+
+_core = pytest.importorskip("edmrt._core", reason="the C++ core edmrt._core is not built")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [1, 7, 1823 * 781])  # irregular sizes, one above the OpenMP threshold
-def test_lincomb_matches_numpy(dtype, n):
-    rng = np.random.default_rng(n)
-    xs = [rng.normal(size=n).astype(dtype) for _ in range(4)]
-    coeffs = rng.normal(size=4).tolist()
-    out = np.full(n, np.nan, dtype=dtype)  # poisoned: an unwritten element fails
-    _core.lincomb(out, coeffs, xs)
-    ref = sum(c * x.astype(np.float64) for c, x in zip(coeffs, xs))
-    tol = 1e-6 if dtype == np.float32 else 1e-14
-    np.testing.assert_allclose(out, ref.astype(dtype), rtol=tol, atol=tol)
+def test_streams_equal_philox_py():
+    assert _core.STREAMS == {"initial": philox.INITIAL_STREAM, "churn": philox.CHURN_STREAM,
+                             "stage0": philox.STAGE0_STREAM}
+    assert all(philox.stage_stream(s) == _core.STREAMS["stage0"] + s for s in range(20))
 
 
-def test_lincomb_may_alias_an_input():
-    x = np.arange(10, dtype=np.float64)
-    y = np.ones(10)
-    _core.lincomb(x, [2.0, 3.0], [x, y])
-    np.testing.assert_array_equal(x, 2 * np.arange(10) + 3)
+def test_table_columns_equal_table_py():
+    assert _core.TABLE_COLUMNS == list(COLUMNS)
+    assert _core.TABLE_FIXED_COLUMNS == FIXED
 
 
-def test_lincomb_rejects_bad_buffers():
-    a = np.zeros(8, dtype=np.float32)
-    with pytest.raises(ValueError, match="dtype float32 like out"):
-        _core.lincomb(a, [1.0], [np.zeros(8)])
-    with pytest.raises(ValueError, match="out must be C-contiguous"):
-        _core.lincomb(np.zeros(16, dtype=np.float32)[::2], [1.0], [a])
-    with pytest.raises(ValueError, match=r"inputs\[0\] must be C-contiguous"):
-        _core.lincomb(a, [1.0], [np.zeros(16, dtype=np.float32)[::2]])
-    with pytest.raises(ValueError, match="8 elements"):
-        _core.lincomb(a, [1.0], [np.zeros(9, dtype=np.float32)])
-    with pytest.raises(ValueError, match="one value per input"):
-        _core.lincomb(a, [1.0, 2.0], [a])
-    with pytest.raises(ValueError, match="float32 or float64"):
-        _core.lincomb(np.zeros(8, dtype=np.int32), [1.0], [np.zeros(8, dtype=np.int32)])
-    ro = np.zeros(8, dtype=np.float32)
-    ro.setflags(write=False)
-    with pytest.raises(ValueError, match="writeable"):
-        _core.lincomb(ro, [1.0], [a])
+def _init_args(B=2, n=6, twice=False):
+    table = plan_table(edmrt.plan("edm", edmrt.make_sigmas("karras", 3), S_churn=20.0)).numpy()
+    nin = 2 * B if twice else B
+    return dict(table=table, t0=80.0, n_init=0.0, seeds=np.array([3, 2 ** 40 + 1][:B], dtype=np.int64),
+                x=np.full((B, n), np.nan, dtype=np.float32), x_eval=np.full((B, n), np.nan, dtype=np.float32),
+                x_in=np.full((nin, n), np.nan, dtype=np.float32), sigma_in=np.full(nin, np.nan, dtype=np.float32),
+                batch=B)
+
+
+def test_init_state_draws_the_initial_stream_or_reads_a_read_only_x0():
+    args = _init_args()
+    _core.init_state(**args)
+    z = np.empty((2, 6), dtype=np.float32)
+    _core.randn(args["seeds"], _core.STREAMS["initial"], z, 2)
+    np.testing.assert_array_equal(args["x"], np.float32(80.0) * z)
+    x0 = np.arange(12, dtype=np.float32).reshape(2, 6)
+    x0.setflags(write=False)  # an input: read, never written
+    args = _init_args(twice=True)
+    _core.init_state(**args, x0=x0)
+    np.testing.assert_array_equal(args["x"], x0)
+    np.testing.assert_array_equal(args["x_eval"], x0)
+    c_in, c_noise = np.float32(args["table"][0, 0]), np.float32(args["table"][0, 1])
+    np.testing.assert_array_equal(args["x_in"], np.concatenate([c_in * x0, c_in * x0]))
+    np.testing.assert_array_equal(args["sigma_in"], np.full(4, c_noise, dtype=np.float32))
+
+
+BAD_INIT = [
+    (dict(x0=np.zeros((2, 6))), "x0 must have dtype float32"),
+    (dict(x0=np.zeros((2, 12), dtype=np.float32)[:, ::2]), "x0 must be C-contiguous"),
+    (dict(x0=np.zeros((2, 5), dtype=np.float32)), "x0 must have 12 elements"),
+    (dict(seeds=np.zeros(2, dtype=np.int32)), "seeds must have dtype"),
+    (dict(sigma_in=np.zeros(3, dtype=np.float32)), "sigma_in must have 2 elements"),
+    (dict(x_in=np.zeros((3, 6), dtype=np.float32)), "x_in must have batch or 2 \\* batch samples"),
+    (dict(batch=5), "x must hold batch \\* per_sample elements"),
+    (dict(table=np.zeros((0, 13))), "table must be 2-D with at least one stage"),
+]
+
+
+@pytest.mark.parametrize("change,match", BAD_INIT, ids=[m for _, m in BAD_INIT])
+def test_init_state_rejects_bad_buffers(change, match):
+    args = _init_args()
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        _core.init_state(**args)
+
+
+def test_init_state_rejects_read_only_outputs():
+    args = _init_args()
+    args["x"].setflags(write=False)
+    with pytest.raises(ValueError, match="x must be writeable"):
+        _core.init_state(**args)
+
+
+def _step_args(B=2, n=6, K=2):
+    plan = edmrt.plan("dpmpp_2m", edmrt.make_sigmas("karras", 4), edmrt.EDMPrecond())
+    f = lambda *s, dtype=np.float32: np.zeros(s, dtype=dtype)  # noqa: E731
+    return dict(table=plan_table(plan).numpy(), stage=1, x=f(B, n), x_eval=f(B, n), F=f(B, n), Y=f(K, B, n),
+                x_in=f(B, n), sigma_in=f(B), seeds=f(B, dtype=np.int64), batch=B)
+
+
+BAD_STEP = [
+    (dict(stage=4), r"stage must be in \[0, 4\), got 4"),
+    (dict(table=np.zeros((4, 12))), "table must have 12 \\+ K columns"),
+    (dict(table=np.zeros((4, 14), dtype=np.float32)), "table must have dtype float64"),
+    (dict(F=np.zeros((2, 6))), "F must have dtype float32"),
+    (dict(F=np.zeros((4, 6), dtype=np.float32)), "F must have 12 elements"),
+    (dict(F=np.zeros((2, 6), dtype=np.float32), guidance=2.0), "F must have 24 elements"),
+    (dict(Y=np.zeros((1, 2, 6), dtype=np.float32)), "Y must have 24 elements"),
+    (dict(x_eval=np.zeros((2, 12), dtype=np.float32)[:, ::2]), "x_eval must be C-contiguous"),
+    (dict(x_in=np.zeros((3, 6), dtype=np.float32)), "x_in must have batch or 2 \\* batch samples"),
+    (dict(sigma_in=np.zeros(4, dtype=np.float32)), "sigma_in must have 2 elements"),
+    (dict(seeds=np.zeros(2, dtype=np.int32)), "seeds must have dtype"),
+    (dict(batch=0), "batch must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("change,match", BAD_STEP, ids=[m for _, m in BAD_STEP])
+def test_fused_step_rejects_bad_buffers(change, match):
+    args = _step_args()
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        _core.fused_step(**args)
+
+
+def test_fused_step_rejects_read_only_outputs():
+    args = _step_args()
+    args["Y"].setflags(write=False)
+    with pytest.raises(ValueError, match="Y must be writeable"):
+        _core.fused_step(**args)

@@ -1,4 +1,4 @@
-"""Consistency distillation (edmrt.distill, `edmrt distill`): the teacher's Heun step, a tiny run end to end,
+"""Consistency distillation (edmrt.lab.distill, `edmrt distill`): the teacher's Heun step, a tiny run end to end,
 resume, the student's model card and loading, and the shipped digits-cd student's measured rates."""
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ pytest.importorskip("sklearn")
 
 import edmrt  # noqa: E402
 from edmrt.cli import main  # noqa: E402
-from edmrt.distill import (DistillOptions, _heun_step, distill, export_student, karras_levels,  # noqa: E402
+from edmrt.lab.distill import (DistillOptions, heun_step, distill, export_student, karras_levels,  # noqa: E402
                            self_consistency, student_model)
 from edmrt.models.bundled import WEIGHTS_DIR  # noqa: E402
-from edmrt.train import SIGMA_DATA, TrainOptions, load_digits_split, train  # noqa: E402
+from edmrt.lab.common import SIGMA_DATA, load_digits_split
+from edmrt.lab.train import TrainOptions, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def test_karras_levels_are_edm_schedule_reversed():
         assert t[0] == 0.002 and t[-1] == 80.0 and bool((t.diff() > 0).all())
 
 
-def test_teacher_heun_step_is_third_order_locally():
-    """One step of _heun_step on the exact mixture denoiser (Identity preconditioning) against the exact ODE:
+def test_teacherheun_step_is_third_order_locally():
+    """One step of heun_step on the exact mixture denoiser (Identity preconditioning) against the exact ODE:
     local error O(h^3), so halving h divides it by ~8."""
     from edmrt.models import GaussianMixture
 
@@ -45,7 +46,7 @@ def test_teacher_heun_step_is_third_order_locally():
     errs = []
     for h in (0.4, 0.2, 0.1):
         t_cur, t_next = torch.full((16,), 3.0, dtype=torch.float64), torch.full((16,), 3.0 - h, dtype=torch.float64)
-        got = _heun_step(teacher, x0, t_cur, t_next, None)
+        got = heun_step(teacher, x0, t_cur, t_next, None)
         exact = g.ode(x0, 3.0, 3.0 - h)
         errs.append(float((got - exact).norm()))
     assert 5.0 < errs[0] / errs[1] < 11.0 and 5.0 < errs[1] / errs[2] < 11.0, errs
@@ -86,8 +87,8 @@ def test_tiny_distillation_loss_falls_and_student_exports(tiny_teacher, tmp_path
 
 def test_select_levels_is_greedy_on_training_fd(tiny_teacher):
     """Each step count keeps the previous levels and adds the grid level with the lowest FD to the training split."""
-    from edmrt.distill import select_levels
-    from edmrt.metrics import digits_features, frechet_distance, load_classifier
+    from edmrt.lab.distill import select_levels
+    from edmrt.lab.metrics import digits_features, frechet_distance, load_classifier
 
     r = distill(tiny_teacher, DistillOptions(iters=2, batch=4, N=6), progress=False)
     m = student_model(r, tiny_teacher)
@@ -189,8 +190,8 @@ def test_shipped_student_loads_with_its_card():
 
 @pytest.mark.parametrize("solver,steps", [("consistency", 1), ("consistency", 2), ("tcd", 2)])
 def test_shipped_student_samples_at_the_card_rate(solver, steps):
-    """Seeds 0..196 with test half A's labels (edmrt.metrics.evaluate_digits): the card's accuracy and FD."""
-    from edmrt.metrics import evaluate_digits
+    """Seeds 0..196 with test half A's labels (edmrt.lab.metrics.evaluate_digits): the card's accuracy and FD."""
+    from edmrt.lab.metrics import evaluate_digits
 
     run = next(r for r in _card()["metrics"]["runs"] if r["solver"] == solver and r["steps"] == steps)
     got = evaluate_digits(edmrt.load("digits-cd"), solver, steps, **run["options"])
@@ -210,7 +211,7 @@ def test_cli_sample_student_uses_its_card(tmp_path, capsys):
 
 
 def test_quality_digits_runs_the_student():
-    from edmrt.quality_digits import goals, run_quality_digits
+    from edmrt.lab.quality_digits import goals, run_quality_digits
 
     res = run_quality_digits(solvers=("heun",), nfes=(35,), student_steps=(2,), blocks=1, progress=False)
     assert [(r["role"], r["solver"], r["nfe"]) for r in res["rows"]] == [

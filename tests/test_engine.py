@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import edmrt
-from edmrt.engine import Engine, Model, Sampler
-from edmrt.kernels.philox import philox_normal
+from edmrt import Engine, Model, Sampler
+from edmrt.kernels.philox import INITIAL_STREAM, philox_normal
 from edmrt.models import GaussianMixture
 
 
@@ -42,7 +42,7 @@ def _backend(net):
 def _reference(net, plan, seeds, labels=None, w=None, shape=(12,)):
     """The float64 reference executor on the same Philox streams, guidance applied to F."""
     B = len(seeds)
-    x_init = float(plan.sigmas[0]) * philox_normal(seeds, 0, shape).double()
+    x_init = float(plan.sigmas[0]) * philox_normal(seeds, INITIAL_STREAM, shape).double()
     null = torch.full((B,), net.num_classes)
 
     def F(x_in, c_noise):
@@ -141,7 +141,7 @@ def test_sampler_with_a_unet_on_torch_and_onnxruntime(tmp_path, monkeypatch):
     """Backend "onnxruntime" exports the torch network into a cache, reuses it, and equals torch within 1e-4;
     a corrupt cache entry is exported again, not trusted."""
     pytest.importorskip("onnxruntime")
-    from edmrt.engine import onnx_cache_path
+    from edmrt.backends.onnx_cache import onnx_cache_path
     from edmrt.models.unet import build_unet
 
     monkeypatch.setenv("EDMRT_CACHE", str(tmp_path))

@@ -17,8 +17,9 @@ try:
 except ImportError:  # a tree run without building the extension (benchmarks/gpu_check.sh's fallback)
     _core = None
 needs_core = pytest.mark.skipif(_core is None, reason="the C++ core edmrt._core is not built")
-from edmrt.kernels.philox import philox4x32, philox_normal
-from edmrt.kernels.selfcheck import philox_bits_match, run_stages, solver_plans
+from edmrt.kernels.philox import CHURN_STREAM, INITIAL_STREAM, philox4x32, philox_normal, stage_stream
+from edmrt.lab.selfcheck import philox_bits_match, run_stages, solver_plans
+from edmrt.kernels.table import COL, FIXED
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ["reference", "cpp", "triton"]
@@ -184,7 +185,7 @@ def test_c_abi_host_program_runs_a_heun_plan(tmp_path):
     out = subprocess.run([str(exe), str(tmp_path / "plan.json"), str(len(seeds)), str(n), str(mu), str(s),
                           *map(str, seeds)], check=True, capture_output=True, text=True).stdout
     got = torch.tensor([float(v) for v in out.split()], dtype=torch.float64).view(len(seeds), n)
-    x_init = float(plan.sigmas[0]) * philox_normal(seeds, 0, (n,)).double()
+    x_init = float(plan.sigmas[0]) * philox_normal(seeds, INITIAL_STREAM, (n,)).double()
     ref = edmrt.execute(plan, lambda x, sigma: mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu), x_init)
     assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item())
     bad = tmp_path / "bad.json"
@@ -214,24 +215,134 @@ def test_deep_history_beyond_the_specialised_terms(request, impl):
     assert (got - ref).abs().max().item() <= 1e-6 * ref.norm().item()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_stepper_validates_once_and_equals_fused_step(request, impl):
+def _device(request, impl):
     if impl == "cpp" and _core is None:
         pytest.skip("the C++ core edmrt._core is not built")
-    dev = request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
+    return request.getfixturevalue("triton_device") if impl == "triton" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stepper_validates_once_and_equals_the_reference(request, impl, gen):
+    """Stepper(impl) against fused_step(impl="reference") from the same initial state on fresh random network
+    outputs, outputs poisoned with NaN before every stage: within 1e-6 of the state's norm, exact for the reference."""
+    dev = _device(request, impl)
     plan = edmrt.plan("dpmpp_2m_sde", edmrt.make_sigmas("karras", 6), edmrt.EDMPrecond())
-    a, b = _bufs(dev, K=2), _bufs(dev, K=2)
-    a["table"] = b["table"] = Kn.plan_table(plan, dev)
+    table = Kn.plan_table(plan, dev)
+    a, b = _bufs(dev, K=plan.history), _bufs(dev, K=plan.history)
+    seeds = torch.randint(0, 2 ** 62, (2,), generator=gen).to(dev)
+    Kn.init_state(table, float(plan.sigmas[0]), plan.n_init, seeds, a["x"], a["x_eval"], a["x_in"], a["sigma_in"],
+                  impl="reference")
+    for name in ("x", "x_eval", "x_in", "sigma_in"):
+        b[name].copy_(a[name])
+    for bufs in (a, b):
+        bufs.update(table=table, seeds=seeds)
+        bufs["Y"].fill_(math.nan)
+    assert a["x"].abs().min().item() > 0
     step = Kn.Stepper(b["table"], b["x"], b["x_eval"], b["Y"], b["x_in"], b["sigma_in"], b["seeds"], impl=impl)
-    g = torch.Generator().manual_seed(4)
     for s in range(plan.stages):
-        F = torch.randn(2, 3, 4, generator=g).to(dev)
-        Kn.fused_step(**{**a, "stage": s, "F": F}, impl=impl)
+        F = torch.randn(2, 3, 4, generator=gen).to(dev)
+        for bufs in (a, b):
+            bufs["x_in"].fill_(math.nan)
+            bufs["sigma_in"].fill_(math.nan)
+            bufs["Y"][s % plan.history] = math.nan
+        Kn.fused_step(**{**a, "stage": s, "F": F}, impl="reference")
         step(s, F)
-    assert torch.equal(a["x"], b["x"]) and torch.equal(a["x_in"], b["x_in"])
+        for name in ("x", "x_eval", "x_in"):
+            ref, got = a[name], b[name]
+            if impl == "reference":
+                assert torch.equal(got, ref), (name, s)
+            else:
+                assert (got - ref).abs().max().item() <= 1e-6 * max(ref.norm().item(), 1.0), (name, s)
+        assert torch.equal(b["sigma_in"], a["sigma_in"])
     with pytest.raises(ValueError, match=r"F must be a contiguous torch.float32 tensor of shape \(2, 3, 4\)"):
         step(0, torch.zeros(2, 3, 5, device=dev))
     with pytest.raises(ValueError, match="stage must be in"):
         step(plan.stages, torch.zeros(2, 3, 4, device=dev))
     with pytest.raises(ValueError, match="Y must have shape"):
         Kn.Stepper(b["table"], b["x"], b["x_eval"], b["Y"][:1], b["x_in"], b["sigma_in"], b["seeds"], impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_init", [0.0, 0.7])
+@pytest.mark.parametrize("twice", [False, True], ids=["x_in", "x_in_twice"])
+def test_init_state_from_a_given_x0(request, impl, n_init, twice, gen):
+    """x = x0 + n_init N(seed, CHURN_STREAM), x_eval = x, x_in = c_in[0] x (both halves), sigma_in = c_noise[0];
+    outputs poisoned with NaN; exact without churn or for the reference, else within 1e-6 of the norm."""
+    dev = _device(request, impl)
+    plan = edmrt.plan("edm", edmrt.make_sigmas("karras", 4), S_churn=20.0)
+    table = Kn.plan_table(plan, dev)
+    B, shape = 3, (3, 5, 7)
+    nin = 2 * B if twice else B
+    seeds = torch.randint(0, 2 ** 62, (B,), generator=gen).to(dev)
+    x0 = (80.0 * torch.randn(shape, generator=gen)).to(dev)
+    x0_before = x0.clone()
+    nan = lambda *s: torch.full(s, math.nan, device=dev)  # noqa: E731
+    x, x_eval, x_in, sigma_in = nan(*shape), nan(*shape), nan(nin, *shape[1:]), nan(nin)
+    Kn.init_state(table, float(plan.sigmas[0]), n_init, seeds, x, x_eval, x_in, sigma_in, impl=impl, x0=x0)
+
+    want = x0_before.clone()
+    if n_init:
+        churn = philox_normal(seeds, CHURN_STREAM, shape[1:], device=dev)
+        want = want + torch.tensor(n_init, dtype=torch.float32) * churn
+    want_in = table[0, COL["c_in"]].float() * want
+    exact = impl == "reference" or not n_init
+    pairs = [(x, want), (x_eval, want), (x_in[:B], want_in)] + ([(x_in[B:], want_in)] if twice else [])
+    for got, ref in pairs:
+        if exact:
+            assert torch.equal(got, ref)
+        else:
+            assert (got - ref).abs().max().item() <= 1e-6 * ref.norm().item()
+    assert torch.equal(sigma_in, torch.full((nin,), plan.c_noise[0], dtype=torch.float32, device=dev))
+    assert torch.equal(x0, x0_before)
+    # x0 may be x itself.
+    x.copy_(x0_before)
+    Kn.init_state(table, float(plan.sigmas[0]), n_init, seeds, x, x_eval, x_in, sigma_in, impl=impl, x0=x)
+    assert (x - want).abs().max().item() <= (0.0 if exact else 1e-6 * want.norm().item())
+
+
+BAD_X0 = [
+    (lambda d: [0.0] * 105, "x0 must be a torch.Tensor"),
+    (lambda d: torch.zeros(3, 5, 7, dtype=torch.float64, device=d), "x0 must have dtype"),
+    (lambda d: torch.zeros(3, 5, 6, device=d), r"x0 must have shape \(3, 5, 7\)"),
+    (lambda d: torch.zeros(3, 7, 5, device=d).transpose(1, 2), "x0 must be contiguous"),
+    (lambda d: torch.zeros(3, 5, 7, device="meta"), "x0 must be on"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("make,match", BAD_X0, ids=[m for _, m in BAD_X0])
+def test_init_state_rejects_a_bad_x0(request, impl, make, match):
+    dev = _device(request, impl)
+    table = Kn.plan_table(edmrt.plan("heun", edmrt.make_sigmas("karras", 3)), dev)
+    z = lambda *s: torch.zeros(s, device=dev)  # noqa: E731
+    with pytest.raises(ValueError, match=match):
+        Kn.init_state(table, 1.0, 0.0, torch.zeros(3, dtype=torch.int64, device=dev), z(3, 5, 7), z(3, 5, 7),
+                      z(3, 5, 7), z(3), impl=impl, x0=make(dev))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_each_implementation_draws_the_streams_of_philox_py(request, impl):
+    """A hand-made table whose stages are pure noise (x_new = N(seed, stage_stream(s))) shows the Philox stream
+    each implementation draws: INITIAL_STREAM, CHURN_STREAM, then stage_stream(s) at stage s."""
+    dev = _device(request, impl)
+    S, B, shape = 4, 2, (2, 3, 37)
+    table = torch.zeros(S, FIXED + 1, dtype=torch.float64)
+    for name in ("c_in", "n", "commit", "c_in_next"):
+        table[:, COL[name]] = 1.0
+    table = table.to(dev)
+    seeds = torch.tensor([9, 2 ** 50 + 3], dtype=torch.int64, device=dev)
+    nan = lambda *s: torch.full(s, math.nan, device=dev)  # noqa: E731
+    x, x_eval, Y, x_in, sigma_in = nan(*shape), nan(*shape), nan(1, *shape), nan(*shape), nan(B)
+    tol = 0.0 if impl == "reference" else 1e-5  # same words; float32 log/cos may differ by ulps
+
+    def noise(stream):
+        return philox_normal(seeds, stream, shape[1:], device=dev)
+
+    Kn.init_state(table, 1.0, 0.0, seeds, x, x_eval, x_in, sigma_in, impl=impl)
+    assert (x - noise(INITIAL_STREAM)).abs().max().item() <= tol
+    Kn.init_state(table, 0.0, 1.0, seeds, x, x_eval, x_in, sigma_in, impl=impl)
+    assert (x - noise(CHURN_STREAM)).abs().max().item() <= tol
+    for s in range(S):
+        Kn.fused_step(table, s, x, x_eval, torch.zeros(shape, device=dev), Y, x_in, sigma_in, seeds, impl=impl)
+        assert (x - noise(stage_stream(s))).abs().max().item() <= tol
+        assert (x_in - noise(stage_stream(s))).abs().max().item() <= tol

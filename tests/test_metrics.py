@@ -1,4 +1,4 @@
-"""FD-digits and the digits classifier (edmrt.metrics)."""
+"""FD-digits and the digits classifier (edmrt.lab.metrics)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from edmrt import metrics as M  # noqa: E402
+from edmrt.lab import metrics as M  # noqa: E402
 from edmrt.models.bundled import WEIGHTS_DIR  # noqa: E402
-from edmrt.train import load_digits_split  # noqa: E402
+from edmrt.lab.common import load_digits_split  # noqa: E402
 
 
 def test_frechet_distance_closed_forms():

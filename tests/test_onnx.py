@@ -12,7 +12,8 @@ pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter's tran
 from onnx import TensorProto, helper  # noqa: E402
 
 from edmrt.backends import BACKENDS, OnnxRuntimeBackend, TorchBackend, make_backend  # noqa: E402
-from edmrt.export import ExportVerificationError, export_onnx, load_onnx_session  # noqa: E402
+from edmrt.backends.ort import load_onnx_session
+from edmrt.export import ExportVerificationError, export_onnx  # noqa: E402
 from edmrt.export.onnx import TOLERANCE  # noqa: E402
 from edmrt.models import build_unet  # noqa: E402
 

@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 
 import edmrt
@@ -29,10 +31,17 @@ def test_json_round_trip_is_exact(p, tmp_path):
 
 def test_plan_is_frozen_and_read_only():
     p = edmrt.plan("heun", edmrt.make_sigmas("karras", 4))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.sigma = p.sigma  # frozen dataclass
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         p.b[0, 0] = 1.0  # read-only array
+    for name in ("sigmas", "sigma", "c_in", "c_noise", "c_skip", "c_out", "alpha", "beta", "a", "e", "n", "step",
+                 "commit"):
+        assert not getattr(p, name).flags.writeable, name
+    alpha = np.array(p.alpha)  # a writable array handed to the constructor: the plan keeps its own copy
+    q = Plan(**{**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}, "alpha": alpha})
+    alpha[0] = 123.0
+    assert q.alpha[0] == p.alpha[0] and q == p
 
 
 def test_table_lists_every_stage():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edmrt import quality as Q
+from edmrt.lab import quality_gmm as Q
 
 
 def test_sliced_wasserstein_is_zero_on_itself_and_sees_a_shift():
@@ -47,7 +47,7 @@ def test_quality_digits_cli_end_to_end(tmp_path, capsys):
     pytest.importorskip("sklearn")
     import edmrt
     from edmrt.cli import main
-    from edmrt.metrics import fd_digits, fd_digits_floor, fd_digits_labels
+    from edmrt.lab.metrics import fd_digits, fd_digits_floor, fd_digits_labels
 
     stem = tmp_path / "q"
     assert main(["quality", "--model", "digits", "--solvers", "euler", "--nfe", "2", "3", "--blocks", "2",
@@ -63,11 +63,11 @@ def test_quality_digits_cli_end_to_end(tmp_path, capsys):
     assert row["fd_digits_blocks"][0] == pytest.approx(fd_digits(x), rel=1e-6)
     assert row["fd_digits"] == pytest.approx(np.mean(row["fd_digits_blocks"]))
     # FD-train: the same block against the whole training split; its floor is test half A against it
-    from edmrt.metrics import _test_halves, digits_features, frechet_distance
-    from edmrt.train import load_digits_split
+    from edmrt.lab.common import held_out_halves, load_digits_split
+    from edmrt.lab.metrics import digits_features, frechet_distance
 
     ref_train = digits_features(load_digits_split("train")[0])
-    (xa, _), _ = _test_halves()
+    (xa, _), _ = held_out_halves()
     assert res["fd_train_floor"] == pytest.approx(frechet_distance(digits_features(xa), ref_train), rel=1e-9)
     assert res["rows"][1]["fd_train"] < row["fd_train"]  # 3 Euler steps beat 2 by far on the low-noise metric
     # two Euler steps from sigma = 80 give blurred digits: far above the real-vs-real floor

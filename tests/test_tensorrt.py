@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from edmrt.export.tensorrt import EngineCache, Profile, tensorrt_available
+from edmrt.backends.trt import tensorrt_available
+from edmrt.export.tensorrt import EngineCache, Profile
 
 
 class CountingBuilder:
@@ -82,7 +83,7 @@ def test_bad_arguments(tmp_path, onnx_file):
 def test_real_tensorrt_build_and_run(tmp_path):  # pragma: no cover - runs only where TensorRT exists
     import torch
 
-    from edmrt.export.tensorrt import TensorRTBackend
+    from edmrt.backends.trt import TensorRTBackend
     from edmrt.export.onnx import export_onnx
     from edmrt.models.unet import build_unet
 

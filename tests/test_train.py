@@ -1,4 +1,4 @@
-"""EDM training on the digits (edmrt.train, `edmrt train`): end to end on the tiny config in seconds."""
+"""EDM training on the digits (edmrt.lab.train, `edmrt train`): end to end on the tiny config in seconds."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("sklearn")
 
 import edmrt  # noqa: E402
 from edmrt.cli import main  # noqa: E402
-from edmrt.train import SIGMA_DATA, TrainOptions, load_digits_split, train  # noqa: E402
+from edmrt.lab.common import SIGMA_DATA, load_digits_split
+from edmrt.lab.train import TrainOptions, train  # noqa: E402
 
 
 def test_digits_split_is_fixed_and_scaled():
@@ -78,5 +80,10 @@ def test_cli_train_writes_weights_that_load(tmp_path, capsys):
     assert model.precond == edmrt.EDMPrecond(SIGMA_DATA)
     x = edmrt.Sampler(model, solver="euler", steps=4, backend="torch", device="cpu").sample([0, 1], cond=[3, 4])
     assert x.shape == (2, 1, 8, 8) and bool(torch.isfinite(x).all())
-    # resume to the same total: nothing more to do, same weights exported again
-    assert main(["train", "--iters", "20", "--resume", str(tmp_path / "ck"), "--quiet"]) == 0
+    # Resume to the same total: no iteration left to run, and the weights exported again are the same, bit for bit.
+    again = tmp_path / "again" / "digits.safetensors"
+    assert main(["train", "--iters", "20", "--resume", str(tmp_path / "ck"), "--quiet", "-o", str(again)]) == 0
+    assert "trained tiny for 20 iterations" in capsys.readouterr().out
+    a, b = load_file(str(out)), load_file(str(again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(again.with_suffix(".json").read_text())["training"]["iterations_done"] == 20

@@ -7,13 +7,12 @@
 
 namespace edmrt {
 
-// out[i] = sum_t coeff[t] * in[t][i] for i < n.  `out` may alias any input: each element is
-// read from every input before it is written.  OpenMP-parallel over i.
-template <typename T>
-void lincomb(T* out, const double* coeff, const T* const* in, std::size_t terms, std::size_t n);
-
 // ---------------------------------------------------------------- Philox4x32-10 (Salmon et al. 2011)
 // key = the sample's 64-bit seed, counter = (element, stream, 0, 0): Triton's tl.randint4x stream.
+// Streams (kernels/philox.py's INITIAL_STREAM, CHURN_STREAM, STAGE0_STREAM; the bindings export them as STREAMS):
+constexpr uint32_t kInitialStream = 0;  // x_init = t0 N(seed, kInitialStream)
+constexpr uint32_t kChurnStream = 1;    // the churn before stage 0
+constexpr uint32_t kStage0Stream = 2;   // stage s draws kStage0Stream + s
 void philox4x32(uint32_t ctr[4], uint32_t k0, uint32_t k1);
 // Triton's tl.randn mapping of the first two words: Box-Muller, cosine branch, float32.
 float normal_from_words(uint32_t w0, uint32_t w1);
@@ -21,11 +20,32 @@ float normal_from_words(uint32_t w0, uint32_t w1);
 void randn(const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t stream, float* out);
 
 // ---------------------------------------------------------------- the plan table
-// Columns of one stage row (kernels/table.py holds the same list).
+// Columns of one stage row: kernels/table.py's COLUMNS, then the history weights b_0 .. b_{K-1}.
+// The bindings export the names as TABLE_COLUMNS, and the tests check them against COLUMNS.
 enum Col : int {
   C_IN = 0, C_NOISE, C_SKIP, C_OUT, ALPHA, BETA, A, E, N, COMMIT, C_IN_NEXT, C_NOISE_NEXT, B0
 };
 constexpr int kFixedCols = B0;
+
+// The column's name in kernels/table.py ("b_0" for the first history column); -Wswitch flags a missing one.
+constexpr const char* column_name(Col c) {
+  switch (c) {
+    case C_IN: return "c_in";
+    case C_NOISE: return "c_noise";
+    case C_SKIP: return "c_skip";
+    case C_OUT: return "c_out";
+    case ALPHA: return "alpha";
+    case BETA: return "beta";
+    case A: return "a";
+    case E: return "e";
+    case N: return "n";
+    case COMMIT: return "commit";
+    case C_IN_NEXT: return "c_in_next";
+    case C_NOISE_NEXT: return "c_noise_next";
+    case B0: return "b_0";
+  }
+  return "";
+}
 
 struct StepArgs {
   const double* row;       // the stage's row of the table (kFixedCols + K values)
@@ -45,12 +65,15 @@ struct StepArgs {
   const int64_t* seeds;    // (B) per-sample seeds
 };
 
-// One stage of a plan (DESIGN.md): D, the history entry, the linear update, noise, commit, next input.
+// One stage of a plan (the equations of kernels/reference.py): D, the history entry, the linear update, noise,
+// commit, next input.
 void fused_step(const StepArgs& a);
 
-// Initial state: x = x_eval = t0 * N(seed, 0) + n_init * N(seed, 1); x_in = c_in[0] x; sigma_in = c_noise[0].
+// Initial state: x = x_eval = t0 N(seed, kInitialStream) + n_init N(seed, kChurnStream), or, with a given x0
+// (non-null, batch * per_sample floats; may be x itself), x = x_eval = x0 + n_init N(seed, kChurnStream);
+// x_in = c_in[0] x (both halves when x_in_twice); sigma_in = c_noise[0].
 void init_state(const double* row0, double t0, double n_init, int64_t batch, int64_t per_sample, const int64_t* seeds,
-                float* x, float* x_eval, float* x_in, bool x_in_twice, float* sigma_in);
+                const float* x0, float* x, float* x_eval, float* x_in, bool x_in_twice, float* sigma_in);
 
 // ---------------------------------------------------------------- plans from JSON (the C ABI uses this)
 struct Plan {

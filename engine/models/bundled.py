@@ -76,7 +76,7 @@ def load(name: str = "digits", root: str | Path | None = None, device: str | tor
 
     Raises ValueError for an unknown name, a missing, corrupt or mismatched weights file, or a bad card.
     """
-    from ..engine import Model
+    from ..model import Model
     from ..precond import ConsistencyPrecond, EDMPrecond
     from .unet import EDMUNet, UNetConfig
 

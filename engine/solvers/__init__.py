@@ -15,8 +15,7 @@ from ..schedules import check_sigmas
 from .dpm import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
 from .edm import edm, euler, heun
 from .fewstep import consistency, lcm, tcd
-from .multistep import ipndm, lms
-from .afs import ipndm_afs
+from .multistep import ipndm, ipndm_afs, lms
 from .unipc import unipc
 
 __all__ = ["SOLVERS", "get_solver", "build_plan", "solver_options"]

@@ -1,4 +1,4 @@
-"""Shared machinery of the solvers: the plan builder and option checks."""
+"""Shared machinery of the solvers: the plan builder (its two stage kinds, Y = d and Y = D) and option checks."""
 from __future__ import annotations
 
 import math
@@ -14,17 +14,32 @@ __all__ = ["Builder", "finite", "choice", "integer"]
 class Builder:
     """Collects stages, then fills in the preconditioning coefficients at each stage's sigma."""
 
-    def __init__(self, solver: str, sigmas: np.ndarray, precond: Precond, K: int, options: dict):
+    def __init__(self, solver: str, sigmas: np.ndarray, precond: Precond, *, K: int, options: dict):
         self.solver, self.sigmas, self.precond, self.K, self.options = solver, sigmas, precond, K, options
         self.rows: list[dict] = []
         self.n_init = 0.0
 
     def stage(self, *, step: int, sigma: float, alpha: float, beta: float, a: float = 0.0, e: float = 0.0,
-              b: tuple[float, ...] = (), n: float = 0.0, commit: bool = True) -> None:
+              b: tuple[float, ...] = (), n: float = 0.0, commit: bool = True, x_scale: float = 1.0) -> None:
+        """One network evaluation at ``x_scale * x_eval`` and ``sigma``, then Y = alpha x_eval + beta D and
+        x_new = a x + e x_eval + sum_k b_k Y[s - k] + n z (the stage equations of ``edmrt.plan``)."""
         if len(b) > self.K:
             raise AssertionError(f"internal: stage uses {len(b)} history entries, plan has K={self.K}")
         self.rows.append(dict(step=step, sigma=sigma, alpha=alpha, beta=beta, a=a, e=e,
-                              b=tuple(b) + (0.0,) * (self.K - len(b)), n=n, commit=commit))
+                              b=tuple(b) + (0.0,) * (self.K - len(b)), n=n, commit=commit, x_scale=x_scale))
+
+    def d_stage(self, *, step: int, sigma: float, b: tuple[float, ...], a: float = 1.0, commit: bool = True,
+                x_scale: float = 1.0) -> None:
+        """A stage whose history entry is the ODE's derivative d = (x - D(x; sigma)) / sigma (Karras et al. 2022,
+        Eq. 4 and Algorithm 1, at x = x_scale x_eval): x_new = a x + sum_k b_k d[s - k]."""
+        self.stage(step=step, sigma=sigma, alpha=x_scale / sigma, beta=-1.0 / sigma, a=a, b=b, commit=commit,
+                   x_scale=x_scale)
+
+    def D_stage(self, *, step: int, sigma: float, b: tuple[float, ...], a: float = 0.0, e: float = 0.0,
+                n: float = 0.0) -> None:
+        """A stage whose history entry is the denoised D(x; sigma) itself (data prediction: DPM-Solver++, UniPC,
+        consistency models): x_new = a x + e x_eval + sum_k b_k D[s - k] + n z."""
+        self.stage(step=step, sigma=sigma, alpha=0.0, beta=1.0, a=a, e=e, b=b, n=n)
 
     def add_noise_after_last(self, n: float) -> None:
         """Noise that must reach x before the next stage: folded into the last stage (or the start)."""
@@ -46,6 +61,8 @@ class Builder:
         col = lambda k: np.array([r[k] for r in self.rows], dtype=np.float64)  # noqa: E731
         sigma = col("sigma")
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
+        # A stage evaluated at x_scale x_eval: the network sees c_in x_scale x_eval, and D skips c_skip x_scale x_eval.
+        c_in, c_skip = c_in * col("x_scale"), c_skip * col("x_scale")
         return Plan(solver=self.solver, sigmas=self.sigmas, step=np.array([r["step"] for r in self.rows]),
                     sigma=sigma, c_in=c_in, c_noise=c_noise, c_skip=c_skip, c_out=c_out,
                     alpha=col("alpha"), beta=col("beta"), a=col("a"), e=col("e"),

@@ -12,7 +12,7 @@ from .base import Builder, finite, choice
 __all__ = ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde"]
 
 
-def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, order: int, eta: float, S_noise: float,
+def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, *, order: int, eta: float, S_noise: float,
                    solver_type: str, options: dict) -> Plan:
     """DPM-Solver++(2M/3M) with the SDE variant's eta (Lu et al. 2022, Sec. 5; Gonzalez et al. 2023 for 3M SDE).
 
@@ -22,7 +22,7 @@ def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, order: int, 
     """
     eta = finite("eta", eta, 0.0)
     S_noise = finite("S_noise", S_noise, 0.0)
-    p = Builder(name, sigmas, precond, order, options)
+    p = Builder(name, sigmas, precond, K=order, options=options)
     N = sigmas.size - 1
     D0, D1, D2 = np.eye(3)  # coefficient vectors of D_i, D_{i-1}, D_{i-2}
     h_1 = h_2 = None
@@ -30,7 +30,7 @@ def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, order: int, 
         t, t_next = sigmas[i], sigmas[i + 1]
         if t_next == 0.0:
             # Denoising step to t_N = 0.
-            p.stage(step=i, sigma=t, alpha=0.0, beta=1.0, a=0.0, b=(1.0,))
+            p.D_stage(step=i, sigma=t, b=(1.0,))
             continue
         h = math.log(t / t_next)
         h_eta = h * (1.0 + eta)
@@ -53,8 +53,7 @@ def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, order: int, 
             else:  # midpoint
                 coef = coef + 0.5 * phi_1 / r * (D0 - D1)
         n = t_next * math.sqrt(-math.expm1(-2.0 * eta * h)) * S_noise if eta > 0 else 0.0
-        p.stage(step=i, sigma=t, alpha=0.0, beta=1.0, a=(t_next / t) * math.exp(-eta * h),
-                b=tuple(coef[:order]), n=n)
+        p.D_stage(step=i, sigma=t, a=(t_next / t) * math.exp(-eta * h), b=tuple(coef[:order]), n=n)
         h_1, h_2 = h, h_1
     return p.build()
 
@@ -64,13 +63,15 @@ def dpmpp_2m(sigmas, precond: Precond) -> Plan:
     x_{i+1} = (t_{i+1}/t_i) x_i - expm1(-h_i) ((1 + 1/(2 r_i)) D_i - D_{i-1} / (2 r_i)), r_i = h_{i-1} / h_i;
     first order on the first step and on the step to sigma = 0 (x_N = D_{N-1}).  (The 2M SDE at eta = 0,
     midpoint: phi_1 D_i + phi_1 / (2 r_i) (D_i - D_{i-1}) is the same update.)"""
-    return _sde_multistep("dpmpp_2m", sigmas, precond, 2, 0.0, 1.0, "midpoint", {})
+    return _sde_multistep("dpmpp_2m", sigmas, precond, order=2, eta=0.0, S_noise=1.0, solver_type="midpoint",
+                          options={})
 
 
 def dpmpp_3m(sigmas, precond: Precond) -> Plan:
     """DPM-Solver++(3M), Lu et al. (2022) multistep order 3 in lambda = -ln sigma (as k-diffusion's 3M SDE at eta = 0):
     x_{i+1} = (t_{i+1}/t_i) x_i + phi_1 D_i + phi_2 D1_i - phi_3 D2_i; orders 1, 2 on the first steps, x_N = D_{N-1}."""
-    return _sde_multistep("dpmpp_3m", sigmas, precond, 3, 0.0, 1.0, "heun", {})
+    return _sde_multistep("dpmpp_3m", sigmas, precond, order=3, eta=0.0, S_noise=1.0, solver_type="heun",
+                          options={})
 
 
 def dpmpp_2m_sde(sigmas, precond: Precond, *, eta: float = 1.0, S_noise: float = 1.0,
@@ -79,11 +80,12 @@ def dpmpp_2m_sde(sigmas, precond: Precond, *, eta: float = 1.0, S_noise: float =
     x_{i+1} = (t_{i+1}/t_i) e^{-eta h} x_i + phi_1 D_i + c (D_i - D_{i-1}) / r + t_{i+1} sqrt(1 - e^{-2 eta h}) z,
     c = phi_1 / 2 (midpoint) or phi_2 (heun); eta = 0 with midpoint is ``dpmpp_2m``."""
     choice("solver_type", solver_type, ("midpoint", "heun"))
-    return _sde_multistep("dpmpp_2m_sde", sigmas, precond, 2, eta, S_noise, solver_type,
-                          dict(eta=eta, S_noise=S_noise, solver_type=solver_type))
+    return _sde_multistep("dpmpp_2m_sde", sigmas, precond, order=2, eta=eta, S_noise=S_noise, solver_type=solver_type,
+                          options=dict(eta=eta, S_noise=S_noise, solver_type=solver_type))
 
 
 def dpmpp_3m_sde(sigmas, precond: Precond, *, eta: float = 1.0, S_noise: float = 1.0) -> Plan:
     """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde): the 3M update with h_eta = (1 + eta) h and
     noise t_{i+1} sqrt(1 - e^{-2 eta h}) z; eta = 0 is ``dpmpp_3m``."""
-    return _sde_multistep("dpmpp_3m_sde", sigmas, precond, 3, eta, S_noise, "heun", dict(eta=eta, S_noise=S_noise))
+    return _sde_multistep("dpmpp_3m_sde", sigmas, precond, order=3, eta=eta, S_noise=S_noise, solver_type="heun",
+                          options=dict(eta=eta, S_noise=S_noise))

@@ -37,21 +37,21 @@ def euler(sigmas, precond: Precond, *, S_churn: float = 0.0, S_tmin: float = 0.0
     (with churn as Algorithm 2): x_{i+1} = x_hat_i + (t_{i+1} - t_hat_i) d_i, d_i = (x_hat_i - D(x_hat_i; t_hat_i)) / t_hat_i."""
     opts = dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
     t_hat, noise = churn(sigmas, **opts)
-    p = Builder("euler", sigmas, precond, 1, opts if S_churn else {})
+    p = Builder("euler", sigmas, precond, K=1, options=opts if S_churn else {})
     N = sigmas.size - 1
     p.add_noise_after_last(noise[0])
     for i in range(N):
         # Euler step.
-        p.stage(step=i, sigma=t_hat[i], alpha=1.0 / t_hat[i], beta=-1.0 / t_hat[i],
-                a=1.0, b=(sigmas[i + 1] - t_hat[i],), commit=True)
+        p.d_stage(step=i, sigma=t_hat[i], b=(sigmas[i + 1] - t_hat[i],))
         if i + 1 < N:
             p.add_noise_after_last(noise[i + 1])
     return p.build()
 
 
 def _heun(name: str, sigmas: np.ndarray, precond: Precond, opts: dict) -> Plan:
+    """Algorithm 2 (with churn) / Algorithm 1 (without): Euler to a trial point, then the trapezoidal correction."""
     t_hat, noise = churn(sigmas, **opts)
-    p = Builder(name, sigmas, precond, 2, opts if name == "edm" else {})
+    p = Builder(name, sigmas, precond, K=2, options=opts if name == "edm" else {})
     N = sigmas.size - 1
     p.add_noise_after_last(noise[0])
     for i in range(N):
@@ -59,13 +59,12 @@ def _heun(name: str, sigmas: np.ndarray, precond: Precond, opts: dict) -> Plan:
         dt = t_next - t_hat[i]
         if t_next == 0.0:
             # Euler step to t_N = 0 (Algorithm 1, line 7 is skipped).
-            p.stage(step=i, sigma=t_hat[i], alpha=1.0 / t_hat[i], beta=-1.0 / t_hat[i], a=1.0, b=(dt,), commit=True)
+            p.d_stage(step=i, sigma=t_hat[i], b=(dt,))
         else:
             # Euler step to the trial point x_{i+1}' (does not commit).
-            p.stage(step=i, sigma=t_hat[i], alpha=1.0 / t_hat[i], beta=-1.0 / t_hat[i], a=1.0, b=(dt,), commit=False)
+            p.d_stage(step=i, sigma=t_hat[i], b=(dt,), commit=False)
             # Apply 2nd order correction: x_{i+1} = x_hat_i + dt (d_i + d'_i) / 2.
-            p.stage(step=i, sigma=t_next, alpha=1.0 / t_next, beta=-1.0 / t_next, a=1.0, b=(0.5 * dt, 0.5 * dt),
-                    commit=True)
+            p.d_stage(step=i, sigma=t_next, b=(0.5 * dt, 0.5 * dt))
         if i + 1 < N:
             p.add_noise_after_last(noise[i + 1])
     return p.build()
@@ -74,13 +73,13 @@ def _heun(name: str, sigmas: np.ndarray, precond: Precond, opts: dict) -> Plan:
 def heun(sigmas, precond: Precond) -> Plan:
     """Heun's 2nd-order method, Karras et al. (2022) Algorithm 1 (Euler on the last step to t_N = 0):
     x_{i+1} = x_i + (t_{i+1} - t_i) (d_i + d'_i) / 2, d'_i evaluated at the Euler trial point."""
-    return _heun("heun", sigmas, precond, dict(S_churn=0.0, S_tmin=0.0, S_tmax=math.inf, S_noise=1.0))
+    return _heun("heun", sigmas, precond, opts=dict(S_churn=0.0, S_tmin=0.0, S_tmax=math.inf, S_noise=1.0))
 
 
 def edm(sigmas, precond: Precond, *, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf,
         S_noise: float = 1.0) -> Plan:
     """EDM stochastic sampler, Karras et al. (2022) Algorithm 2: churn x_hat_i = x_i + sqrt(t_hat_i^2 - t_i^2) S_noise eps,
     then a Heun step from t_hat_i to t_{i+1}.  With S_churn = 0 it is ``heun``."""
-    return _heun("edm", sigmas, precond, dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise))
+    return _heun("edm", sigmas, precond, opts=dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise))
 
 

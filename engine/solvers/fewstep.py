@@ -32,10 +32,10 @@ def consistency(sigmas, precond: Precond, *, model_sigma_min: float = 0.002) -> 
     if np.any(sigmas[:-1] < epsilon * (1.0 - 1e-12)):  # a computed sigma_min may round a hair below
         raise ValueError(f"consistency: every level before the output must be >= model_sigma_min = {epsilon}, got "
                          f"{float(sigmas[:-1].min())} (end the schedule at sigma_min >= model_sigma_min, then 0)")
-    p = Builder("consistency", sigmas, precond, 1, dict(model_sigma_min=epsilon))
+    p = Builder("consistency", sigmas, precond, K=1, options=dict(model_sigma_min=epsilon))
     for n in range(sigmas.size - 1):
         # x <- f(x; tau_n), plus the noise of the next level.
-        p.stage(step=n, sigma=sigmas[n], alpha=0.0, beta=1.0, a=0.0, b=(1.0,))
+        p.D_stage(step=n, sigma=sigmas[n], b=(1.0,))
         if n < taus.size:
             p.add_noise_after_last(_rise(taus[n], epsilon))
     return p.build()
@@ -77,13 +77,13 @@ def tcd(sigmas, precond: Precond, *, gamma: float = 0.3) -> Plan:
     sigma = 0 (x = D); diffusers instead stops at timestep 0 (sigma_0 = sqrt((1 - alpha_bar_0) / alpha_bar_0)).
     """
     gamma = finite("gamma", gamma, 0.0, hi=1.0)
-    p = Builder("tcd", sigmas, precond, 1, dict(gamma=gamma))
+    p = Builder("tcd", sigmas, precond, K=1, options=dict(gamma=gamma))
     for i in range(sigmas.size - 1):
         sigma_t, sigma_next = sigmas[i], sigmas[i + 1]
         sigma_s = _tcd_sigma_s(precond, sigma_next, gamma)
         # DDIM jump from t to s with x0 = D, eps = (x_t - D) / sigma_t; then forward noise from s to t_next.
         r = sigma_s / sigma_t
-        p.stage(step=i, sigma=sigma_t, alpha=0.0, beta=1.0, a=r, b=(1.0 - r,))
+        p.D_stage(step=i, sigma=sigma_t, a=r, b=(1.0 - r,))
         if sigma_next > 0.0:
             p.add_noise_after_last(_rise(sigma_next, sigma_s))
     return p.build()
@@ -96,10 +96,10 @@ def lcm(sigmas, precond: Precond) -> Plan:
     LCM's boundary-condition scalings c_skip(t) = sigma_data^2 / ((10 t)^2 + sigma_data^2), c_out(t) = 10 t / sqrt(...)
     are part of the model's parameterisation (its D), not of the solver: wrap them into the denoiser or a Precond.
     """
-    p = Builder("lcm", sigmas, precond, 1, {})
+    p = Builder("lcm", sigmas, precond, K=1, options={})
     for i in range(sigmas.size - 1):
         # x0 = D(x; sigma_i), noised afresh to the next level.
-        p.stage(step=i, sigma=sigmas[i], alpha=0.0, beta=1.0, a=0.0, b=(1.0,))
+        p.D_stage(step=i, sigma=sigmas[i], b=(1.0,))
         if sigmas[i + 1] > 0.0:
             p.add_noise_after_last(sigmas[i + 1])
     return p.build()

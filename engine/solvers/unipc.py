@@ -29,7 +29,7 @@ def _phi(k: int, z: float) -> float:
     return phi
 
 
-def _rho(r: list[float], hh: float, B_h: float, n: int) -> np.ndarray:
+def _rho(r: list[float], *, hh: float, B_h: float, n: int) -> np.ndarray:
     """Solve the order conditions R_n rho = g_n / B(h) (Sec. 3.1, Theorem 3.1) for n coefficients:
     R_n[i, k] = r_k^i over the points r = (r_1, ..., r_{p-1}[, 1]) and g_n[i] = i! hh phi_{i+1}(hh), i = 1..n,
     at hh = -h as the data-prediction form does.  As the paper's reference code (and diffusers) does, a single
@@ -43,7 +43,7 @@ def _rho(r: list[float], hh: float, B_h: float, n: int) -> np.ndarray:
     return np.linalg.solve(R, g / B_h)
 
 
-def _residual(sigmas: np.ndarray, j: int, p: int, variant: str, corrector: bool) -> dict[int, float]:
+def _residual(sigmas: np.ndarray, j: int, *, p: int, variant: str, corrector: bool) -> dict[int, float]:
     """The B(h) term of UniP-p (corrector=False) or UniC-p (corrector=True) on the step t_j -> t_{j+1},
     -B(h) (sum_{k<p} rho_k (D_{j-k} - D_j) / r_k  [+ rho_p (D_{j+1} - D_j)]),
     as {schedule index of D: coefficient}."""
@@ -52,7 +52,7 @@ def _residual(sigmas: np.ndarray, j: int, p: int, variant: str, corrector: bool)
     hh = -h
     B_h = hh if variant == "bh1" else math.expm1(hh)
     r = [math.log(t / sigmas[j - k]) / h for k in range(1, p)]  # r_k = (lambda_{j-k} - lambda_j) / h < 0
-    rho = _rho(r + [1.0] if corrector else r, hh, B_h, p if corrector else p - 1)
+    rho = _rho(r + [1.0] if corrector else r, hh=hh, B_h=B_h, n=p if corrector else p - 1)
     c: dict[int, float] = {}
     for k, r_k in enumerate(r, start=1):
         c[j - k] = c.get(j - k, 0.0) - B_h * rho[k - 1] / r_k
@@ -88,7 +88,7 @@ def unipc(sigmas, precond: Precond, *, order: int = 2, variant: str = "bh2") -> 
     variant = choice("variant", variant, ("bh1", "bh2"))
     N = sigmas.size - 1
     K = order + 1
-    p = Builder("unipc", sigmas, precond, K, dict(order=order, variant=variant))
+    p = Builder("unipc", sigmas, precond, K=K, options=dict(order=order, variant=variant))
     p_i = [min(order, i + 1, N - i) for i in range(N)]
     for i in range(N):
         t, t_next = sigmas[i], sigmas[i + 1]
@@ -96,14 +96,14 @@ def unipc(sigmas, precond: Precond, *, order: int = 2, variant: str = "bh2") -> 
         if t_next == 0.0:
             # Denoise to t_N = 0: UniP-1 in the limit h -> inf.
             b[0] = 1.0
-            p.stage(step=i, sigma=t, alpha=0.0, beta=1.0, a=0.0, e=0.0, b=tuple(b))
+            p.D_stage(step=i, sigma=t, b=tuple(b))
             continue
         # UniC-p_{i-1}: x^c_i = x_i + (corrector residual - predictor residual) of the step t_{i-1} -> t_i.
         delta: dict[int, float] = {}
         if i > 0:
-            for j, c in _residual(sigmas, i - 1, p_i[i - 1], variant, corrector=True).items():
+            for j, c in _residual(sigmas, i - 1, p=p_i[i - 1], variant=variant, corrector=True).items():
                 delta[j] = delta.get(j, 0.0) + c
-            for j, c in _residual(sigmas, i - 1, p_i[i - 1], variant, corrector=False).items():
+            for j, c in _residual(sigmas, i - 1, p=p_i[i - 1], variant=variant, corrector=False).items():
                 delta[j] = delta.get(j, 0.0) - c
         # UniP-p_i from x^c_i: x_{i+1} = e^{-h} x^c_i + (1 - e^{-h}) D_i + residual.
         h = math.log(t / t_next)
@@ -111,7 +111,7 @@ def unipc(sigmas, precond: Precond, *, order: int = 2, variant: str = "bh2") -> 
         for j, c in delta.items():
             b[i - j] += e * c
         b[0] += -math.expm1(-h)
-        for j, c in _residual(sigmas, i, p_i[i], variant, corrector=False).items():
+        for j, c in _residual(sigmas, i, p=p_i[i], variant=variant, corrector=False).items():
             b[i - j] += c
-        p.stage(step=i, sigma=t, alpha=0.0, beta=1.0, a=0.0, e=e, b=tuple(b))
+        p.D_stage(step=i, sigma=t, e=e, b=tuple(b))
     return p.build()

@@ -17,11 +17,11 @@ with theta- the target network (an EMA of theta with decay ``mu``, never differe
 distance sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & Dhariwal 2023, "Improved techniques for
 training consistency models", arXiv 2310.14189, Sec. 3.3) or the mean squared error, and lambda = 1 (Song et al.'s
 CD) or 1 / (t_{n+1} - t_n) (the improved recipe).  Student and target start from the teacher's weights (Song et al.
-Sec. 6).  The shipped student is a further EMA of theta (``ema_decay``, ramped up as in ``edmrt.train``).
+Sec. 6).  The shipped student is a further EMA of theta (``ema_decay``, ramped up as in ``edmrt.lab.train``).
 Labels are the same for teacher and student and are dropped to the null label with ``p_uncond`` (as in training),
 so the student keeps the unconditional mode.
 
-Checkpoints and resume work as in ``edmrt.train`` (safetensors + ``torch.load(weights_only=True)`` for Adam).
+Checkpoints and resume work as in ``edmrt.lab.train`` (safetensors + ``torch.load(weights_only=True)`` for Adam).
 """
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .precond import ConsistencyPrecond
-from .train import denoise
+from ..model import Model
+from ..precond import ConsistencyPrecond
+from .common import denoise
 
-__all__ = ["DistillOptions", "DistillResult", "distill", "karras_levels", "export_student", "student_model",
+__all__ = ["DistillOptions", "DistillResult", "distill", "heun_step", "karras_levels", "export_student", "student_model",
            "select_levels", "self_consistency"]
 
 
@@ -104,11 +105,11 @@ def _pair(teacher, y: torch.Tensor, labels, t: torch.Tensor, n: torch.Tensor, z:
     t_cur, t_next = t[n + 1], t[n]
     x = y + t_cur.to(y.dtype).view((-1,) + (1,) * (y.ndim - 1)) * z
     with torch.no_grad():
-        x_hat = _heun_step(teacher, x, t_cur, t_next, labels)
+        x_hat = heun_step(teacher, x, t_cur, t_next, labels)
     return x, x_hat, t_cur, t_next
 
 
-def _heun_step(teacher, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, labels) -> torch.Tensor:
+def heun_step(teacher, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, labels) -> torch.Tensor:
     """One Heun step of dx/dt = (x - D(x; t)) / t from t_cur to t_next > 0 (EDM Algorithm 1, lines 5-8)."""
     shape = (-1,) + (1,) * (x.ndim - 1)
     tc, tn = t_cur.to(x.dtype).view(shape), t_next.to(x.dtype).view(shape)
@@ -155,38 +156,25 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
     training split.  The teacher's network is put in eval mode and frozen (requires_grad False)."""
     from tqdm import tqdm
 
-    from .engine import Model
-    from .train import (ema_update_, load_checkpoint_folder, load_digits_split, record_loss,
-                        save_checkpoint_folder)
+    from .common import ema_update_, load_checkpoint_folder, record_loss, save_checkpoint_folder
 
     opts = opts or DistillOptions()
-    if not isinstance(teacher, Model) or not isinstance(teacher.network, torch.nn.Module):
-        raise ValueError("teacher must be an edmrt Model whose network is a torch.nn.Module (e.g. edmrt.load('digits'))")
-    sigma_data = getattr(teacher.precond, "sigma_data", None)
-    if sigma_data is None:
-        raise ValueError(f"the teacher's preconditioning {teacher.precond.name!r} has no sigma_data for the student")
-    if teacher.num_classes < 1:
-        raise ValueError("distill needs a class-conditional teacher (num_classes >= 1, the null label for CFG)")
-    images, labels = data if data is not None else load_digits_split("train")
-    if tuple(images.shape[1:]) != tuple(teacher.sample_shape) or labels.shape != images.shape[:1]:
-        raise ValueError(f"data must be images (N, {', '.join(map(str, teacher.sample_shape))}) with labels (N,), got "
-                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    sigma_data, images, labels = _check_teacher(teacher, data)
     state = tensors = optim_state = None
     if resume is not None:
         state, tensors, optim_state = load_checkpoint_folder(Path(resume), "edmrt-distill-checkpoint-1")
         opts = DistillOptions(**{**state["options"], "iters": opts.iters})
     precond = ConsistencyPrecond(float(sigma_data), opts.sigma_min)
     tnet = teacher.network.eval().requires_grad_(False)
-    student = copy.deepcopy(tnet).requires_grad_(True)
-    target = copy.deepcopy(tnet)
-    ema = copy.deepcopy(tnet)
+    nets = {"net": copy.deepcopy(tnet).requires_grad_(True), "target": copy.deepcopy(tnet), "ema": copy.deepcopy(tnet)}
+    student, target, ema = nets["net"], nets["target"], nets["ema"]
     g = torch.Generator().manual_seed(opts.seed)
     optimizer = torch.optim.Adam(student.parameters(), lr=opts.lr, betas=(0.9, 0.999), eps=1e-8)
     step, losses, seconds = 0, [], 0.0
     if state is not None:
         try:
-            for prefix, net in (("net.", student), ("target.", target), ("ema.", ema)):
-                net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+            for prefix, net in nets.items():
+                net.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")},
                                     strict=True)
             optimizer.load_state_dict(optim_state)
             g.set_state(tensors["rng"])
@@ -194,11 +182,10 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
             raise ValueError(f"checkpoint {str(resume)!r} does not fit this teacher: {exc}") from None
         step, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
     t = karras_levels(opts.N, opts.sigma_min, opts.sigma_max, opts.rho)
-    null = teacher.null_label
     result = DistillResult(opts, student, target, ema, precond, step, losses, seconds)
 
     def save():
-        save_checkpoint_folder(Path(checkpoint), {"net": student, "target": target, "ema": ema}, g, optimizer,
+        save_checkpoint_folder(Path(checkpoint), nets, g, optimizer,
                                _state_json(opts, result.step, result.losses, result.seconds))
 
     student.train()
@@ -206,22 +193,9 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
     bar = tqdm(total=opts.iters, initial=step, disable=not progress, desc="distill", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter()
     while step < opts.iters:
-        B = opts.batch
-        idx = torch.randint(0, images.shape[0], (B,), generator=g)
-        y, lab = images[idx], labels[idx]
-        drop = torch.rand(B, generator=g) < opts.p_uncond
-        lab = torch.where(drop, torch.full_like(lab, null), lab)
-        n = torch.randint(0, opts.N - 1, (B,), generator=g)        # 0-based: levels t[n] < t[n + 1]
-        z = torch.randn(y.shape, generator=g)
-        x, x_hat, t_cur, t_next = _pair(teacher, y, lab, t, n, z)
-        with torch.no_grad():
-            f_target = denoise(target, precond, x_hat, t_next, lab)
         for group in optimizer.param_groups:
             group["lr"] = opts.lr * min(1.0, (step + 1) / max(1, opts.warmup))
-        f_online = denoise(student, precond, x, t_cur, lab)
-        dist = _distance(f_online, f_target, opts.loss)
-        weight = torch.ones(B) if opts.weighting == "uniform" else (1.0 / (t_cur - t_next)).float()
-        loss = (weight * dist).mean()
+        loss = _loss(teacher, student, target, precond, opts, images, labels, t, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -236,15 +210,49 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
     result.seconds = seconds + time.perf_counter() - t0
     if checkpoint is not None:
         save()
-    for net in (student, target, ema):
+    for net in nets.values():
         net.eval()
     return result
 
 
+def _check_teacher(teacher, data):
+    """(sigma_data, images, labels) for distilling ``teacher`` on ``data`` (default the digits training split)."""
+    from .common import load_digits_split
+
+    if not isinstance(teacher, Model) or not isinstance(teacher.network, torch.nn.Module):
+        raise ValueError("teacher must be an edmrt Model whose network is a torch.nn.Module (e.g. edmrt.load('digits'))")
+    sigma_data = getattr(teacher.precond, "sigma_data", None)
+    if sigma_data is None:
+        raise ValueError(f"the teacher's preconditioning {teacher.precond.name!r} has no sigma_data for the student")
+    if teacher.num_classes < 1:
+        raise ValueError("distill needs a class-conditional teacher (num_classes >= 1, the null label for CFG)")
+    images, labels = data if data is not None else load_digits_split("train")
+    if tuple(images.shape[1:]) != tuple(teacher.sample_shape) or labels.shape != images.shape[:1]:
+        raise ValueError(f"data must be images (N, {', '.join(map(str, teacher.sample_shape))}) with labels (N,), got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    return sigma_data, images, labels
+
+
+def _loss(teacher, student, target, precond, opts: DistillOptions, images, labels, t, g) -> torch.Tensor:
+    """One batch of Algorithm 2: lambda(t_n) d(f_theta(x; t_{n+1}), f_theta-(x_hat; t_n)), randomness from ``g``."""
+    B = opts.batch
+    idx = torch.randint(0, images.shape[0], (B,), generator=g)
+    y, lab = images[idx], labels[idx]
+    drop = torch.rand(B, generator=g) < opts.p_uncond
+    lab = torch.where(drop, torch.full_like(lab, teacher.null_label), lab)
+    n = torch.randint(0, opts.N - 1, (B,), generator=g)        # 0-based: levels t[n] < t[n + 1]
+    z = torch.randn(y.shape, generator=g)
+    x, x_hat, t_cur, t_next = _pair(teacher, y, lab, t, n, z)
+    with torch.no_grad():
+        f_target = denoise(target, precond, x_hat, t_next, lab)
+    f_online = denoise(student, precond, x, t_cur, lab)
+    dist = _distance(f_online, f_target, opts.loss)
+    weight = torch.ones(B) if opts.weighting == "uniform" else (1.0 / (t_cur - t_next)).float()
+    return (weight * dist).mean()
+
+
 def student_model(result: DistillResult, teacher, metadata: dict | None = None):
     """The EMA student as an ``edmrt.Model`` (consistency parameterisation, the teacher's shape and classes)."""
-    from .engine import Model
-
     return Model(result.ema.eval().requires_grad_(False), result.precond, sample_shape=teacher.sample_shape,
                  num_classes=teacher.num_classes, sigma_min=result.options.sigma_min,
                  sigma_max=result.options.sigma_max, metadata=dict(metadata or {}))
@@ -254,7 +262,7 @@ def export_student(result: DistillResult, teacher, weights: str | Path, card: di
     """Write the EMA student (safetensors) and its model card (JSON beside it, same stem); returns the card.
 
     ``levels``: ``select_levels``'s result, the card's default noise levels per step count (else Karras')."""
-    from .models.bundled import write_model
+    from ..models.bundled import write_model
 
     card = {"format": "edmrt-model-card-1", "kind": "unet",
             "architecture": dataclasses.asdict(result.ema.config),
@@ -264,7 +272,7 @@ def export_student(result: DistillResult, teacher, weights: str | Path, card: di
             "teacher": teacher.metadata.get("name"),
             "sampling": {"solver": "consistency", "steps": 2, "solvers": ["consistency", "tcd"],
                          **({"levels": levels["levels"], "fd_train": levels["fd_train"],
-                             "levels_note": "greedy choice by FD against the training split (edmrt.distill."
+                             "levels_note": "greedy choice by FD against the training split (edmrt.lab.distill."
                                             "select_levels); the test split is not used"} if levels else {})},
             "distillation": {**dataclasses.asdict(result.options), "iterations_done": result.step,
                              "wall_time_s": round(result.seconds, 1),
@@ -284,9 +292,9 @@ def select_levels(model, max_steps: int = 4, grid: int = 24, samples: int = 400,
     "2": [sigma_max, tau_1, 0], ...}, "fd_train": {...}}."""
     from tqdm import tqdm
 
-    from .engine import Sampler
+    from ..sampler import Sampler
+    from .common import load_digits_split
     from .metrics import digits_features, frechet_distance, load_classifier
-    from .train import load_digits_split
 
     clf = load_classifier()
     x_train, y_train = load_digits_split("train")

@@ -27,8 +27,6 @@ Checkpoint (a folder): ``model.safetensors`` (net, EMA and generator state), ``o
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,34 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.unet import UNET_CONFIGS, EDMUNet, UNetConfig
-from .precond import EDMPrecond
+from ..models.unet import UNET_CONFIGS, EDMUNet, UNetConfig
+from ..precond import EDMPrecond
+from .common import (NUM_CLASSES, SIGMA_DATA, denoise, ema_update_, load_checkpoint_folder, load_digits_split,
+                     record_loss, save_checkpoint_folder)
 
-__all__ = ["TrainOptions", "TrainResult", "train", "load_digits_split", "denoise", "SIGMA_DATA", "N_TEST", "NUM_CLASSES",
-           "save_checkpoint", "save_checkpoint_folder", "load_checkpoint_folder", "export_weights"]
-
-SIGMA_DATA = 0.75
-N_TEST = 400
-NUM_CLASSES = 10
-
-
-def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 1, 8, 8) float32 in [-1, 1], labels (N,) int64) of the fixed train / test split or all."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - scikit-learn is a dependency
-        raise RuntimeError("the digits data set needs scikit-learn (pip install scikit-learn)") from None
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
-    y = torch.from_numpy(d.target.astype(np.int64))
-    if split == "all":
-        return x, y
-    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
-    idx = perm[:N_TEST] if split == "test" else perm[N_TEST:]
-    return x[idx].contiguous(), y[idx].contiguous()
-
+__all__ = ["TrainOptions", "TrainResult", "train", "edm_loss", "save_checkpoint", "export_weights"]
 
 @dataclass
 class TrainOptions:
@@ -107,15 +83,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def denoise(net, precond, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
-    """D(x; sigma) = c_skip x + c_out net(c_in x, c_noise, labels) for per-sample ``sigma`` (B,), with the
-    preconditioning's float64 coefficients cast to ``x``'s dtype (EDM Eq. 7)."""
-    c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=x.dtype)
-                                    for c in precond.coefficients(sigma.double().numpy()))
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    return c_skip.view(shape) * x + c_out.view(shape) * net(c_in.view(shape) * x, c_noise, labels)
-
-
 def edm_loss(net: torch.nn.Module, precond: EDMPrecond, y: torch.Tensor, labels: torch.Tensor,
              opts: TrainOptions, g: torch.Generator) -> torch.Tensor:
     """EDM's loss (Sec. 5, Eq. 2 with Table 1's lambda and p_train) for one batch."""
@@ -134,58 +101,9 @@ def _state_json(opts: TrainOptions, step: int, losses: list, seconds: float) -> 
             "losses": [float(v) for v in losses], "seconds": seconds}
 
 
-def save_checkpoint_folder(path: Path, nets: dict, g: torch.Generator, optimizer: torch.optim.Optimizer,
-                           state: dict) -> None:
-    """A checkpoint folder: ``model.safetensors`` (each net's tensors under "NAME." and the generator state),
-    ``optimizer.pt`` (a plain tensor dict) and ``state.json``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, net in nets.items() for k, v in net.state_dict().items()}
-    tensors["rng"] = g.get_state()
-    save_file(tensors, str(path / "model.safetensors"))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    (path / "state.json").write_text(json.dumps(state, indent=1))
-
-
-def load_checkpoint_folder(path: Path, fmt: str):
-    """(state, tensors, optimizer state) of a folder written by ``save_checkpoint_folder``; ValueError otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    try:
-        state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "model.safetensors"))
-        optim = torch.load(path / "optimizer.pt", weights_only=True)
-    except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
-        raise ValueError(f"cannot resume from {str(path)!r}: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        raise ValueError(f"cannot resume from {str(path)!r}: not an {fmt} folder")
-    return state, tensors, optim
-
-
 def save_checkpoint(result: TrainResult, optimizer: torch.optim.Optimizer, g: torch.Generator, path: Path) -> None:
     save_checkpoint_folder(path, {"net": result.net, "ema": result.ema}, g, optimizer,
                            _state_json(result.options, result.step, result.losses, result.seconds))
-
-
-def ema_update_(dst: torch.nn.Module, src: torch.nn.Module, decay: float) -> None:
-    """dst <- decay dst + (1 - decay) src, parameter by parameter (in place)."""
-    with torch.no_grad():
-        for p_d, p_s in zip(dst.parameters(), src.parameters()):
-            p_d.lerp_(p_s.detach(), 1.0 - decay)
-
-
-def record_loss(losses: list, loss: torch.Tensor, step: int, iters: int, bar, what: str) -> None:
-    """Append the iteration's loss, stop on NaN / Inf, and update the progress bar (mean of the last 100)."""
-    losses.append(float(loss.detach()))
-    if not math.isfinite(losses[-1]):
-        raise FloatingPointError(f"{what} loss is {losses[-1]} at iteration {step}")
-    bar.update(1)
-    if step % 20 == 0 or step == iters:
-        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
 
 
 def train(opts: TrainOptions | None = None, checkpoint: str | Path | None = None, resume: str | Path | None = None,
@@ -254,7 +172,7 @@ def train(opts: TrainOptions | None = None, checkpoint: str | Path | None = None
 
 def export_weights(result: TrainResult, weights: str | Path, card: dict) -> dict:
     """Write the EMA weights (safetensors) and the model card (JSON beside it, same stem); returns the card."""
-    from .models.bundled import write_model
+    from ..models.bundled import write_model
 
     card = {"format": "edmrt-model-card-1", "kind": "unet", "architecture": dataclasses.asdict(result.ema.config),
             "precond": {"name": "edm", "sigma_data": result.options.sigma_data}, "sample_shape": [1, 8, 8],

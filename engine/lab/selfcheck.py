@@ -1,4 +1,5 @@
-"""Checks of the fused step against the torch reference, shared by the tests and ``benchmarks/gpu_check.py``.
+"""The kernel self-check: the fused step against the torch reference, shared by the tests and
+``benchmarks/gpu_check.py``.
 
 Each check returns plain dicts (JSON-ready) with the measured error and its bound, so a GPU run can
 record numbers as well as pass or fail.
@@ -24,7 +25,7 @@ def solver_plans(steps: int = 5):
 
 def run_stages(plan, impl: str, shape, guidance, f_dtype, device, seed: int = 0, poison: bool = True):
     """Every stage of ``plan`` on seeded random network outputs; outputs poisoned with NaN before each call."""
-    from . import fused_step, init_state, plan_table
+    from edmrt.kernels import fused_step, init_state, plan_table
 
     B = shape[0]
     table = plan_table(plan, device)
@@ -68,7 +69,7 @@ def philox_bits_match(device) -> dict:
     import triton
     import triton.language as tl
 
-    from .philox import philox4x32, philox_normal
+    from edmrt.kernels.philox import philox4x32, philox_normal
 
     @triton.jit
     def draw(seed_ptr, w_ptr, z_ptr, N, per, stream, BLOCK: tl.constexpr):
@@ -97,8 +98,8 @@ def measure_bandwidth(impl: str, device, shape, solver: str = "dpmpp_2m", iters:
     """Achieved GB/s of one fused stage (bytes it must move / time) against a copy of the same bytes."""
     import edmrt
 
-    from . import fused_step, plan_table
-    from .reference import bytes_moved
+    from edmrt.kernels import fused_step, plan_table
+    from edmrt.kernels.reference import bytes_moved
 
     plan = edmrt.plan(solver, edmrt.make_sigmas("karras", 18), edmrt.EDMPrecond())
     stage = 5

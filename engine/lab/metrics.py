@@ -23,8 +23,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models.bundled import WEIGHTS_DIR, read_weights
+from .common import held_out_halves, load_digits_split
+
 __all__ = ["DigitsClassifier", "train_classifier", "load_classifier", "frechet_distance", "digits_features",
-           "fd_digits", "fd_digits_floor", "fd_digits_labels", "class_accuracy", "evaluate_digits"]
+           "fd_digits", "fd_digits_floor", "fd_digits_labels", "class_accuracy", "evaluate_digits",
+           "record_card_metrics", "write_classifier", "CLASSIFIER"]
 
 CLASSIFIER = "digits_classifier"
 
@@ -51,8 +55,6 @@ class DigitsClassifier(nn.Module):
 def train_classifier(epochs: int = 40, batch: int = 64, lr: float = 1e-3, seed: int = 0, noise: float = 0.1):
     """Train on the digits train split with Gaussian input noise (std ``noise``, for robustness to generated
     samples); returns (classifier in eval mode, held-out test accuracy, seconds)."""
-    from .train import load_digits_split
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x, y = load_digits_split("train")
@@ -77,7 +79,6 @@ def train_classifier(epochs: int = 40, batch: int = 64, lr: float = 1e-3, seed: 
 
 def load_classifier(root: str | Path | None = None) -> DigitsClassifier:
     """The shipped digits classifier (safetensors only)."""
-    from .models.bundled import WEIGHTS_DIR, read_weights
 
     net = DigitsClassifier()
     read_weights(Path(root or WEIGHTS_DIR) / f"{CLASSIFIER}.safetensors", net)
@@ -119,29 +120,16 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(C_a) + np.trace(C_b) - 2 * np.trace(covmean))
 
 
-def _test_halves():
-    """The held-out test split cut into two class-stratified halves A, B (per class: first half to A)."""
-    from .train import load_digits_split
-
-    x, y = load_digits_split("test")
-    a, b = [], []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten().tolist()
-        a += idx[:len(idx) // 2]
-        b += idx[len(idx) // 2:]
-    return (x[a], y[a]), (x[b], y[b])
-
-
 def fd_digits_labels() -> list[int]:
     """Class labels to generate for ``fd_digits``: those of test half A (so the samples match A's class mix)."""
-    (_, ya), _ = _test_halves()
+    (_, ya), _ = held_out_halves()
     return ya.tolist()
 
 
 def fd_digits_floor(classifier: DigitsClassifier | None = None) -> float:
     """Real-vs-real floor: FD between the two halves of the held-out test split."""
     clf = classifier or load_classifier()
-    (xa, _), (xb, _) = _test_halves()
+    (xa, _), (xb, _) = held_out_halves()
     return frechet_distance(digits_features(xa, clf), digits_features(xb, clf))
 
 
@@ -149,14 +137,14 @@ def fd_digits(samples: torch.Tensor, classifier: DigitsClassifier | None = None)
     """FD between ``samples`` and test half B; generate ``fd_digits_labels()`` (test half A's labels) to compare
     with ``fd_digits_floor()``."""
     clf = classifier or load_classifier()
-    _, (xb, _) = _test_halves()
+    _, (xb, _) = held_out_halves()
     return frechet_distance(digits_features(samples, clf), digits_features(xb, clf))
 
 
 def evaluate_digits(model, solver: str = "heun", steps: int = 18, guidance: float | None = None,
                     backend: str = "torch", **options) -> dict:
     """Class accuracy and FD-digits of conditional samples with seeds 0..n-1 and labels ``fd_digits_labels()``."""
-    from .engine import Sampler
+    from ..sampler import Sampler
 
     clf = load_classifier()
     labels = fd_digits_labels()
@@ -173,53 +161,37 @@ def evaluate_digits(model, solver: str = "heun", steps: int = 18, guidance: floa
             "fd_digits_floor": fd_digits_floor(clf), "seconds": round(secs, 2)}
 
 
-def main() -> int:  # python -m edmrt.metrics: train and ship the classifier, or evaluate a bundled model
-    import argparse
+def record_card_metrics(name: str, root: str | Path | None = None) -> list[dict]:
+    """Measure the bundled model ``name`` (``evaluate_digits``: the teacher's Heun 18 with and without guidance and
+    Euler 10; a distilled student's 1, 2 and 4 steps and TCD) and write the runs into its model card."""
+    from ..models.bundled import load
+    from .common import machine_name
 
-    from .models.bundled import WEIGHTS_DIR
-    from .quality import machine_name
+    root = Path(root or WEIGHTS_DIR)
+    model = load(name, root=root)
+    if model.precond.name == "cm":  # a distilled student: its card's levels for 1, 2 and 4 steps
+        runs = [evaluate_digits(model, "consistency", k) for k in (1, 2, 4)]
+        runs.append(evaluate_digits(model, "tcd", 2, gamma=0.3))
+    else:
+        runs = [evaluate_digits(model, "heun", 18), evaluate_digits(model, "heun", 18, guidance=2.0),
+                evaluate_digits(model, "euler", 10)]
+    path = root / f"{name}.json"
+    card = json.loads(path.read_text())
+    card["metrics"] = {"machine": machine_name(), "classifier": f"{CLASSIFIER}.safetensors", "runs": runs}
+    path.write_text(json.dumps(card, indent=1) + "\n")
+    return runs
 
-    ap = argparse.ArgumentParser(description="train the digits classifier used by FD-digits and ship it, or "
-                                             "(--evaluate NAME) measure a bundled model and record it in its card")
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("-o", "--output", default=str(WEIGHTS_DIR / f"{CLASSIFIER}.safetensors"))
-    ap.add_argument("--evaluate", metavar="NAME", help="a bundled model: write its metrics into its card")
-    args = ap.parse_args()
-    if args.evaluate:
-        from .models.bundled import load
 
-        model = load(args.evaluate)
-        if model.precond.name == "cm":  # a distilled student: its card's levels for 1, 2 and 4 steps
-            runs = [evaluate_digits(model, "consistency", k) for k in (1, 2, 4)]
-            runs.append(evaluate_digits(model, "tcd", 2, gamma=0.3))
-        else:
-            runs = [evaluate_digits(model, "heun", 18), evaluate_digits(model, "heun", 18, guidance=2.0),
-                    evaluate_digits(model, "euler", 10)]
-        for r in runs:
-            print(json.dumps(r))
-        path = WEIGHTS_DIR / f"{args.evaluate}.json"
-        card = json.loads(path.read_text())
-        card["metrics"] = {"machine": machine_name(), "classifier": f"{CLASSIFIER}.safetensors", "runs": runs}
-        path.write_text(json.dumps(card, indent=1) + "\n")
-        print(f"wrote metrics into {path}")
-        return 0
-    from .models.bundled import write_model
+def write_classifier(output: str | Path, epochs: int = 40, seed: int = 0, command: str = "") -> dict:
+    """Train the digits classifier (``train_classifier``) and write it with its card at ``output``; returns the card."""
+    from ..models.bundled import write_model
+    from .common import machine_name
 
-    net, acc, secs = train_classifier(epochs=args.epochs, seed=args.seed)
-    out = Path(args.output)
+    net, acc, secs = train_classifier(epochs=epochs, seed=seed)
     card = {"format": "edmrt-model-card-1", "kind": "classifier", "architecture": DigitsClassifier.__doc__,
-            "training": {"command": f"python -m edmrt.metrics --epochs {args.epochs} --seed {args.seed}",
-                         "data": "sklearn load_digits, train split (edmrt.train.load_digits_split)",
-                         "seed": args.seed, "epochs": args.epochs, "wall_time_s": round(secs, 1),
-                         "machine": machine_name()},
-            "metrics": {"test_accuracy": acc, "test_images": len(_test_halves()[0][1]) * 2,
+            "training": {"command": command, "data": "sklearn load_digits, train split (edmrt.lab.common."
+                                                     "load_digits_split)",
+                         "seed": seed, "epochs": epochs, "wall_time_s": round(secs, 1), "machine": machine_name()},
+            "metrics": {"test_accuracy": acc, "test_images": len(held_out_halves()[0][1]) * 2,
                         "fd_digits_floor": fd_digits_floor(net)}}
-    write_model(net, out, card, fmt="edmrt-clf-1")
-    print(f"wrote {out}: held-out accuracy {acc:.4f}, FD-digits floor {card['metrics']['fd_digits_floor']:.3f}, "
-          f"{secs:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return write_model(net, Path(output), card, fmt="edmrt-clf-1")

@@ -3,7 +3,7 @@
 Used by the parity tests and by ``edmrt quality --peers``.  Nothing here is imported by the
 sampling path; every peer import is lazy and a missing peer is reported, never faked.
 
-Conventions (measured, ``../shared/DESIGN.md``): k-diffusion works in EDM's state x with
+Conventions (measured, docs/ARCHITECTURE.md "Peers"): k-diffusion works in EDM's state x with
 sigma-space schedules (we give it our float64 sigmas).  diffusers' multistep schedulers on
 Karras sigmas keep the VP state x / sqrt(sigma^2 + 1) and take ``prediction_type="sample"``
 (the model returns D); its EDM schedulers keep EDM's state and rebuild D = c_skip x + c_out F
@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .precond import EDMPrecond
-from .schedules import karras
+from ..precond import EDMPrecond
+from ..schedules import karras
 
 __all__ = ["load_k_diffusion_sampling", "k_denoiser", "PEERS", "Peer", "available_peers"]
 

@@ -13,7 +13,6 @@ import datetime
 import json
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,45 +21,30 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .executor import SeededNoise, execute
-from .models.gmm import GaussianMixture
-from .solvers import SOLVERS, build_plan
+from ..executor import SeededNoise, execute
+from ..models.gmm import GaussianMixture
+from ..schedules import make_sigmas
+from ..solvers import SOLVERS, build_plan
+from .common import machine_name
 
-log = logging.getLogger("edmrt.quality")
+log = logging.getLogger("edmrt.lab.quality_gmm")
 
-__all__ = ["NFES", "DEFAULT_SOLVERS", "Recipe", "RECIPES", "steps_for", "sliced_wasserstein", "run_quality",
-           "machine_name", "write_results"]
+__all__ = ["NFES", "DEFAULT_SOLVERS", "Recipe", "RECIPES", "steps_for", "sliced_wasserstein", "mixture", "run_quality",
+           "table", "write_results"]
 
 NFES = (3, 5, 6, 8, 10, 16, 20, 35)
 
 
-def machine_name() -> str:
-    """CPU model (or GPU name when CUDA is present) for result files."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @dataclass(frozen=True)
 class Recipe:
-    """A solver plus its schedule choice and options: what the harness runs under one name."""
+    """A solver with its options, on Karras et al.'s schedule (rho = 7): what the harness runs under one name."""
 
     name: str
     solver: str
     options: dict = field(default_factory=dict)
-    schedule: str = "karras"
-    schedule_kw: dict = field(default_factory=dict)
 
     def sigmas(self, steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
-        from . import make_sigmas
-        kw = dict(dict(rho=7.0), **self.schedule_kw)
-        return make_sigmas(self.schedule, steps, sigma_min, sigma_max, kw.pop("rho"))
+        return make_sigmas("karras", steps, sigma_min, sigma_max, 7.0)
 
     def plan(self, steps: int, sigma_min: float, sigma_max: float):
         return build_plan(self.solver, self.sigmas(steps, sigma_min, sigma_max), None, **self.options)
@@ -95,7 +79,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
     return float(((pa - pb) ** 2).mean().sqrt())
 
 
-def _mixture(dim: int, seed: int) -> GaussianMixture:
+def mixture(dim: int, seed: int) -> GaussianMixture:
     # Well separated modes: means ~ 3 apart against per-dimension stds of 0.2 - 0.6.
     return GaussianMixture.random(K=8, D=dim, seed=seed, spread=3.0 if dim > 2 else 4.0)
 
@@ -115,7 +99,7 @@ def run_quality(dims: Sequence[int] = (64, 2), samples: int = 1000, seed: int = 
     bar = tqdm(total=len(jobs) * len(nfes), desc="quality", disable=not progress, unit="run")
     t_start = time.perf_counter()
     for dim in dims:
-        g = _mixture(dim, seed)
+        g = mixture(dim, seed)
         gen = torch.Generator().manual_seed(10_000 + seed)
         noise = torch.randn(samples, dim, dtype=torch.float64, generator=gen)
         x_init = sigma_max * noise

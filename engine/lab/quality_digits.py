@@ -3,7 +3,7 @@
 For each teacher solver at each NFE budget (the largest step count whose NFE fits, Karras levels) and for the
 distilled student at 1-4 steps (``consistency`` and ``tcd`` on the levels of its model card), sample
 ``blocks`` disjoint blocks of 197 class-conditional samples (seeds 197 b .. 197 b + 196, test half A's labels:
-the protocol of ``edmrt.metrics.evaluate_digits``) and report FD-digits (mean and standard deviation over the
+the protocol of ``edmrt.lab.metrics.evaluate_digits``) and report FD-digits (mean and standard deviation over the
 blocks) and the class accuracy; the real-vs-real floor is FD between the test split's two halves.
 
 FD-train: the same blocks against the whole training split (1397 images) as the reference, with the floor
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["TEACHER_SOLVERS", "STUDENT_RUNS", "run_quality_digits", "write_results_digits"]
+__all__ = ["TEACHER_SOLVERS", "STUDENT_RUNS", "NFES", "run_quality_digits", "table", "goals", "write_results_digits"]
 
 TEACHER_SOLVERS = ("euler", "heun", "dpmpp_2m", "ipndm", "unipc")
 NFES = (2, 3, 4, 5, 6, 8, 10, 16, 20, 35)
@@ -36,40 +36,18 @@ def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd
                        blocks: int = 5, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from .engine import Sampler
-    from .metrics import _test_halves, class_accuracy, digits_features, fd_digits_labels, frechet_distance
-    from .metrics import load_classifier
-    from .models.bundled import load
-    from .quality import Recipe, machine_name, steps_for
-    from .train import load_digits_split
+    from .common import held_out_halves, load_digits_split, machine_name
+    from .metrics import class_accuracy, digits_features, fd_digits_labels, frechet_distance, load_classifier
 
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
     clf = load_classifier()
     labels = fd_digits_labels()
     n = len(labels)
-    (xa, _), (xb, _) = _test_halves()
+    (xa, _), (xb, _) = held_out_halves()
     ref, feats_a = digits_features(xb, clf), digits_features(xa, clf)
     ref_train = digits_features(load_digits_split("train")[0], clf)
-    t_model = load(teacher)
-    s_model = load(student) if student else None
-    jobs = []
-    for solver in solvers:
-        seen = set()
-        for nfe in nfes:
-            steps = steps_for(Recipe(solver, solver), nfe, t_model.sigma_min, t_model.sigma_max)
-            if steps is None:
-                continue
-            s = Sampler(t_model, solver=solver, steps=steps, backend="torch", device="cpu")
-            if s.plan.nfe in seen:
-                continue
-            seen.add(s.plan.nfe)
-            jobs.append(("teacher", teacher, solver, {}, s))
-    if s_model is not None:
-        for solver, opts in STUDENT_RUNS:
-            for k in student_steps:
-                s = Sampler(s_model, solver=solver, steps=k, backend="torch", device="cpu", **opts)
-                jobs.append(("student", student, solver, opts, s))
+    jobs = _jobs(teacher, student, nfes, solvers, student_steps)
     rows = []
     t_start = time.perf_counter()
     bar = tqdm(total=len(jobs) * blocks, disable=not progress, desc="quality digits", unit="run", dynamic_ncols=True)
@@ -95,13 +73,42 @@ def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd
     return {"benchmark": "quality_digits", "machine": machine_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - t_start, 1),
             "teacher": teacher, "student": student, "blocks": blocks, "samples_per_block": n,
-            "protocol": "FD-digits (edmrt.metrics) of each block of 197 class-conditional samples (test half A's "
+            "protocol": "FD-digits (edmrt.lab.metrics) of each block of 197 class-conditional samples (test half A's "
                         "labels, seeds 197 b .. 197 b + 196) against test half B; mean and std over blocks",
             "fd_digits_floor": frechet_distance(feats_a, ref), "fd_train_floor": frechet_distance(feats_a, ref_train),
             "rows": rows}
 
 
-def _table(result: dict) -> str:
+def _jobs(teacher: str, student: str | None, nfes, solvers, student_steps) -> list[tuple]:
+    """(role, model name, solver, options, Sampler) for every teacher solver at each distinct NFE its step counts
+    reach within the budgets, then the student's runs at ``student_steps``."""
+    from ..models.bundled import load
+    from ..sampler import Sampler
+    from .quality_gmm import Recipe, steps_for
+
+    t_model = load(teacher)
+    jobs = []
+    for solver in solvers:
+        seen = set()
+        for nfe in nfes:
+            steps = steps_for(Recipe(solver, solver), nfe, t_model.sigma_min, t_model.sigma_max)
+            if steps is None:
+                continue
+            s = Sampler(t_model, solver=solver, steps=steps, backend="torch", device="cpu")
+            if s.plan.nfe in seen:
+                continue
+            seen.add(s.plan.nfe)
+            jobs.append(("teacher", teacher, solver, {}, s))
+    if student:
+        s_model = load(student)
+        for solver, opts in STUDENT_RUNS:
+            for k in student_steps:
+                s = Sampler(s_model, solver=solver, steps=k, backend="torch", device="cpu", **opts)
+                jobs.append(("student", student, solver, opts, s))
+    return jobs
+
+
+def table(result: dict) -> str:
     out = ["| model | solver | steps | NFE | FD-digits (mean ± std) | FD-train (mean ± std) | class accuracy | "
            "s / 197 samples |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -192,7 +199,7 @@ def write_results_digits(result: dict, stem: Path, make_plot: bool = True) -> li
           f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}; {result['seconds']} s.", "",
           result["protocol"] + f". Real-vs-real floor: {result['fd_digits_floor']:.2f}. FD-train: the same blocks "
           f"against the training split (1397 images); test half A against it: {result['fd_train_floor']:.2f} (the "
-          "teacher was trained on these images: compare samplers with it, not models with data).", "", _table(result), "",
+          "teacher was trained on these images: compare samplers with it, not models with data).", "", table(result), "",
           "Goals: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) and not isinstance(v, bool) else f"{k} = {v}"
                                 for k, v in g.items()), ""]
     paths[1].write_text("\n".join(md))

@@ -1,0 +1,37 @@
+"""Any callable as the network: ``fn(x_in, c_noise, class_labels) -> F``, checked and copied into ``out``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import check_backend_args, describe
+
+__all__ = ["CallableBackend"]
+
+
+class CallableBackend:
+    """A callable network (not a torch module, or a closure such as ``edmrt.solve``'s denoiser) as a backend.
+
+    ``fn(x_in, c_noise, class_labels)`` receives the engine's buffers as they are (x_in of any rank >= 1,
+    c_noise of shape (B,)); ``class_labels`` is None unless ``conditional``.  Its return value must be a
+    tensor shaped like x_in; it is copied (and cast) into ``out``.  No autograd context is imposed: the
+    callable may use gradients itself.
+    """
+
+    name = "custom"
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+                 conditional: bool = False):
+        if not callable(fn):
+            raise ValueError(f"fn must be callable as fn(x_in, c_noise, class_labels), got {type(fn).__name__}")
+        self.fn, self.conditional = fn, bool(conditional)
+
+    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
+                 out: torch.Tensor) -> None:
+        check_backend_args(x_in, c_noise, class_labels, out, self.conditional, ndim=None)
+        F = self.fn(x_in, c_noise, class_labels)
+        if not isinstance(F, torch.Tensor) or F.shape != out.shape:
+            raise ValueError(f"the network must return a tensor of shape {tuple(out.shape)}, got "
+                             f"{describe(F) if isinstance(F, torch.Tensor) else type(F).__name__}")
+        out.copy_(F)

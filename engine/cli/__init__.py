@@ -1,0 +1,50 @@
+"""The ``edmrt`` command line: one module per command, one table of them (``COMMANDS``).
+
+    edmrt sample     a bundled model to a PNG grid (the main job), or the exact mixture vs its ODE  (sample.py)
+    edmrt plan       a solver's coefficient plan as a table, optionally as JSON                    (plan.py)
+    edmrt solvers    the registered solvers, their options and references                          (solvers.py)
+    edmrt quality    quality per NFE: the exact Gaussian mixture, or the bundled digits models      (quality.py)
+    edmrt train      EDM training of the digits UNet                                               (train.py)
+    edmrt distill    consistency distillation of a bundled teacher                                 (distill.py)
+    edmrt metrics    the digits classifier behind FD-digits; a bundled model's card metrics        (metrics.py)
+    edmrt export     a network to ONNX, an ONNX file to a TensorRT engine                          (export.py)
+
+Each module has ``register(subparsers)`` (its arguments) and the function it sets as ``fn``.  Errors a user
+can fix (ValueError, RuntimeError, FloatingPointError) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import distill, export, metrics, plan, quality, sample, solvers, train
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS = {"sample": sample, "plan": plan, "solvers": solvers, "quality": quality, "train": train,
+            "distill": distill, "metrics": metrics, "export": export}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edmrt", description="EDM sampling engine: plans, samplers, exact oracles.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for module in COMMANDS.values():
+        module.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except (ValueError, RuntimeError, FloatingPointError) as exc:
+        print(f"edmrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

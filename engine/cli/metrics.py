@@ -1,0 +1,35 @@
+"""``edmrt metrics``: train and ship the digits classifier behind FD-digits, or measure a bundled model into its card."""
+from __future__ import annotations
+
+import json
+
+from .common import command_line
+
+HELP = ("train the digits classifier used by FD-digits and write it (default: over the shipped one), or "
+        "(--evaluate NAME) measure a bundled model and record it in its card")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("metrics", help=HELP)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", metavar="OUT.safetensors", help="classifier weights (default: the shipped file)")
+    p.add_argument("--evaluate", metavar="NAME", help="a bundled model: write its metrics into its card")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    from edmrt.lab.metrics import CLASSIFIER, record_card_metrics, write_classifier
+    from edmrt.models.bundled import WEIGHTS_DIR
+
+    if args.evaluate:
+        for r in record_card_metrics(args.evaluate):
+            print(json.dumps(r))
+        print(f"wrote metrics into {WEIGHTS_DIR / (args.evaluate + '.json')}")
+        return 0
+    out = args.output or str(WEIGHTS_DIR / f"{CLASSIFIER}.safetensors")
+    card = write_classifier(out, epochs=args.epochs, seed=args.seed, command=command_line(args))
+    m = card["metrics"]
+    print(f"wrote {out}: held-out accuracy {m['test_accuracy']:.4f}, FD-digits floor {m['fd_digits_floor']:.3f}, "
+          f"{card['training']['wall_time_s']:.1f} s")
+    return 0

@@ -1,0 +1,58 @@
+"""A model: the network and everything the sampler must know about it (preconditioning, shape, classes,
+sigma range), plus the model card's sampling defaults."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .precond import EDMPrecond, Precond
+
+__all__ = ["Model", "sampling_defaults"]
+
+
+@dataclass
+class Model:
+    """A model: network + preconditioning + sample shape + conditioning + sigma range + metadata.
+
+    ``network(x_in, c_noise, class_labels)`` returns the raw output F (an ``nn.Module`` or callable);
+    ``num_classes`` > 0 makes it class-conditional with label ``num_classes`` as the null label used by
+    classifier-free guidance.  ``metadata`` holds the model card (``edmrt.load``), whose ``sampling``
+    entry gives the defaults of ``sampling_defaults``.
+    """
+
+    network: Any
+    precond: Precond = field(default_factory=EDMPrecond)
+    sample_shape: tuple = (3, 32, 32)
+    num_classes: int = 0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sample_shape = tuple(int(d) for d in self.sample_shape)
+        if not self.sample_shape or any(d < 1 for d in self.sample_shape):
+            raise ValueError(f"sample_shape must be positive dimensions, got {self.sample_shape}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
+        if not (0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max)):
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+
+def sampling_defaults(model: Model, solver: str | None, steps: int | None, schedule) -> tuple[str, int, Any]:
+    """(solver, steps, schedule) with the model card's ``sampling`` entry filling what is None.
+
+    A card's ``sampling`` holds ``solver`` and ``steps`` (the teacher: heun, 18) and, for a distilled model, the
+    noise levels chosen for each step count (``levels``: {"2": [80, tau_1, 0], ...}) and the solvers they are meant
+    for (``solvers``); otherwise the schedule is Karras et al.'s."""
+    sampling = model.metadata.get("sampling") or {}
+    solver = solver if solver is not None else sampling.get("solver", "heun")
+    steps = steps if steps is not None else int(sampling.get("steps", 18))
+    if schedule is None:
+        levels = (sampling.get("levels") or {}).get(str(steps))
+        schedule = levels if levels is not None and solver in sampling.get("solvers", ()) else "karras"
+    return solver, steps, schedule

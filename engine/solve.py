@@ -1,0 +1,89 @@
+"""``edmrt.solve``: sample with any denoiser callable D(x; sigma), through the engine or the reference loop."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .backends import CallableBackend
+from .executor import SeededNoise, check_seeds, execute
+from .plan import Plan
+from .sampler import Engine
+from .schedules import make_sigmas
+from .solvers import build_plan
+
+__all__ = ["solve", "execute_fused"]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_noise(noise) -> None:
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1 or noise.shape[0] < 1:
+        raise ValueError("noise must be a floating-point torch.Tensor of shape (B, ...) with B >= 1, got "
+                         f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise must be finite (it contains NaN or Inf)")
+
+
+def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: int = 18, schedule="karras",
+          sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, seeds=None, executor: str = "auto",
+          **options) -> torch.Tensor:
+    """Sample by solving from ``t_0 * noise`` (t_0 = sigma_max for the named schedules) down to sigma = 0.
+
+    ============  ==================================================================================
+    denoiser      ``denoiser(x, sigma) -> D(x; sigma)``; ``sigma`` is a tensor of shape (B, 1, ..., 1)
+    noise         standard normal, shape (B, ...) of the output; its dtype is the compute dtype
+    solver        a name in ``edmrt.SOLVERS``; ``steps`` is EDM's N (Heun, 18 steps = 35 evaluations)
+    schedule      a name in ``edmrt.SCHEDULES`` (given sigma_min, sigma_max, rho where it takes them)
+                  or an explicit descending list of sigmas (interpolated log-linearly to ``steps``)
+    seeds         one int per sample for the stochastic solvers' noise (default: drawn from torch's
+                  global generator); a sample's result never depends on the batch it is in
+    executor      ``"fused"``: the engine (float32 buffers, one fused step per evaluation: Triton on
+                  CUDA, C++ on the CPU); ``"reference"``: the plain torch loop in ``noise``'s dtype;
+                  ``"auto"``: fused for float32 noise, reference otherwise (float64, float16)
+    options       solver options, e.g. ``S_churn=40`` for ``solver="edm"``
+    ============  ==================================================================================
+    """
+    _check_noise(noise)
+    if not callable(denoiser):
+        raise ValueError(f"denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")
+    sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, rho)
+    p = build_plan(solver, sigmas, None, **options)
+    if executor not in ("auto", "fused", "reference"):
+        raise ValueError(f"executor must be 'auto', 'fused' or 'reference', got {executor!r}")
+    if executor == "auto":
+        executor = "fused" if noise.dtype == torch.float32 else "reference"
+    if executor == "fused" and noise.dtype != torch.float32:
+        raise ValueError(f"executor 'fused' computes in float32: pass float32 noise (got {noise.dtype}) or "
+                         "executor='reference'")
+    B = noise.shape[0]
+    if p.stochastic and seeds is None:
+        seeds = torch.randint(0, 2 ** 63 - 1, (B,), dtype=torch.int64).tolist()
+    if seeds is not None:
+        seeds = check_seeds(seeds, B)
+    x_init = float(sigmas[0]) * noise
+    if executor == "fused":
+        x = execute_fused(p, denoiser, x_init, None if seeds is None else torch.tensor(seeds, dtype=torch.int64))
+    else:
+        source = SeededNoise(seeds, noise.shape[1:], noise.dtype, noise.device) if p.stochastic else None
+        x = execute(p, denoiser, x_init, source)
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"solve({solver!r}) produced NaN or Inf: check the denoiser's output")
+    return x
+
+
+def execute_fused(plan: Plan, denoiser: Denoiser, x_init: torch.Tensor, seeds: torch.Tensor | None = None,
+                  impl: str = "auto") -> torch.Tensor:
+    """Run ``plan`` from ``x_init`` (float32, any device and trailing shape) on an ``Engine`` whose backend is
+    ``denoiser(x_in, c_noise (B, 1, ..., 1))``; returns the final state.  No CUDA graph: the callable is arbitrary."""
+    if not isinstance(x_init, torch.Tensor) or x_init.dtype != torch.float32 or x_init.ndim < 1:
+        raise ValueError("x_init must be a float32 tensor of shape (B, ...) for the fused executor")
+    B, dev = x_init.shape[0], x_init.device
+    if seeds is None:
+        if plan.stochastic:
+            raise ValueError(f"plan {plan.solver!r} is stochastic (noise scales > 0): pass seeds")
+        seeds = torch.zeros(B, dtype=torch.int64)
+    view = (B,) + (1,) * (x_init.ndim - 1)
+    backend = CallableBackend(lambda x_in, c_noise, _labels: denoiser(x_in, c_noise.view(view)))
+    engine = Engine(backend, plan, B, x_init.shape[1:], dev, graph=False, impl=impl)
+    return engine.run(seeds.to(device=dev, dtype=torch.int64), x_init=x_init.contiguous())

@@ -1,0 +1,144 @@
+"""The rules of docs/ARCHITECTURE.md, checked on the source: which room may import which, no private names across
+modules, short runtime functions, no pointers outside the repository, a README layout table that matches the tree,
+and an ``import edmrt`` that loads no optional library."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"engine": "edmrt", "kernels": "edmrt.kernels", "export": "edmrt.export"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    parts = [FOLDERS.get(rel.parts[0], rel.parts[0]), *rel.parts[1:]]
+    parts[-1] = parts[-1].removesuffix(".py")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(".".join(parts).split("."))
+
+
+def _sources():
+    for folder in FOLDERS:
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def _imports(path: Path):
+    """(imported module, names) for every import in ``path``, relative imports resolved."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, []
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names = [a.name for a in node.names]
+            yield mod, names
+            for n in names:  # ``from . import lab`` imports the sub-module
+                yield f"{mod}.{n}", []
+
+
+def _room(path: Path) -> str:
+    rel = path.relative_to(ROOT).parts
+    if rel[0] == "engine" and len(rel) > 2 and rel[1] in ("lab", "cli"):
+        return rel[1]
+    return {"engine": "runtime", "kernels": "kernels", "export": "export"}[rel[0]]
+
+
+def test_the_runtime_never_imports_the_lab_or_the_cli():
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) in ("runtime", "kernels", "export")
+           for m, _ in _imports(p) if m.startswith(("edmrt.lab", "edmrt.cli"))]
+    assert not bad, bad
+
+
+def test_the_runtime_imports_an_exporter_only_to_build_a_missing_file():
+    allowed = {"engine/backends/onnx_cache.py", "engine/backends/__init__.py"}
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) == "runtime"
+           and str(p.relative_to(ROOT)) not in allowed for m, _ in _imports(p) if m.startswith("edmrt.export")]
+    assert not bad, bad
+
+
+def test_the_kernels_import_nothing_of_edmrt_but_the_compiled_core():
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) == "kernels"
+           for m, _ in _imports(p) if m.startswith("edmrt") and not m.startswith(("edmrt.kernels", "edmrt._core"))
+           and m != "edmrt"]
+    bad += [f"{p.relative_to(ROOT)} imports edmrt.{n}" for p in _sources() if _room(p) == "kernels"
+            for m, names in _imports(p) if m == "edmrt" for n in names if n != "_core"]
+    assert not bad, bad
+
+
+def test_no_module_imports_another_modules_private_name():
+    bad = []
+    for p in list(_sources()) + sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py")):
+        for m, names in _imports(p):
+            bad += [f"{p.relative_to(ROOT)}: from {m} import {n}" for n in names
+                    if n.startswith("_") and not n.startswith("__") and n != "_core"]
+    assert not bad, bad
+
+
+def _body_lines(fn) -> int:
+    body = fn.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+        and isinstance(body[0].value.value, str)
+    start = body[0].end_lineno + 1 if has_doc and len(body) > 1 else body[0].lineno
+    return fn.end_lineno - start + 1
+
+
+def test_no_runtime_function_is_longer_than_60_lines():
+    long = []
+    for p in _sources():
+        if _room(p) in ("runtime", "kernels", "export"):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _body_lines(node) > 60:
+                    long.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name} ({_body_lines(node)} lines)")
+    assert not long, long
+
+
+def _tracked_text_files():
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout: cannot list the tracked files")
+    for name in out.stdout.splitlines():
+        p = ROOT / name
+        if p.suffix in (".py", ".md", ".cpp", ".hpp", ".h", ".toml", ".sh", ".txt", ".json", ".cfg") or p.name == "run":
+            if p.is_file() and p.stat().st_size < 2_000_000:
+                yield p
+
+
+def test_no_file_points_outside_the_repository():
+    bad = [str(p.relative_to(ROOT)) for p in _tracked_text_files()
+           if re.search(r"\.\./shared|DESIGN\.md", p.read_text(errors="replace")) and p.name != "test_layout.py"]
+    assert not bad, bad
+
+
+def test_the_readme_layout_table_matches_the_tree():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = {m.rstrip("/") for m in re.findall(r"^\| `([\w/]+)`", section, flags=re.M)}
+    packages = {str(d.relative_to(ROOT)) for folder in FOLDERS for d in (ROOT / folder).rglob("*")
+                if d.is_dir() and (d / "__init__.py").exists()}
+    packages |= {"cpp", "tests", "benchmarks", "docs"}
+    assert packages <= listed, f"folders missing from the README's layout table: {sorted(packages - listed)}"
+    missing = [f for f in listed if not (ROOT / f).is_dir()]
+    assert not missing, f"the README's layout table lists folders that do not exist: {missing}"
+
+
+def test_import_edmrt_loads_no_optional_library_nor_the_lab():
+    code = ("import sys, edmrt; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('scipy', 'sklearn', 'matplotlib', 'onnx', 'onnxruntime', 'onnxscript', 'diffusers', 'tensorrt', "
+            "'safetensors') or m.startswith(('edmrt.lab', 'edmrt.cli', 'edmrt.export')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"import edmrt loaded {out.stdout.strip()}"
