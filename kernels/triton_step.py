@@ -101,11 +101,10 @@ if triton is not None:
         # Linear update over the history ring.
         acc = a * x + e * xe + b0 * y
         for k in tl.static_range(1, K):
-            bk = tl.load(row + COL_B0 + k).to(tl.float32)
-            has = stage >= k
-            slot = (stage - k + K) % K
-            yk = tl.load(y_ptr + slot * N + offs, mask=mask & has, other=0.0)
-            acc += tl.where(has, bk * yk, 0.0)
+            if stage >= k:  # Y[s - k] exists (a scalar branch: Triton 3.9's interpreter rejects a scalar in a mask)
+                bk = tl.load(row + COL_B0 + k).to(tl.float32)
+                yk = tl.load(y_ptr + ((stage - k) % K) * N + offs, mask=mask, other=0.0)
+                acc += bk * yk
         # Philox noise keyed by (sample seed, stage's stream, element).
         if n != 0.0:
             seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
