@@ -4,6 +4,7 @@ and an ``import edmrt`` that loads no optional library."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -142,3 +143,18 @@ def test_import_edmrt_loads_no_optional_library_nor_the_lab():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"import edmrt loaded {out.stdout.strip()}"
+
+
+def test_a_skipped_kernel_family_fails_the_run_when_ci_requires_the_kernels(tmp_path):
+    """With triton hidden (an import that fails), the Triton tests skip; under EDMRT_REQUIRE_KERNELS=1 (what
+    .ci/run sets) that skip fails the session, without it the session passes."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "philox_matches_triton",
+           str(ROOT / "tests" / "test_kernels.py")]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("EDMRT_REQUIRE_KERNELS", None)
+    relaxed = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    strict = subprocess.run(cmd, capture_output=True, text=True, env={**env, "EDMRT_REQUIRE_KERNELS": "1"}, cwd=ROOT)
+    assert relaxed.returncode == 0 and "1 skipped" in relaxed.stdout, relaxed.stdout[-2000:]
+    assert strict.returncode == 1 and "kernel test(s) skipped" in strict.stdout, strict.stdout[-2000:]
