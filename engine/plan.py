@@ -23,7 +23,7 @@ import numpy as np
 
 from .schedules import check_sigmas
 
-__all__ = ["Plan", "PLAN_FORMAT", "PLAN_VERSION"]
+__all__ = ["Plan", "PLAN_FORMAT", "PLAN_VERSION", "MAX_HISTORY"]
 
 PLAN_FORMAT = "edmrt.plan"
 PLAN_VERSION = 1
@@ -35,6 +35,64 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     a = np.array(a, copy=True)
     a.setflags(write=False)
     return a
+
+
+MAX_HISTORY = 16     # history entries a stage may combine (the kernels' table allows K <= 16)
+_MAX_DEPTH = 64      # nesting of a plan's JSON (options hold flat values)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_json_types(d: dict) -> None:
+    """The JSON types of a plan's fields, before any conversion: numbers where numbers belong (no numeric strings, no
+    booleans, no integers beyond float64), arrays where arrays belong, strings without lone surrogates."""
+    def fail(name, want):
+        raise ValueError(f"plan JSON field {name!r} must be {want}, got {type(d[name]).__name__}")
+
+    if not isinstance(d["version"], int) or isinstance(d["version"], bool):
+        fail("version", "a number")
+    if not isinstance(d["solver"], str):
+        fail("solver", "a string")
+    for name in _STAGE_FIELDS + ("sigmas",):
+        if not isinstance(d[name], list):
+            fail(name, "an array")
+        if not all(_number(v) for v in d[name]):
+            raise ValueError(f"plan JSON field {name!r} must hold numbers")
+    if not isinstance(d["b"], list) or not all(isinstance(r, list) and all(_number(v) for v in r) for r in d["b"]):
+        raise ValueError("plan JSON field 'b' must be an array of arrays of numbers")
+    if not isinstance(d["step"], list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in d["step"]):
+        raise ValueError("plan JSON field 'step' must hold integers")
+    if not isinstance(d["commit"], list) or not all(isinstance(v, bool) or v in (0, 1) for v in d["commit"]):
+        raise ValueError("plan JSON field 'commit' must hold booleans")
+    if "n_init" in d and not _number(d["n_init"]):
+        fail("n_init", "a number")
+    for name in ("precond", "options"):
+        if name in d and not isinstance(d[name], dict):
+            fail(name, "an object")
+    try:
+        json.dumps(d, allow_nan=True, ensure_ascii=False).encode("utf-8")   # lone surrogates cannot be encoded
+        for name in _STAGE_FIELDS + ("sigmas", "n_init"):
+            [float(v) for v in (d[name] if isinstance(d.get(name), list) else [d.get(name, 0.0)])]
+    except UnicodeEncodeError:
+        raise ValueError("plan JSON holds a string with a lone surrogate (not valid UTF-8)") from None
+    except OverflowError:
+        raise ValueError("plan JSON holds a number out of range for float64") from None
+    except RecursionError:
+        raise ValueError(f"plan JSON nests deeper than {_MAX_DEPTH}") from None
+    if _depth(d) > _MAX_DEPTH:
+        raise ValueError(f"plan JSON nests deeper than {_MAX_DEPTH}")
+
+
+def _depth(v, level: int = 1) -> int:
+    if level > _MAX_DEPTH + 1:
+        return level
+    if isinstance(v, dict):
+        return max([_depth(x, level + 1) for x in v.values()], default=level)
+    if isinstance(v, list):
+        return max([_depth(x, level + 1) for x in v], default=level)
+    return level
 
 
 @dataclass(frozen=True)
@@ -84,8 +142,8 @@ class Plan:
         if S < 1:
             raise ValueError("a Plan must have at least one stage (network evaluation)")
         b = np.asarray(self.b, dtype=np.float64)
-        if b.ndim != 2 or b.shape[0] != S or b.shape[1] < 1:
-            raise ValueError(f"Plan.b must have shape ({S}, K) with K >= 1, got {b.shape}")
+        if b.ndim != 2 or b.shape[0] != S or not 1 <= b.shape[1] <= MAX_HISTORY:
+            raise ValueError(f"Plan.b must have shape ({S}, K) with 1 <= K <= {MAX_HISTORY}, got {b.shape}")
         if not np.all(np.isfinite(b)):
             raise ValueError("Plan.b must be finite")
         for s in range(min(S, b.shape[1])):
@@ -168,17 +226,34 @@ class Plan:
         unknown = sorted(set(d) - names - {"format", "version"})
         if unknown:
             raise ValueError(f"plan JSON has unknown field(s) {unknown}")
+        _check_json_types(d)
         kw = {k: d[k] for k in names if k in d}
-        if isinstance(kw.get("options"), dict):
-            kw["options"] = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in kw["options"].items()}
+        kw["options"] = {k: (float(v) if v in ("inf", "-inf") else v) for k, v in kw.get("options", {}).items()}
         return cls(**kw)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str | bytes) -> "Plan":
+        """A plan from its JSON (RFC 8259: no NaN / Infinity literals, no duplicate keys), validated as a Plan; the
+        C++ reader (cpp/plan_json.cpp) refuses the same documents."""
+        def no_constant(name):
+            raise ValueError(f"plan JSON is malformed: {name} is not a JSON number")
+
+        def unique(pairs):
+            d = {}
+            for k, v in pairs:
+                if k in d:
+                    raise ValueError(f"plan JSON is malformed: field {k!r} twice")
+                d[k] = v
+            return d
+
         try:
-            d = json.loads(text)
+            d = json.loads(text, parse_constant=no_constant, object_pairs_hook=unique)
         except json.JSONDecodeError as exc:
             raise ValueError(f"plan JSON is malformed: {exc}") from None
+        except RecursionError:
+            raise ValueError(f"plan JSON nests deeper than {_MAX_DEPTH}") from None
+        except UnicodeDecodeError:
+            raise ValueError("plan JSON is not valid UTF-8") from None
         return cls.from_dict(d)
 
     def save(self, path) -> None:

@@ -19,8 +19,8 @@ except ImportError:  # pragma: no cover - exercised only where the extension is 
 from .reference import fused_step_reference, init_state_reference
 from .table import FIXED
 
-__all__ = ["IMPLS", "core_available", "triton_available", "default_impl", "check_step_args", "fused_step", "Stepper",
-           "init_state"]
+__all__ = ["IMPLS", "core_available", "triton_available", "default_impl", "check_step_args", "check_init_args",
+           "fused_step", "Stepper", "init_state"]
 
 IMPLS = ("auto", "reference", "cpp", "triton")
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,15 +81,35 @@ def _tensor(name: str, t, device, dtypes, shape=None, contiguous=True) -> torch.
     return t
 
 
-def check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl: str) -> None:
-    """Raise ValueError naming the first argument that is wrong (host metadata only: no device sync)."""
+def _check_state(x) -> tuple[torch.device, int, tuple[int, ...]]:
+    """x: a contiguous float32 tensor of shape (B, ...); returns its device, B and shape."""
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError("x must be a contiguous float32 tensor of shape (B, ...)")
-    dev, B, shape = x.device, x.shape[0], tuple(x.shape)
-    _tensor("table", table, dev, (torch.float64,))
-    if table.ndim != 2 or table.shape[1] <= FIXED or table.shape[1] > FIXED + 16:
-        raise ValueError(f"table must have shape (S, {FIXED} + K) with 1 <= K <= 16, got {tuple(table.shape)}")
-    K = table.shape[1] - FIXED
+    return x.device, x.shape[0], tuple(x.shape)
+
+
+def _check_table(table, device) -> int:
+    """The plan table: float64, contiguous, on x's device, shape (S, FIXED + K) with S >= 1, 1 <= K <= 16; returns K."""
+    _tensor("table", table, device, (torch.float64,))
+    if table.ndim != 2 or table.shape[0] < 1 or not FIXED < table.shape[1] <= FIXED + 16:
+        raise ValueError(f"table must have shape (S, {FIXED} + K) with S >= 1 and 1 <= K <= 16, got "
+                         f"{tuple(table.shape)}")
+    return table.shape[1] - FIXED
+
+
+def _check_inputs(x_in, sigma_in, seeds, device, B, shape, low) -> None:
+    """The network input buffers (B or 2B samples, dtype in ``low``) and the (B,) int64 seeds."""
+    if not isinstance(x_in, torch.Tensor) or x_in.ndim < 1 or x_in.shape[0] not in (B, 2 * B):
+        raise ValueError(f"x_in must have shape ({B} or {2 * B}, ...) like x")
+    _tensor("x_in", x_in, device, low, (x_in.shape[0],) + shape[1:])
+    _tensor("sigma_in", sigma_in, device, low, (x_in.shape[0],))
+    _tensor("seeds", seeds, device, (torch.int64,), (B,))
+
+
+def check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl: str) -> None:
+    """Raise ValueError naming the first argument that is wrong (host metadata only: no device sync)."""
+    dev, B, shape = _check_state(x)
+    K = _check_table(table, dev)
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < table.shape[0]:
         raise ValueError(f"stage must be an int in [0, {table.shape[0]}), got {stage!r}")
     _tensor("x_eval", x_eval, dev, (torch.float32,), shape)
@@ -99,11 +119,20 @@ def check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidan
     low = (torch.float32,) if impl == "cpp" else _LOW
     _tensor("F", F, dev, low, (nF,) + shape[1:])
     _tensor("Y", Y, dev, (torch.float32,), (K,) + shape)
-    if not isinstance(x_in, torch.Tensor) or x_in.shape[0] not in (B, 2 * B):
-        raise ValueError(f"x_in must have shape ({B} or {2 * B}, ...) like x")
-    _tensor("x_in", x_in, dev, low, (x_in.shape[0],) + shape[1:])
-    _tensor("sigma_in", sigma_in, dev, low, (x_in.shape[0],))
-    _tensor("seeds", seeds, dev, (torch.int64,), (B,))
+    _check_inputs(x_in, sigma_in, seeds, dev, B, shape, low)
+
+
+def check_init_args(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0, impl: str) -> None:
+    """Raise ValueError naming the first argument of ``init_state`` that is wrong (host metadata only)."""
+    dev, B, shape = _check_state(x)
+    _check_table(table, dev)
+    for name, v in (("t0", t0), ("n_init", n_init)):
+        if not math.isfinite(float(v)) or float(v) < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    _tensor("x_eval", x_eval, dev, (torch.float32,), shape)
+    _check_inputs(x_in, sigma_in, seeds, dev, B, shape, (torch.float32,) if impl == "cpp" else _LOW)
+    if x0 is not None:
+        _tensor("x0", x0, dev, (torch.float32,), shape)
 
 
 def fused_step(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
@@ -178,11 +207,7 @@ def init_state(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tenso
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     impl = _resolve(impl, x.device)
-    for name, v in (("t0", t0), ("n_init", n_init)):
-        if not math.isfinite(float(v)) or float(v) < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if x0 is not None:
-        _tensor("x0", x0, x.device, (torch.float32,), x.shape)
+    check_init_args(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0, impl)
     if impl == "reference":
         init_state_reference(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0)
     elif impl == "cpp":

@@ -1,5 +1,6 @@
 """The compiled core edmrt._core: its exported constants against the Python definitions, and the input checks
-of its bindings (dtype, contiguity, size and writeability, checked before a pointer is touched)."""
+of its bindings (dtype, contiguity, alignment, size, shape, writeability and overlap, checked before a pointer is
+touched)."""
 import numpy as np
 import pytest
 
@@ -56,6 +57,22 @@ BAD_INIT = [
     (dict(x_in=np.zeros((3, 6), dtype=np.float32)), "x_in must have batch or 2 \\* batch samples"),
     (dict(batch=5), "x must hold batch \\* per_sample elements"),
     (dict(table=np.zeros((0, 13))), "table must be 2-D with at least one stage"),
+    # Issue 11, item 2: a table narrower than FIXED + 1 columns was read past its end (c_noise of a (1, 1) table).
+    (dict(table=np.ones((1, 1))), r"table must have 12 \+ K columns with 1 <= K <= 16, got shape \(1, 1\)"),
+    (dict(table=np.ones((1, 12))), r"table must have 12 \+ K columns"),
+    (dict(table=np.ones((1, 29))), r"table must have 12 \+ K columns"),
+    (dict(table=np.ones(13)), "table must be 2-D"),
+    (dict(table=np.ones((1, 13), dtype=np.float32)), "table must have dtype float64"),
+    (dict(table=np.ones((13, 2)).T), "table must be C-contiguous"),
+    (dict(t0=float("nan")), "t0 must be a finite number >= 0"),
+    (dict(n_init=-1.0), "n_init must be a finite number >= 0"),
+    (dict(x=np.zeros((3, 4), dtype=np.float32)), r"x must have shape \(batch, ...\) with batch = 2"),
+    (dict(x=np.zeros((2, 0), dtype=np.float32)), "at least one element per sample"),
+    (dict(x_eval=np.zeros((6, 2), dtype=np.float32)), r"x_eval must have shape \(2, 6\), got \(6, 2\)"),
+    (dict(x_in=np.zeros((1, 12), dtype=np.float32)), r"x_in must have shape \(2, 6\), got \(1, 12\)"),
+    (dict(x=np.frombuffer(bytearray(49), dtype=np.float32, count=12, offset=1).reshape(2, 6)),
+     "x must be aligned"),
+    (dict(seeds=np.zeros((1, 2), dtype=np.int64)), r"seeds must have shape \(2,\)"),
 ]
 
 
@@ -64,6 +81,23 @@ def test_init_state_rejects_bad_buffers(change, match):
     args = _init_args()
     args.update(change)
     with pytest.raises(ValueError, match=match):
+        _core.init_state(**args)
+
+
+def test_init_state_rejects_overlapping_buffers():
+    """Outputs may not overlap each other nor the inputs; x0 may be x itself, but no other part of it."""
+    args = _init_args()
+    args["x_eval"] = args["x"]
+    with pytest.raises(ValueError, match="x_eval must not overlap x"):
+        _core.init_state(**args)
+    args = _init_args()
+    buf = np.zeros((3, 6), dtype=np.float32)
+    args["x"] = buf[:2]
+    with pytest.raises(ValueError, match=r"x must not overlap x0 \(unless it is x itself\)"):
+        _core.init_state(**args, x0=buf[1:])
+    args = _init_args()
+    args["x_in"] = args["x"].view(np.float32)
+    with pytest.raises(ValueError, match="x_in must not overlap x"):
         _core.init_state(**args)
 
 
@@ -94,6 +128,18 @@ BAD_STEP = [
     (dict(sigma_in=np.zeros(4, dtype=np.float32)), "sigma_in must have 2 elements"),
     (dict(seeds=np.zeros(2, dtype=np.int32)), "seeds must have dtype"),
     (dict(batch=0), "batch must be >= 1"),
+    (dict(table=np.ones((4, 1))), r"table must have 12 \+ K columns"),
+    (dict(table=np.ones((4, 29))), r"table must have 12 \+ K columns"),
+    (dict(table=np.ones((0, 14))), "table must be 2-D with at least one stage"),
+    (dict(stage=2 ** 40), r"stage must be in \[0, 4\), got 1099511627776"),
+    (dict(stage=-1), r"stage must be in \[0, 4\), got -1"),
+    (dict(guidance=float("inf")), "guidance must be finite"),
+    (dict(x=np.zeros((3, 4), dtype=np.float32)), r"x must have shape \(batch, ...\) with batch = 2"),
+    (dict(x_eval=np.zeros((6, 2), dtype=np.float32)), r"x_eval must have shape \(2, 6\), got \(6, 2\)"),
+    (dict(F=np.zeros((1, 12), dtype=np.float32)), r"F must have shape \(2, 6\), got \(1, 12\)"),
+    (dict(Y=np.zeros((2, 12), dtype=np.float32)), r"Y must have shape \(2, 2, 6\), got \(2, 12\)"),
+    (dict(x_in=np.zeros((4, 3), dtype=np.float32)), r"x_in must have shape \(2, 6\), got \(4, 3\)"),
+    (dict(F=np.frombuffer(bytearray(49), dtype=np.float32, count=12, offset=1).reshape(2, 6)), "F must be aligned"),
 ]
 
 
@@ -110,3 +156,50 @@ def test_fused_step_rejects_read_only_outputs():
     args["Y"].setflags(write=False)
     with pytest.raises(ValueError, match="Y must be writeable"):
         _core.fused_step(**args)
+
+
+def test_fused_step_rejects_overlapping_buffers():
+    """The element loop declares its pointers __restrict__: no output may overlap another buffer."""
+    for out, other in [("x_eval", "x"), ("x_in", "x_eval"), ("Y", "x")]:
+        args = _step_args()
+        args[out] = args[other] if out != "Y" else np.zeros((2, 2, 6), dtype=np.float32)
+        if out == "Y":
+            args["x"] = args["Y"][0]
+        with pytest.raises(ValueError, match=f"{out} must not overlap {other}"):
+            _core.fused_step(**args)
+    args = _step_args()
+    args["F"] = args["x_in"]
+    with pytest.raises(ValueError, match="x_in must not overlap F"):
+        _core.fused_step(**args)
+
+
+BAD_RANDN = [
+    (dict(stream=-1), r"stream must be in \[0, 2\*\*32\), got -1"),
+    (dict(stream=2 ** 32), r"stream must be in \[0, 2\*\*32\)"),
+    (dict(batch=0), "batch must be >= 1"),
+    (dict(batch=5), "out must hold batch \\* per_sample elements"),
+    (dict(out=np.zeros((6, 2), dtype=np.float32)), r"out must have shape \(batch, ...\) with batch = 2"),
+    (dict(out=np.zeros((2, 6))), "out must have dtype float32"),
+    (dict(out=np.zeros((2, 12), dtype=np.float32)[:, ::2]), "out must be C-contiguous"),
+    (dict(seeds=np.zeros(3, dtype=np.int64)), "seeds must have 2 elements"),
+]
+
+
+@pytest.mark.parametrize("change,match", BAD_RANDN, ids=[m for _, m in BAD_RANDN])
+def test_randn_rejects_bad_arguments(change, match):
+    args = dict(seeds=np.array([1, 2], dtype=np.int64), stream=3, out=np.zeros((2, 6), dtype=np.float32), batch=2)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        _core.randn(**args)
+    args = dict(seeds=np.array([1, 2], dtype=np.int64), stream=3, out=np.zeros((2, 6), dtype=np.float32), batch=2)
+    args["out"].setflags(write=False)
+    with pytest.raises(ValueError, match="out must be writeable"):
+        _core.randn(**args)
+
+
+def test_philox_rejects_words_outside_uint32():
+    assert _core.philox(0, 0, 0, 0, 0, 2 ** 32 - 1) == _core.philox(0, 0, 0, 0, 0, 0xFFFFFFFF)
+    with pytest.raises(ValueError, match=r"c0 must be in \[0, 2\*\*32\), got -1"):
+        _core.philox(-1, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"k1 must be in \[0, 2\*\*32\), got 4294967296"):
+        _core.philox(0, 0, 0, 0, 0, 2 ** 32)

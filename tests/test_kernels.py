@@ -135,6 +135,8 @@ BAD_BUFFERS = [
     (lambda d: dict(x_in=torch.zeros(2, 4, 3, device=d).transpose(1, 2)), "x_in must be contiguous"),
     (lambda d: dict(seeds=torch.zeros(2, dtype=torch.int32, device=d)), "seeds must have dtype"),
     (lambda d: dict(table=torch.zeros(5, 14, device=d)), "table must have dtype"),
+    (lambda d: dict(table=torch.zeros(5, 1, dtype=torch.float64, device=d)), r"table must have shape \(S, 12 \+ K\)"),
+    (lambda d: dict(table=torch.zeros(5, 29, dtype=torch.float64, device=d)), r"table must have shape \(S, 12 \+ K\)"),
     (lambda d: dict(sigma_in=torch.zeros(2, device="meta")), "sigma_in must be on"),
     (lambda d: dict(guidance=float("nan")), "guidance must be a finite float"),
     (lambda d: dict(guidance=2.0), r"F must have shape \(4, 3, 4\)"),
@@ -318,6 +320,39 @@ def test_init_state_rejects_a_bad_x0(request, impl, make, match):
     with pytest.raises(ValueError, match=match):
         Kn.init_state(table, 1.0, 0.0, torch.zeros(3, dtype=torch.int64, device=dev), z(3, 5, 7), z(3, 5, 7),
                       z(3, 5, 7), z(3), impl=impl, x0=make(dev))
+
+
+BAD_INIT = [
+    # Issue 11, item 2: the C++ core read c_noise past the end of a (1, 1) table and wrote it into sigma_in.
+    (lambda d: dict(table=torch.ones(1, 1, dtype=torch.float64, device=d)),
+     r"table must have shape \(S, 12 \+ K\) with S >= 1 and 1 <= K <= 16, got \(1, 1\)"),
+    (lambda d: dict(table=torch.ones(1, FIXED + 17, dtype=torch.float64, device=d)), "table must have shape"),
+    (lambda d: dict(table=torch.ones(0, FIXED + 1, dtype=torch.float64, device=d)), "table must have shape"),
+    (lambda d: dict(table=torch.ones(FIXED + 1, 2, dtype=torch.float64, device=d).t()), "table must be contiguous"),
+    (lambda d: dict(table=torch.ones(1, FIXED + 1, device=d)), "table must have dtype"),
+    (lambda d: dict(seeds=torch.zeros(2, dtype=torch.int64, device=d)), r"seeds must have shape \(3,\)"),
+    (lambda d: dict(x_eval=torch.zeros(3, 5, 6, device=d)), r"x_eval must have shape \(3, 5, 7\)"),
+    (lambda d: dict(x_in=torch.zeros(4, 5, 7, device=d)), r"x_in must have shape \(3 or 6, ...\)"),
+    (lambda d: dict(sigma_in=torch.zeros(6, device=d)), r"sigma_in must have shape \(3,\)"),
+    (lambda d: dict(x=torch.zeros(3, 5, 7, dtype=torch.float64, device=d)), "x must be a contiguous float32 tensor"),
+    (lambda d: dict(t0=float("inf")), "t0 must be a finite number >= 0"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("change,match", BAD_INIT, ids=[m for _, m in BAD_INIT])
+def test_init_state_rejects_bad_buffers(request, impl, change, match):
+    """edmrt.kernels.init_state checks every buffer (the table's width included) before any implementation runs."""
+    dev = _device(request, impl)
+    z = lambda *s: torch.zeros(s, device=dev)  # noqa: E731
+    args = dict(table=Kn.plan_table(edmrt.plan("heun", edmrt.make_sigmas("karras", 3)), dev), t0=1.0, n_init=0.0,
+                seeds=torch.zeros(3, dtype=torch.int64, device=dev), x=z(3, 5, 7), x_eval=z(3, 5, 7), x_in=z(3, 5, 7),
+                sigma_in=torch.full((3,), -1.0, device=dev))
+    args.update(change(dev))
+    with pytest.raises(ValueError, match=match):
+        Kn.init_state(impl=impl, **args)
+    if "sigma_in" not in change(dev):
+        assert torch.equal(args["sigma_in"], torch.full((3,), -1.0, device=dev))  # nothing was written
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -92,5 +92,7 @@ def test_malformed_json_text():
         Plan.from_json('{"format": "edmrt.plan", ')
     with pytest.raises(ValueError, match="JSON object"):
         Plan.from_json("[1, 2]")
+    with pytest.raises(ValueError, match="NaN is not a JSON number"):
+        Plan.from_json(json.dumps(_with(alpha=[math.nan] * 5)))  # json.dumps writes NaN, which JSON does not have
     with pytest.raises(ValueError, match="Plan.alpha must be finite"):
-        Plan.from_json(json.dumps(_with(alpha=[math.nan] * 5)))  # json.dumps writes NaN
+        Plan.from_dict(_with(alpha=[math.nan] * 5))
