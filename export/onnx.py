@@ -15,12 +15,21 @@ dynamic shapes for this UNet (measured on torch 2.13: opset 20 by default, ORT m
 the TorchScript-based legacy exporter is deprecated.  It is slower (~7 s for the tiny UNet, ~35 s for
 cifar10 on 2 cores, against ~1 s for the legacy one on tiny), which an export done once can afford.
 The exported batch symbol is checked by running the file at batch sizes other than the export batch.
+
+Writing: everything is built and verified in a private folder beside the target (``tempfile.mkdtemp``), then
+moved into place with ``os.replace``: a reader sees the old file or the new one, never half of one; a file that
+fails verification is never at the target; a symbolic link at the target is replaced, never written through;
+a directory there is refused.  Every file carries ``edmrt.weights_sha256`` (``edmrt.backends.ort.weights_sha256``
+of the network), so a loader can tell which weights it holds.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edmrt.backends.ort import INPUT_NAMES, OUTPUT_NAME, load_onnx_session
+from edmrt.backends.ort import INPUT_NAMES, OUTPUT_NAME, load_onnx_session, sha256_file, weights_sha256
 
 log = logging.getLogger("edmrt.export")
 
@@ -68,6 +77,7 @@ class OnnxReport:
     dtype: str
     exporter: str = "dynamo"
     verified_batches: tuple = field(default_factory=tuple)
+    files: dict = field(default_factory=dict)   # file name -> sha256 of every file written (the model, external data)
 
 
 class _Signature(nn.Module):
@@ -122,7 +132,8 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
 
     ==============  ==============================================================================
     net             a torch module; exported in eval mode (its mode is restored afterwards)
-    path            output file (parent folders are created)
+    path            output file (parent folders are created); written atomically: a symbolic link
+                    there is replaced (its target is not written), a directory raises ValueError
     sample_shape    (C, H, W); default ``net.sample_shape`` (``EDMUNet`` has one)
     num_classes     0 for an unconditional net; > 0 adds the input ``class_labels``. Default
                     ``net.num_classes`` (or 0); a value contradicting ``net.num_classes`` raises
@@ -134,41 +145,69 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
                     ``ExportVerificationError`` beyond ``TOLERANCE[dtype]`` x max(1, max|F|)
     simplify        run onnxslim on the file when it is importable (it is not a dependency)
     metadata        extra string entries stored as ``edmrt.KEY`` (e.g. ``{"model": "digits"}``, which
-                    ``edmrt sample --onnx`` checks against the model it samples)
+                    ``edmrt sample --onnx`` checks against the model it samples); ``edmrt.weights_sha256``
+                    (the net's weights), ``num_classes``, ``sample_shape`` and ``dtype`` are always written
     ==============  ==============================================================================
     """
     t0 = time.perf_counter()
     sample_shape, num_classes, verify_batches = _check_args(net, sample_shape, num_classes, dtype, batch, opset,
                                                             verify, verify_batches)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _check_target(Path(path))
+    entries = {**{k: str(v) for k, v in (metadata or {}).items()}, "num_classes": str(num_classes),
+               "sample_shape": ",".join(map(str, sample_shape)), "dtype": dtype, "weights_sha256": weights_sha256(net)}
     gen = torch.Generator().manual_seed(seed)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # private (0700)
     was_training = net.training
     net.eval()
     try:
-        _trace(net, path, sample_shape, num_classes, dtype, batch, opset, gen)
+        staged = staging / path.name
+        _trace(net, staged, sample_shape, num_classes, dtype, batch, opset, gen)
         if simplify:
-            _simplify(path)
-        opset_used = _write_metadata(path, {**{k: str(v) for k, v in (metadata or {}).items()},
-                                            "num_classes": str(num_classes),
-                                            "sample_shape": ",".join(map(str, sample_shape)), "dtype": dtype})
-        session = load_onnx_session(path, providers=["CPUExecutionProvider"], conditional=num_classes > 0)
+            _simplify(staged)
+        opset_used = _write_metadata(staged, entries)
+        session = load_onnx_session(staged, providers=["CPUExecutionProvider"], conditional=num_classes > 0)
         inputs, outputs = _describe(session.get_inputs()), _describe(session.get_outputs())
         max_err = tol = None
         if verify:
             try:
                 max_err, tol = _verify(session, net, sample_shape, num_classes, dtype, verify_batches, gen)
-            except ExportVerificationError as exc:
-                del session
-                path.unlink()  # a file that failed its check must not be picked up later (by a cache, an engine)
-                raise ExportVerificationError(f"{exc}; {path} removed") from None
+            except ExportVerificationError as exc:  # nothing reaches the target: a cache or engine cannot pick it up
+                raise ExportVerificationError(f"{exc}; nothing written to {path}") from None
+        del session
+        files = _publish(staging, path)
     finally:
         net.train(was_training)
+        shutil.rmtree(staging, ignore_errors=True)
     report = OnnxReport(path=str(path), inputs=inputs, outputs=outputs, max_abs_err=max_err, tolerance=tol,
                         seconds=time.perf_counter() - t0, opset=opset_used, dtype=dtype,
-                        verified_batches=verify_batches if verify else ())
+                        verified_batches=verify_batches if verify else (), files=files)
     log.info("exported %s (%s, opset %d) in %.1f s, max abs err %s", path, dtype, opset_used, report.seconds, max_err)
     return report
+
+
+def _check_target(path: Path) -> Path:
+    """``path`` with its parent folders created; ValueError when a directory is there (a link is replaced later)."""
+    if path.is_dir() and not path.is_symlink():
+        raise ValueError(f"path {str(path)!r} is a directory; expected the ONNX file's path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _publish(staging: Path, path: Path) -> dict:
+    """Move every staged file (external data first, the model last) into ``path``'s folder with ``os.replace``, which
+    replaces a symbolic link at the name instead of following it; returns {file name: sha256}."""
+    names = sorted(f.name for f in staging.iterdir() if f.name != path.name) + [path.name]
+    files = {}
+    for name in names:
+        src, dst = staging / name, path.parent / name
+        if dst.is_symlink():
+            log.warning("replacing the symbolic link %s (to %s) with the exported file; its target is not written",
+                        dst, os.readlink(dst))
+        elif dst.is_dir():
+            raise ValueError(f"{str(dst)!r} is a directory; the export cannot write its file {name!r} there")
+        files[name] = sha256_file(src)
+        os.replace(src, dst)
+    return files
 
 
 def _check_args(net, sample_shape, num_classes, dtype, batch, opset, verify, verify_batches):

@@ -12,7 +12,7 @@ pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter's tran
 from onnx import TensorProto, helper  # noqa: E402
 
 from edmrt.backends import BACKENDS, OnnxRuntimeBackend, TorchBackend, make_backend  # noqa: E402
-from edmrt.backends.ort import load_onnx_session
+from edmrt.backends.ort import load_onnx_session, weights_sha256  # noqa: E402
 from edmrt.export import ExportVerificationError, export_onnx  # noqa: E402
 from edmrt.export.onnx import TOLERANCE  # noqa: E402
 from edmrt.models import build_unet  # noqa: E402
@@ -87,7 +87,8 @@ def test_export_fp16_within_tolerance(exported, gen):
     kinds = {t.data_type for t in model.graph.initializer if len(t.dims) == 4}  # conv kernels
     assert kinds == {TensorProto.FLOAT16}
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta == {"edmrt.num_classes": "3", "edmrt.sample_shape": "2,8,8", "edmrt.dtype": "fp16"}
+    assert meta == {"edmrt.num_classes": "3", "edmrt.sample_shape": "2,8,8", "edmrt.dtype": "fp16",
+                    "edmrt.weights_sha256": weights_sha256(net)}  # the float32 net's weights: which model it is
     session = load_onnx_session(r.path, providers=["CPUExecutionProvider"])
     x, c, y = _inputs(6, 3, gen)
     with torch.no_grad():
@@ -322,4 +323,15 @@ def test_cli_export_bundled_model_then_sample_through_it(tmp_path, capsys):
     # another model's file is refused by name, and --weights does not go with --model
     assert main(["sample", "--model", "digits-cd", "--onnx", str(out), "-o", str(png)]) == 2
     assert "holds the network of 'digits', not of --model 'digits-cd'" in capsys.readouterr().err
+    # the file records its weights; without its name it is still refused, by them
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["edmrt.model"] == "digits" and meta["edmrt.weights_sha256"] == weights_sha256(m.network)
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        if k != "edmrt.model":
+            proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(tmp_path / "anonymous.onnx"))
+    assert main(["sample", "--model", "digits-cd", "--onnx", str(tmp_path / "anonymous.onnx"), "-o", str(png)]) == 2
+    assert "holds other weights than --model 'digits-cd'" in capsys.readouterr().err
     assert main(["export", "onnx", "--model", "digits", "--weights", str(out)]) == 2

@@ -1,41 +1,64 @@
 """The ONNX cache: a torch model's network exported once to ONNX, keyed by its weights, verified on every load.
 
-``$EDMRT_CACHE/onnx/<key>-<dtype>.onnx`` (default ``~/.cache/edmrt``); the key is a sha256 of the network's
-tensors, its class and config, the sample shape, the classes, the precision and the torch version.  A cached
-file that fails ``load_onnx_session``'s checks (truncated, corrupt, wrong signature) is exported again, never
-trusted.  The exporter is imported only here, and only to build a missing or unusable file.
+``$EDMRT_CACHE/onnx/<key>-<dtype>.onnx`` (default ``~/.cache/edmrt``) with ``<key>-<dtype>.manifest.json`` beside it.
+The key is a sha256 of its fields (``onnx_cache_fields``): the cache format, the network's ``weights_sha256``, its
+class and config, the sample shape, the classes, the precision and the torch version.  The manifest holds those
+fields and the sha256 of every file the export wrote.  An entry is used only when it is a regular file (not a
+symbolic link), its manifest's fields are the expected ones, every file matches its recorded sha256, the file passes
+``load_onnx_session``'s checks and its ``edmrt.weights_sha256`` is the network's.  Anything else (truncated,
+corrupt, another model's file, an edited manifest, a link or an empty directory at the path) is logged with the
+reason and exported again, never trusted; a non-empty directory at the path is refused (ValueError), not deleted.
+The export writes atomically and replaces a link instead of writing through it (``edmrt.export.onnx``).
+
+The exporter is imported only here, and only to build a missing or unusable file.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from ..model import Model
-from .ort import load_onnx_session
+from .ort import load_onnx_session, sha256_file, weights_sha256
 
-__all__ = ["onnx_cache_root", "onnx_cache_path", "cached_onnx"]
+__all__ = ["onnx_cache_root", "onnx_cache_fields", "onnx_cache_path", "onnx_manifest_path", "cached_onnx",
+           "ONNX_CACHE_FORMAT"]
 
 log = logging.getLogger("edmrt.backends")
+
+# In every key and manifest; 2: manifests and edmrt.weights_sha256 (1 had neither).
+ONNX_CACHE_FORMAT = 2
 
 
 def onnx_cache_root() -> Path:
     return Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "onnx"
 
 
-def onnx_cache_path(model: Model, dtype: str = "fp32") -> Path:
-    """Where ``model``'s network is exported for ONNX Runtime / TensorRT (the key in the module docstring)."""
+def onnx_cache_fields(model: Model, dtype: str = "fp32") -> dict:
+    """What the key hashes and the manifest records: everything that changes the exported file."""
     net = model.network
-    h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr((type(net).__name__, getattr(net, "config", None), model.sample_shape, model.num_classes, dtype,
-                   torch.__version__)).encode())
-    return onnx_cache_root() / f"{h.hexdigest()[:32]}-{dtype}.onnx"
+    fields = dict(format=ONNX_CACHE_FORMAT, weights_sha256=weights_sha256(net), network=type(net).__name__,
+                  config=repr(getattr(net, "config", None)), sample_shape=list(model.sample_shape),
+                  num_classes=model.num_classes, dtype=dtype, torch=torch.__version__)
+    return json.loads(json.dumps(fields))  # as the manifest will hold them
+
+
+def onnx_cache_path(model: Model, dtype: str = "fp32", fields: dict | None = None) -> Path:
+    """Where ``model``'s network is exported for ONNX Runtime / TensorRT (the key in the module docstring)."""
+    fields = onnx_cache_fields(model, dtype) if fields is None else fields
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+    return onnx_cache_root() / f"{key}-{dtype}.onnx"
+
+
+def onnx_manifest_path(path: Path) -> Path:
+    """The manifest beside a cache entry: ``<key>-<dtype>.manifest.json``."""
+    return path.with_name(f"{path.stem}.manifest.json")
 
 
 def cached_onnx(model: Model, device: torch.device):
@@ -43,15 +66,83 @@ def cached_onnx(model: Model, device: torch.device):
     exported again (from the CPU, the network then returned to ``device``) and the session left to the caller."""
     if not isinstance(model.network, torch.nn.Module):
         raise ValueError("exporting to ONNX needs the network to be a torch.nn.Module")
-    path = onnx_cache_path(model)
-    if path.exists():
+    fields = onnx_cache_fields(model)
+    path = onnx_cache_path(model, fields=fields)
+    problem = _check_entry(path, fields)
+    if problem is None:
         try:
-            return path, load_onnx_session(path, conditional=model.num_classes > 0)
+            session = load_onnx_session(path, conditional=model.num_classes > 0)
         except ValueError as exc:
-            log.warning("cached ONNX file %s is unusable (%s): exporting again", path, exc)
+            problem = str(exc)
+        else:
+            stored = session.get_modelmeta().custom_metadata_map.get("edmrt.weights_sha256")
+            if stored == fields["weights_sha256"]:
+                return path, session
+            problem = f"the file holds the weights {stored!r}, not the network's {fields['weights_sha256']!r}"
+    if problem != "missing":
+        log.warning("ONNX cache entry %s is not usable (%s): exporting again", path, problem)
+    for p in (path, onnx_manifest_path(path)):
+        _clear_directory(p)
+    _export(model, path, fields)
+    model.network.to(device)
+    return path, None
+
+
+def _check_entry(path: Path, fields: dict) -> str | None:
+    """None when the entry and its manifest are intact and name ``fields``; otherwise why not ("missing": no entry)."""
+    manifest = onnx_manifest_path(path)
+    if not os.path.lexists(path) and not os.path.lexists(manifest):
+        return "missing"
+    for p in (path, manifest):
+        if p.is_symlink() or not p.is_file():
+            return f"{p.name} is {'a symbolic link' if p.is_symlink() else 'missing or not a regular file'}"
+    try:
+        m = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"manifest unreadable: {exc}"
+    if not isinstance(m, dict):
+        return "manifest is not a JSON object"
+    for k, v in fields.items():
+        if m.get(k) != v:
+            return f"manifest field {k!r} is {m.get(k)!r}, expected {v!r}"
+    files = m.get("files")
+    if not isinstance(files, dict) or path.name not in files:
+        return f"manifest lists no sha256 for {path.name}"
+    for name, digest in files.items():
+        f = path.parent / str(name)
+        if Path(str(name)).name != name or f.is_symlink() or not f.is_file():
+            return f"{name!r} is not a regular file beside the entry"
+        if sha256_file(f) != digest:
+            return f"{name} does not match its recorded sha256 (corrupt or replaced)"
+    return None
+
+
+def _clear_directory(path: Path) -> None:
+    """Remove an empty directory at a cache file's path; refuse a non-empty one (the cache deletes only its files)."""
+    if path.is_dir() and not path.is_symlink():
+        try:
+            path.rmdir()
+        except OSError:
+            raise ValueError(f"the ONNX cache path {str(path)!r} is a non-empty directory: remove it "
+                             f"(expected the cache's file there)") from None
+
+
+def _export(model: Model, path: Path, fields: dict) -> None:
+    """Export the network to ``path`` (atomically), then write its manifest (atomically, after the file)."""
     from edmrt.export.onnx import export_onnx
 
     log.warning("exporting the network to ONNX (once; cached at %s)", path)
-    export_onnx(model.network.cpu().eval(), path, sample_shape=model.sample_shape, num_classes=model.num_classes)
-    model.network.to(device)
-    return path, None
+    name = model.metadata.get("name")
+    named = {"model": name} if isinstance(name, str) and name else None  # edmrt sample --onnx checks it
+    report = export_onnx(model.network.cpu().eval(), path, sample_shape=model.sample_shape,
+                         num_classes=model.num_classes, metadata=named)
+    manifest = dict(fields, files=report.files, opset=report.opset, max_abs_err=report.max_abs_err,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, onnx_manifest_path(path))  # replaces a link at the name, never writes through it
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -11,10 +11,20 @@ class_labels   (B,), only when conditional    int64, in [0, num_classes]; num_cl
 F              (B, C, H, W)  (output)         x_in's dtype
 =============  =============================  ==========================================================
 
+The declared metadata (``edmrt.KEY`` entries; ``edmrt.export.onnx`` writes them): ``num_classes``, ``sample_shape``
+(``C,H,W``), ``dtype`` (fp32 / fp16), ``weights_sha256`` (``weights_sha256`` of the exported network: which weights
+the file holds) and, for a named model, ``model``.
+
+Threads: ONNX Runtime runs one session from several threads at once, each with its own I/O binding (a binding is
+not thread-safe; ``Session::Run`` is).  ``OnnxRuntimeBackend`` hands every call a binding no other call holds.
+
 ``onnx`` and ``onnxruntime`` are imported where used, never by ``import edmrt``.
 """
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +33,8 @@ import torch
 
 from .base import check_backend_args
 
-__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_signature", "default_providers",
-           "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES"]
+__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_signature", "default_providers", "weights_sha256",
+           "sha256_file", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES", "MAX_BINDINGS"]
 
 INPUT_NAMES = ("x_in", "c_noise", "class_labels")
 OUTPUT_NAME = "F"
@@ -32,14 +42,41 @@ OUTPUT_NAME = "F"
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+# Idle I/O bindings an OnnxRuntimeBackend keeps (one per engine's set of buffers; the least recently used is
+# dropped first): a Sampler has one engine per (batch size, guidance), far fewer than this.
+MAX_BINDINGS = 64
+
+
+def weights_sha256(net: torch.nn.Module) -> str:
+    """sha256 of a network's state (every tensor's name, dtype, shape and bytes, by name): which weights it holds.
+
+    The ONNX cache keys files by it and every export stores it as ``edmrt.weights_sha256``."""
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype (bfloat16 too)
+    return h.hexdigest()
+
+
+def sha256_file(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class OnnxRuntimeBackend:
     """An edmrt ONNX file (or a checked ``InferenceSession``) run with ONNX Runtime's I/O binding.
 
     Inputs and ``out`` are bound by ``data_ptr``: ORT reads the caller's tensors and writes F straight into
-    ``out``, with no copy and no allocation per call.  The binding is redone (and the buffers re-checked)
-    only when a buffer's address, shape or dtype changes, so an engine loop on static buffers binds once.
+    ``out``, with no copy and no allocation per call.  A binding is made (and the buffers checked) once per set
+    of buffers (addresses, shapes, dtypes), so an engine loop on static buffers binds once.  Bindings are taken
+    from a pool and returned after the run: no two calls in flight share one, so the engines of a ``Sampler``
+    (one per batch size and guidance) run from several threads at once; up to ``MAX_BINDINGS`` idle bindings
+    are kept, the least recently used dropped first.
     CPU tensors with the CPU provider; CUDA tensors need the CUDA provider (the session then runs on torch's
     current stream, so no host sync is needed between the fused step and the network).
     """
@@ -69,10 +106,17 @@ class OnnxRuntimeBackend:
         self.sample_shape = tuple(d if isinstance(d, int) else None for d in shape[1:])
         self.batch = shape[0] if isinstance(shape[0], int) else None
         self.providers = self.session.get_providers()
-        self._binding = self.session.io_binding()
-        self._key = None
+        self._idle: OrderedDict[tuple, list] = OrderedDict()   # buffers' key -> idle bindings, oldest use first
+        self._idle_count = 0
+        self._lock = threading.Lock()
 
-    def _bind(self, x_in, c_noise, class_labels, out) -> None:
+    @property
+    def cached_bindings(self) -> int:
+        """How many idle I/O bindings are kept (at most ``MAX_BINDINGS``)."""
+        return self._idle_count
+
+    def _bind(self, x_in, c_noise, class_labels, out):
+        """A new I/O binding of these buffers, after checking them against the protocol and the session."""
         check_backend_args(x_in, c_noise, class_labels, out, self.conditional, self.in_dtype, self.out_dtype,
                            self.sample_shape, self.batch)
         dev = x_in.device
@@ -85,9 +129,7 @@ class OnnxRuntimeBackend:
         else:
             raise ValueError(f"ONNX Runtime binds CPU or CUDA tensors, got device {dev}")
         B = x_in.shape[0]
-        b = self._binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
+        b = self.session.io_binding()
 
         def bind_input(name, t, shape):
             b.bind_input(name, device_type, device_id, _NP[t.dtype], list(shape), t.data_ptr())
@@ -97,6 +139,32 @@ class OnnxRuntimeBackend:
         if self.conditional:
             bind_input("class_labels", class_labels, (B,))
         b.bind_output("F", device_type, device_id, _NP[out.dtype], list(out.shape), out.data_ptr())
+        return b
+
+    def _checkout(self, key):
+        """An idle binding of the buffers ``key`` names, now held by this call only; None when there is none."""
+        with self._lock:
+            idle = self._idle.get(key)
+            if not idle:
+                return None
+            binding = idle.pop()
+            self._idle_count -= 1
+            if not idle:
+                del self._idle[key]
+            return binding
+
+    def _checkin(self, key, binding) -> None:
+        """Return a binding to the pool as the most recently used; drop the least recently used beyond the bound."""
+        with self._lock:
+            self._idle.setdefault(key, []).append(binding)
+            self._idle.move_to_end(key)
+            self._idle_count += 1
+            while self._idle_count > MAX_BINDINGS:
+                oldest, idle = next(iter(self._idle.items()))
+                idle.pop(0)
+                self._idle_count -= 1
+                if not idle:
+                    del self._idle[oldest]
 
     def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
                  out: torch.Tensor) -> None:
@@ -108,11 +176,11 @@ class OnnxRuntimeBackend:
                    x_in.is_contiguous(), c_noise.is_contiguous(), out.is_contiguous())
         except AttributeError:  # not tensors: let the check name the culprit
             key = None
-        if key is None or key != self._key:
-            self._key = None
-            self._bind(x_in, c_noise, class_labels, out)
-            self._key = key
-        self.session.run_with_iobinding(self._binding)
+        binding = None if key is None else self._checkout(key)
+        if binding is None:
+            binding = self._bind(x_in, c_noise, class_labels, out)
+        self.session.run_with_iobinding(binding)  # releases the GIL; concurrent runs on one session are safe
+        self._checkin(key, binding)
 
 
 def check_onnx_signature(inputs, outputs, conditional: bool | None = None) -> bool:
