@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from .plan import Plan
@@ -17,21 +18,26 @@ class NoiseSource(Protocol):
     def __call__(self, stream: int) -> torch.Tensor: ...
 
 
-def check_seeds(seeds, batch: int) -> list[int]:
-    """Seeds: one non-negative integer < 2**63 per sample."""
+def check_seeds(seeds, batch: int | None = None) -> list[int]:
+    """Seeds: one non-negative integer < 2**63 per sample (``batch`` of them, when given).  Integers only: a float,
+    a bool or a float tensor is refused, never truncated."""
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype not in (torch.int32, torch.int64) or seeds.ndim != 1:
             raise ValueError(f"seeds must be a 1-D int64 tensor or a list of ints, got {seeds.dtype} of shape {tuple(seeds.shape)}")
         seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)):
+        raise ValueError(f"seeds must be a sequence of integers, got {seeds!r}")
     try:
         seeds = list(seeds)
     except TypeError:
-        raise ValueError(f"seeds must be a sequence of {batch} integers, got {seeds!r}") from None
-    if len(seeds) != batch:
+        raise ValueError(f"seeds must be a sequence of {batch or 'N'} integers, got {seeds!r}") from None
+    if batch is None and not seeds:
+        raise ValueError("seeds must hold at least one integer")
+    if batch is not None and len(seeds) != batch:
         raise ValueError(f"seeds must hold one integer per sample: expected {batch}, got {len(seeds)}")
     out = []
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) and not hasattr(s, "__index__"):
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, int) and not hasattr(s, "__index__"):
             raise ValueError(f"seeds must be integers, got {s!r}")
         s = int(s)
         if not 0 <= s < 2 ** 63:
@@ -93,9 +99,10 @@ def execute(plan: Plan, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         # Network evaluation with preconditioning (EDM Eq. 7).
         sig_in = torch.full(bshape, c_noise[s], dtype=x.dtype, device=x.device)
         F = net(c_in[s] * x_eval, sig_in)
-        if not isinstance(F, torch.Tensor) or F.shape != x.shape:
-            raise ValueError(f"the network must return a tensor of shape {tuple(x.shape)}, got "
-                             f"{tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__} at stage {s}")
+        if not isinstance(F, torch.Tensor) or F.shape != x.shape or not F.is_floating_point():
+            raise ValueError(f"the network must return a real floating-point tensor of shape {tuple(x.shape)}, got "
+                             f"{f'{F.dtype} {tuple(F.shape)}' if isinstance(F, torch.Tensor) else type(F).__name__} "
+                             f"at stage {s}")
         D = precondition(c_skip[s], c_out[s], x_eval, F.to(x.dtype))
         # History entry.
         Y[s % K] = history_entry(alpha[s], beta[s], x_eval, D)

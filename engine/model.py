@@ -8,7 +8,7 @@ from typing import Any
 
 from .precond import EDMPrecond, Precond
 
-__all__ = ["Model", "sampling_defaults"]
+__all__ = ["Model", "sampling_defaults", "check_sampling"]
 
 
 @dataclass
@@ -37,10 +37,46 @@ class Model:
             raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
         if not (0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max)):
             raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
+        if not isinstance(self.precond, Precond):
+            raise ValueError(f"precond must be an edmrt Precond (e.g. EDMPrecond()), got {type(self.precond).__name__}")
+        # A network that states its own classes and channels must agree with the model's.
+        net_classes = getattr(self.network, "num_classes", None)
+        if isinstance(net_classes, int) and net_classes != self.num_classes:
+            raise ValueError(f"num_classes={self.num_classes} contradicts the network's num_classes={net_classes}")
+        net_shape = getattr(self.network, "sample_shape", None)
+        if isinstance(net_shape, tuple) and net_shape and net_shape[0] != self.sample_shape[0]:
+            raise ValueError(f"sample_shape {self.sample_shape} has {self.sample_shape[0]} channels; the network takes "
+                             f"{net_shape[0]}")
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"metadata must be a dict (the model card), got {type(self.metadata).__name__}")
+        check_sampling(self.metadata.get("sampling"))
 
     @property
     def null_label(self) -> int:
         return self.num_classes
+
+
+def check_sampling(sampling) -> None:
+    """A model card's ``sampling`` entry: None, or {"solver": str, "steps": int >= 1, "solvers": [str, ...],
+    "levels": {"N": [sigma_0, ..., 0], ...}, ...}; ValueError naming the first field that is not."""
+    if sampling is None:
+        return
+    if not isinstance(sampling, dict):
+        raise ValueError(f"the model card's sampling must be an object (solver, steps, levels), got {sampling!r}")
+    solver, steps = sampling.get("solver", "heun"), sampling.get("steps", 18)
+    if not isinstance(solver, str):
+        raise ValueError(f"the model card's sampling.solver must be a solver name, got {solver!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"the model card's sampling.steps must be an int >= 1, got {steps!r}")
+    solvers = sampling.get("solvers", [])
+    if not isinstance(solvers, list) or not all(isinstance(v, str) for v in solvers):
+        raise ValueError(f"the model card's sampling.solvers must be a list of solver names, got {solvers!r}")
+    levels = sampling.get("levels", {})
+    if not isinstance(levels, dict) or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, list) and len(v) == int(k) + 1
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for k, v in levels.items()):
+        raise ValueError("the model card's sampling.levels must map a step count N to N + 1 noise levels "
+                         f"(\"2\": [80, tau_1, 0]), got {levels!r}")
 
 
 def sampling_defaults(model: Model, solver: str | None, steps: int | None, schedule) -> tuple[str, int, Any]:

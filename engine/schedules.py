@@ -15,17 +15,22 @@ import numpy as np
 
 __all__ = [
     "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential",
-    "given", "make_sigmas", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
+    "given", "make_sigmas", "MAX_STEPS", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
 ]
 
 
 # ----------------------------------------------------------------------------- validation
 
+# The most steps a schedule may have: 10,000 is 10x the longest reference solve here (and EDM's own 1,000-level
+# iDDPM grid); beyond it a typo (steps=10**7) would run for minutes before anything is said.
+MAX_STEPS = 10_000
+
+
 def _check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_STEPS}] (schedules.MAX_STEPS), got {steps}")
     return int(steps)
 
 
@@ -39,10 +44,18 @@ def _check_positive(name: str, value) -> float:
     return v
 
 
+# The largest noise level a schedule may reach: far above any model's (EDM 80, VE 100, VP 152), small enough
+# that the schedules' squares and powers stay finite in float64 (a sigma_max of 1e300 overflowed VE's t = sigma^2).
+SIGMA_LIMIT = 1e10
+
+
 def check_range(sigma_min, sigma_max) -> tuple[float, float]:
-    """(sigma_min, sigma_max) as floats with 0 < sigma_min < sigma_max < inf, or ValueError naming the one that is not."""
+    """(sigma_min, sigma_max) as floats with 0 < sigma_min < sigma_max <= SIGMA_LIMIT, or ValueError naming the one
+    that is not."""
     lo = _check_positive("sigma_min", sigma_min)
     hi = _check_positive("sigma_max", sigma_max)
+    if hi > SIGMA_LIMIT:
+        raise ValueError(f"sigma_max must be <= {SIGMA_LIMIT:g} (schedules.SIGMA_LIMIT), got {sigma_max!r}")
     if lo >= hi:
         raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={lo!r} >= sigma_max={hi!r}")
     return lo, hi

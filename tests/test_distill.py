@@ -137,18 +137,24 @@ def test_bad_options(kw, match):
 def test_bad_teacher_and_data(tiny_teacher):
     with pytest.raises(ValueError, match="teacher must be an edmrt Model"):
         distill(lambda x, s: x, DistillOptions(iters=1), progress=False)
-    uncond = edmrt.Model(tiny_teacher.network, tiny_teacher.precond, sample_shape=(1, 8, 8), num_classes=0)
+    with pytest.raises(ValueError, match="contradicts the network's num_classes=10"):  # the Model checks first
+        edmrt.Model(tiny_teacher.network, tiny_teacher.precond, sample_shape=(1, 8, 8), num_classes=0)
+
+    class Wrapped(torch.nn.Module):  # a network that does not state its classes
+        def __init__(self, net, scale=1.0):
+            super().__init__()
+            self.net, self.scale = net, scale
+
+        def forward(self, x, c_noise, labels=None):
+            return self.net(x, c_noise, labels) * self.scale
+
+    uncond = edmrt.Model(Wrapped(tiny_teacher.network), tiny_teacher.precond, sample_shape=(1, 8, 8), num_classes=0)
     with pytest.raises(ValueError, match="class-conditional"):
         distill(uncond, DistillOptions(iters=1), progress=False)
-    class Poisoned(torch.nn.Module):  # a teacher whose output is NaN: stop at once, never train on it
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
 
-        def forward(self, x, c_noise, labels):
-            return self.net(x, c_noise, labels) * float("nan")
-
-    poisoned = edmrt.Model(Poisoned(tiny_teacher.network), tiny_teacher.precond, sample_shape=(1, 8, 8), num_classes=10)
+    # A teacher whose output is NaN: stop at once, never train on it.
+    poisoned = edmrt.Model(Wrapped(tiny_teacher.network, float("nan")), tiny_teacher.precond, sample_shape=(1, 8, 8),
+                           num_classes=10)
     with pytest.raises(FloatingPointError, match="distillation loss is nan at iteration 1"):
         distill(poisoned, DistillOptions(iters=3, batch=4), progress=False)
     with pytest.raises(ValueError, match="data must be images"):

@@ -15,8 +15,9 @@ class CallableBackend:
 
     ``fn(x_in, c_noise, class_labels)`` receives the engine's buffers as they are (x_in of any rank >= 1,
     c_noise of shape (B,)); ``class_labels`` is None unless ``conditional``.  Its return value must be a
-    tensor shaped like x_in; it is copied (and cast) into ``out``.  No autograd context is imposed: the
-    callable may use gradients itself.
+    real floating-point tensor of exactly x_in's shape; it is copied (and cast) into ``out``, detached.  No
+    autograd context is imposed: the callable may use gradients itself.  Thread safety is the callable's: an
+    engine calls it under its own lock, engines of one Sampler may call it concurrently.
     """
 
     name = "custom"
@@ -31,7 +32,8 @@ class CallableBackend:
                  out: torch.Tensor) -> None:
         check_backend_args(x_in, c_noise, class_labels, out, self.conditional, ndim=None)
         F = self.fn(x_in, c_noise, class_labels)
-        if not isinstance(F, torch.Tensor) or F.shape != out.shape:
-            raise ValueError(f"the network must return a tensor of shape {tuple(out.shape)}, got "
+        # Exactly the output's shape (no broadcast of a smaller one) and a real dtype (no complex part dropped).
+        if not isinstance(F, torch.Tensor) or F.shape != out.shape or not F.is_floating_point():
+            raise ValueError(f"the network must return a real floating-point tensor of shape {tuple(out.shape)}, got "
                              f"{describe(F) if isinstance(F, torch.Tensor) else type(F).__name__}")
-        out.copy_(F)
+        out.copy_(F.detach())  # the engine's buffers never join an autograd graph

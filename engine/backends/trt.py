@@ -7,6 +7,7 @@ UNVERIFIED: TensorRT cannot be installed on the machines this was written on; th
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -49,10 +50,15 @@ class TensorRTBackend:
         if missing:
             raise ValueError(f"engine {engine_path} lacks I/O tensors {sorted(missing)}; has {names}")
         self.conditional = "class_labels" in names
+        self._lock = threading.Lock()  # one execution context: engines of several threads take turns
 
     def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None, out: torch.Tensor) -> None:
         if x_in.device.type != "cuda" or out.device.type != "cuda":
             raise ValueError("TensorRTBackend needs CUDA tensors")
+        with self._lock:
+            self._run(x_in, c_noise, labels, out)
+
+    def _run(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None, out: torch.Tensor) -> None:
         ctx = self.context
         ctx.set_input_shape("x_in", tuple(x_in.shape))
         ctx.set_tensor_address("x_in", x_in.data_ptr())

@@ -9,13 +9,16 @@
     edmrt metrics    the digits classifier behind FD-digits; a bundled model's card metrics        (metrics.py)
     edmrt export     a network to ONNX, an ONNX file to a TensorRT engine                          (export.py)
 
-Each module has ``register(subparsers)`` (its arguments) and the function it sets as ``fn``.  Errors a user
-can fix (ValueError, RuntimeError, FloatingPointError) print one line and exit with status 2.
+Each module has ``register(subparsers)`` (its arguments) and the function it sets as ``fn``; a command checks
+every argument before any work starts.  Errors a user can fix (ValueError, RuntimeError, FloatingPointError,
+OSError) print one line and exit with status 2 (argparse's own errors too); anything else prints one line
+and exits with status 1 (``-v`` shows the traceback); a closed pipe (``edmrt plan ... | head``) ends quietly.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import distill, export, metrics, plan, quality, sample, solvers, train
@@ -41,9 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except (ValueError, RuntimeError, FloatingPointError) as exc:
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, RuntimeError, FloatingPointError, OSError) as exc:
         print(f"edmrt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"edmrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a usage error: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"edmrt {args.command}: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

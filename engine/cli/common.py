@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+from pathlib import Path
 
-__all__ = ["solver_options", "schedule_args", "int_list", "command_line"]
+__all__ = ["solver_options", "schedule_args", "int_list", "command_line", "output_path", "positive_int"]
 
 
 def solver_options(pairs: list[str] | None) -> dict[str, float]:
@@ -51,3 +53,34 @@ def command_line(args) -> str:
     """The command as typed (``edmrt train ...``), for model cards."""
     argv = args.argv if getattr(args, "argv", None) is not None else sys.argv[1:]
     return "edmrt " + shlex.join(argv)
+
+
+def output_path(path, what: str = "-o", create: bool = False) -> Path:
+    """An output file that can be written: not a folder, in a folder that exists (or, with ``create``, whose nearest
+    existing ancestor is a folder) and is writable.  Checked before any work starts, so that a long run never ends
+    in a FileNotFoundError."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a folder; give a file name")
+    parent = p.parent
+    if not parent.is_dir():
+        if not create:
+            raise ValueError(f"{what} {str(p)!r}: the folder {str(parent)!r} does not exist")
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"{what} {str(p)!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} {str(p)!r}: the folder {str(parent)!r} is not writable")
+    return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
+    return v

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import command_line
+from .common import command_line, output_path, positive_int
 
 HELP = "consistency distillation of a bundled teacher into a 1-4 step student"
 
@@ -11,8 +11,8 @@ HELP = "consistency distillation of a bundled teacher into a 1-4 step student"
 def register(sub) -> None:
     p = sub.add_parser("distill", help=HELP)
     p.add_argument("--teacher", default="digits", help="a bundled model (default digits)")
-    p.add_argument("--iters", type=int, default=3000, help="total iterations (a resumed run continues up to it)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--iters", type=positive_int, default=3000, help="total iterations (a resumed run continues up to it)")
+    p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--N", type=int, default=18, help="Karras discretisation levels of [sigma_min, sigma_max]")
     p.add_argument("--mu", type=float, default=0.95, help="EMA decay of the target network")
@@ -34,6 +34,8 @@ def run(args) -> int:
     from edmrt.lab.distill import DistillOptions, distill, export_student, select_levels, student_model
     from edmrt.models.bundled import load
 
+    if args.output:
+        output_path(args.output, create=True)
     teacher = load(args.teacher)
     opts = DistillOptions(iters=args.iters, batch=args.batch, lr=args.lr, N=args.N, mu=args.mu, ema_decay=args.ema,
                           loss=args.loss, weighting=args.weighting, seed=args.seed)

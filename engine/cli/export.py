@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .common import output_path
+
 HELP = "export a model (ONNX, TensorRT)"
 log = logging.getLogger("edmrt")
 
@@ -50,7 +52,7 @@ def run_onnx(args) -> int:
         else:
             log.warning("no --weights: exporting randomly initialised weights")
     dtype = "fp16" if args.fp16 else "fp32"
-    out = args.output or f"{name}_{dtype}.onnx"
+    out = output_path(args.output or f"{name}_{dtype}.onnx", create=True)
     r = export_onnx(net, Path(out), dtype=dtype, batch=args.batch, opset=args.opset, verify=not args.no_verify,
                     metadata={"model": name} if args.model is not None else None)
     sig = ", ".join(f"{k} {list(v[0])} {v[1]}" for k, v in {**r.inputs, **r.outputs}.items())

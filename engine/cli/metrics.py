@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import command_line
+from .common import command_line, output_path
 
 HELP = ("train the digits classifier used by FD-digits and write it (default: over the shipped one), or "
         "(--evaluate NAME) measure a bundled model and record it in its card")
@@ -27,7 +27,7 @@ def run(args) -> int:
             print(json.dumps(r))
         print(f"wrote metrics into {WEIGHTS_DIR / (args.evaluate + '.json')}")
         return 0
-    out = args.output or str(WEIGHTS_DIR / f"{CLASSIFIER}.safetensors")
+    out = str(output_path(args.output or WEIGHTS_DIR / f"{CLASSIFIER}.safetensors"))
     card = write_classifier(out, epochs=args.epochs, seed=args.seed, command=command_line(args))
     m = card["metrics"]
     print(f"wrote {out}: held-out accuracy {m['test_accuracy']:.4f}, FD-digits floor {m['fd_digits_floor']:.3f}, "

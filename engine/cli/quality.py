@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .common import output_path, positive_int
+
 HELP = ("quality per NFE: every solver on the exact Gaussian mixture (default), or FD-digits of the bundled teacher "
         "and its distilled student (--model digits)")
 
@@ -13,11 +15,11 @@ def register(sub) -> None:
     p.add_argument("--model", default="gmm", help="gmm (exact mixture, default) or digits (the bundled models)")
     p.add_argument("--student", default="digits-cd", help="digits: the distilled student run at 1-4 steps")
     p.add_argument("--no-student", action="store_true", help="digits: teacher solvers only")
-    p.add_argument("--blocks", type=int, default=5, help="digits: blocks of 197 samples per configuration")
-    p.add_argument("--dims", type=int, nargs="+", default=[64, 2])
-    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--blocks", type=positive_int, default=5, help="digits: blocks of 197 samples per configuration")
+    p.add_argument("--dims", type=positive_int, nargs="+", default=[64, 2])
+    p.add_argument("--samples", type=positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="mixture and noise seed")
-    p.add_argument("--nfe", type=int, nargs="+", help="NFE budgets (gmm: 3 5 6 8 10 16 20 35; digits: 2 .. 35)")
+    p.add_argument("--nfe", type=positive_int, nargs="+", help="NFE budgets (gmm: 3 5 6 8 10 16 20 35; digits: 2 .. 35)")
     p.add_argument("--solvers", nargs="+", help="solver/recipe names (default: all; digits: euler heun dpmpp_2m "
                                                 "ipndm unipc)")
     p.add_argument("--peers", action="store_true", help="also run the installed k-diffusion and diffusers samplers")
@@ -29,6 +31,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    stem = Path(args.output or ("quality_gmm" if args.model == "gmm" else "quality_digits"))
+    for suffix in (".json", ".md", ".png"):
+        output_path(stem.with_suffix(suffix), create=True)  # before minutes of work
     return run_gmm(args) if args.model == "gmm" else run_digits(args)
 
 
@@ -40,6 +45,8 @@ def run_gmm(args) -> int:
     unknown = [n for n in names if n not in Q.RECIPES]
     if unknown:
         raise ValueError(f"unknown solver(s) {unknown}; expected names from {sorted(Q.RECIPES)}")
+    if args.samples < 2:
+        raise ValueError(f"--samples must be >= 2 (the sliced Wasserstein distance compares sets), got {args.samples}")
     result = Q.run_quality(dims=args.dims, samples=args.samples, seed=args.seed, nfes=nfes,
                            recipes=[Q.RECIPES[n] for n in names], peers=args.peers, progress=not args.quiet)
     for dim in args.dims:

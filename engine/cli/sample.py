@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import int_list, schedule_args, solver_options
+from .common import int_list, output_path, positive_int, schedule_args, solver_options
 
 HELP = ("sample a bundled model to a PNG grid (default: the digits teacher), or the exact Gaussian mixture "
         "(--model gmm) and report the error against its exact ODE")
 log = logging.getLogger("edmrt")
+GRID_MAX = 400  # images drawn in the PNG grid; more are sampled (and counted) but not drawn
 
 
 def register(sub) -> None:
@@ -19,12 +20,15 @@ def register(sub) -> None:
     schedule_args(p)
     p.add_argument("--seeds", help="bundled models: sample seeds, e.g. 0-39 (default) or 0,5,7")
     p.add_argument("--class", dest="class_", metavar="CLASSES",
-                   help="bundled models: class label(s), e.g. 3 or 0-9, cycled over the seeds (default: seed index % 10)")
+                   help="bundled models: class label(s), e.g. 3 or 0-9, cycled over the seeds (default: seed index %% 10)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: none, plain conditional)")
     p.add_argument("--backend", default="auto", help="auto, torch, torch-compile, onnxruntime, tensorrt (default auto)")
     p.add_argument("--onnx", metavar="FILE.onnx", help="bundled models: run this ONNX file (from `edmrt export onnx "
                                                        "--model NAME`) in ONNX Runtime as the network")
-    p.add_argument("-o", "--output", metavar="OUT.png", help="bundled models: PNG grid (default MODEL_samples.png)")
+    p.add_argument("-o", "--output", metavar="OUT.png", help=f"bundled models: PNG grid of the first {GRID_MAX} "
+                                                             "samples (default MODEL_samples.png)")
+    p.add_argument("--max-batch", type=positive_int, default=256,
+                   help="bundled models: seeds sampled per batch (default 256); more seeds run in several batches")
     p.set_defaults(solver=None, steps=None, schedule=None)  # bundled models: the model card's (heun, 18, karras)
     p.add_argument("--batch", type=int, default=64, help="gmm: samples")
     p.add_argument("--dim", type=int, default=64, help="gmm: dimension")
@@ -63,16 +67,23 @@ def save_grid(images, labels, path, title: str = "") -> None:
 
 
 def onnx_backend(path: str, model_name: str, model):
-    """An ONNX Runtime backend on ``path``, checked against the model it is to run (its ``edmrt.model`` metadata,
-    its sample shape and conditioning)."""
+    """An ONNX Runtime backend on ``path``, checked against the model it is to run: its ``edmrt.model`` metadata
+    (the name), its ``edmrt.weights_sha256`` (the weights), its sample shape and conditioning."""
     from edmrt.backends import OnnxRuntimeBackend
+    from edmrt.backends.ort import weights_sha256
 
     backend = OnnxRuntimeBackend(path)
-    source = backend.session.get_modelmeta().custom_metadata_map.get("edmrt.model")
-    if source is None:
-        log.warning("%s does not say which bundled model it was exported from: its weights are not checked", path)
-    elif source != model_name:
+    meta = backend.session.get_modelmeta().custom_metadata_map
+    source, weights = meta.get("edmrt.model"), meta.get("edmrt.weights_sha256")
+    if source is not None and source != model_name:
         raise ValueError(f"--onnx {path!r} holds the network of {source!r}, not of --model {model_name!r}")
+    if weights is None:
+        log.warning("%s does not record which weights it holds (no edmrt.weights_sha256; exported by an older edmrt?): "
+                    "its weights are not checked against --model %r", path, model_name)
+    elif weights != (ours := weights_sha256(model.network)):
+        raise ValueError(f"--onnx {path!r} holds other weights than --model {model_name!r} (edmrt.weights_sha256 "
+                         f"{weights[:16]}..., the model's {ours[:16]}...): export it again "
+                         f"with `edmrt export onnx --model {model_name}`")
     if backend.sample_shape != model.sample_shape or backend.conditional != (model.num_classes > 0):
         raise ValueError(f"--onnx {path!r} takes samples {backend.sample_shape} "
                          f"({'conditional' if backend.conditional else 'unconditional'}); model {model_name!r} "
@@ -80,29 +91,55 @@ def onnx_backend(path: str, model_name: str, model):
     return backend
 
 
-def run_model(args) -> int:
-    import edmrt
+def _checked(args, model) -> tuple[list[int], list[int]]:
+    """(seeds, labels) of a bundled-model run, and every argument checked before any work starts."""
+    from edmrt.sampler import check_guidance
 
-    model = edmrt.load(args.model)
     seeds = int_list(args.seeds or "0-39", "--seeds")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be integers >= 0, got {args.seeds!r}")
     if args.class_ is not None:
         classes = int_list(args.class_, "--class")
+        bad = [c for c in classes if not 0 <= c < model.num_classes]
+        if bad:
+            raise ValueError(f"--class must be in [0, {model.num_classes}), got {bad}")
         labels = [classes[i % len(classes)] for i in range(len(seeds))]
     else:
         labels = [i % model.num_classes for i in range(len(seeds))]
+    check_guidance(args.guidance)  # a range, not only a number: --guidance -5 is refused here
+    if args.onnx and args.backend != "auto":
+        raise ValueError(f"--onnx runs the file in ONNX Runtime: drop --backend {args.backend} (or drop --onnx)")
+    output_path(args.output or f"{args.model}_samples.png")
+    return seeds, labels
+
+
+def run_model(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import edmrt
+
+    model = edmrt.load(args.model)
+    seeds, labels = _checked(args, model)
+    out = output_path(args.output or f"{args.model}_samples.png")
     backend = onnx_backend(args.onnx, args.model, model) if args.onnx else args.backend
     sampler = edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=backend, schedule=args.schedule,
                             rho=args.rho, **solver_options(args.option))
     backend_name = f"onnxruntime ({args.onnx})" if args.onnx else sampler.backend_name
     t0 = time.perf_counter()
-    x = sampler.sample(seeds, cond=labels, guidance=args.guidance)
+    chunks, n = [], args.max_batch
+    with tqdm(total=len(seeds), disable=len(seeds) <= n, desc="sample", unit="img", dynamic_ncols=True) as bar:
+        for i in range(0, len(seeds), n):  # a sample depends on its seed only, not on its batch
+            chunks.append(sampler.sample(seeds[i:i + n], cond=labels[i:i + n], guidance=args.guidance).cpu())
+            bar.update(len(chunks[-1]))
+    x = torch.cat(chunks)
     dt = time.perf_counter() - t0
-    out = args.output or f"{args.model}_samples.png"
     what = (f"{sampler.solver}, {sampler.steps} steps, NFE {sampler.plan.nfe}"
             f"{'' if args.guidance is None else f', guidance {args.guidance}'}, backend {backend_name}")
-    save_grid(x.cpu(), labels, out, f"{args.model}: {what}")
+    shown = min(len(seeds), GRID_MAX)
+    save_grid(x[:shown], labels[:shown], out, f"{args.model}: {what}")
     print(f"sampled {len(seeds)} images from {args.model!r} with {what}: {len(seeds) / dt:.1f} images/s ({dt:.3f} s)")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" (the first {shown} of {len(seeds)} samples)" if shown < len(seeds) else ""))
     return 0
 
 

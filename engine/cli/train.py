@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import command_line
+from .common import command_line, output_path, positive_int
 
 HELP = "EDM training of the class-conditional UNet on scikit-learn's 8x8 digits"
 
@@ -11,8 +11,8 @@ HELP = "EDM training of the class-conditional UNet on scikit-learn's 8x8 digits"
 def register(sub) -> None:
     p = sub.add_parser("train", help=HELP)
     p.add_argument("--config", default="digits", help="UNet config (digits; tiny for tests)")
-    p.add_argument("--iters", type=int, default=2500, help="total iterations (a resumed run continues up to it)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--iters", type=positive_int, default=2500, help="total iterations (a resumed run continues up to it)")
+    p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights")
     p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout to the null label (CFG)")
@@ -28,6 +28,8 @@ def run(args) -> int:
     from edmrt.lab.common import machine_name
     from edmrt.lab.train import TrainOptions, export_weights, train
 
+    if args.output:
+        output_path(args.output, create=True)
     opts = TrainOptions(config=args.config, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed,
                         p_uncond=args.p_uncond, ema_decay=args.ema)
     r = train(opts, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import platform
 from pathlib import Path
 
@@ -99,8 +100,10 @@ def load_checkpoint_folder(path: Path, fmt: str):
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "model.safetensors"))
         optim = torch.load(path / "optimizer.pt", weights_only=True)
-    except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
-        raise ValueError(f"cannot resume from {str(path)!r}: {exc}") from None
+    except (OSError, ValueError, SafetensorError, RuntimeError, pickle.UnpicklingError) as exc:
+        # torch.load(weights_only=True) refuses anything but plain tensors with an UnpicklingError: say so in a line.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot resume from {str(path)!r}: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"cannot resume from {str(path)!r}: not an {fmt} folder")
     return state, tensors, optim
