@@ -21,9 +21,11 @@ class NoiseSource(Protocol):
 def check_seeds(seeds, batch: int | None = None) -> list[int]:
     """Seeds: one non-negative integer < 2**63 per sample (``batch`` of them, when given).  Integers only: a float,
     a bool or a float tensor is refused, never truncated."""
-    if isinstance(seeds, torch.Tensor):
-        if seeds.dtype not in (torch.int32, torch.int64) or seeds.ndim != 1:
-            raise ValueError(f"seeds must be a 1-D int64 tensor or a list of ints, got {seeds.dtype} of shape {tuple(seeds.shape)}")
+    if isinstance(seeds, (torch.Tensor, np.ndarray)):
+        integer = seeds.dtype in (torch.int32, torch.int64) if isinstance(seeds, torch.Tensor) else seeds.dtype.kind in "iu"
+        if not integer or seeds.ndim != 1:
+            raise ValueError(f"seeds must be a 1-D integer tensor or array, or a list of ints, got {seeds.dtype} of shape "
+                             f"{tuple(seeds.shape)}")
         seeds = seeds.tolist()
     if isinstance(seeds, (str, bytes)):
         raise ValueError(f"seeds must be a sequence of integers, got {seeds!r}")

@@ -2,11 +2,15 @@
 sigma range), plus the model card's sampling defaults."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
+from .checks import check_signature
 from .precond import EDMPrecond, Precond
+from .schedules import check_range, check_sigmas
 
 __all__ = ["Model", "sampling_defaults", "check_sampling"]
 
@@ -30,13 +34,16 @@ class Model:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.sample_shape = tuple(int(d) for d in self.sample_shape)
-        if not self.sample_shape or any(d < 1 for d in self.sample_shape):
-            raise ValueError(f"sample_shape must be positive dimensions, got {self.sample_shape}")
+        shape = self.sample_shape
+        if (isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or not len(shape)
+                or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise ValueError(f"sample_shape must be a non-empty sequence of ints >= 1, got {shape!r}")
+        self.sample_shape = tuple(int(d) for d in shape)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
-        if not (0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max)):
-            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
+        check_range(self.sigma_min, self.sigma_max)
+        if not isinstance(self.network, torch.nn.Module):
+            check_signature(self.network, "network", "network(x_in, c_noise, class_labels) -> F", 3)
         if not isinstance(self.precond, Precond):
             raise ValueError(f"precond must be an edmrt Precond (e.g. EDMPrecond()), got {type(self.precond).__name__}")
         # A network that states its own classes and channels must agree with the model's.
@@ -44,9 +51,9 @@ class Model:
         if isinstance(net_classes, int) and net_classes != self.num_classes:
             raise ValueError(f"num_classes={self.num_classes} contradicts the network's num_classes={net_classes}")
         net_shape = getattr(self.network, "sample_shape", None)
-        if isinstance(net_shape, tuple) and net_shape and net_shape[0] != self.sample_shape[0]:
-            raise ValueError(f"sample_shape {self.sample_shape} has {self.sample_shape[0]} channels; the network takes "
-                             f"{net_shape[0]}")
+        if isinstance(net_shape, tuple) and net_shape and tuple(net_shape) != self.sample_shape:
+            raise ValueError(f"sample_shape {self.sample_shape} contradicts the network's sample_shape {tuple(net_shape)} "
+                             "(the shape it was built and trained for)")
         if not isinstance(self.metadata, dict):
             raise ValueError(f"metadata must be a dict (the model card), got {type(self.metadata).__name__}")
         check_sampling(self.metadata.get("sampling"))
@@ -77,6 +84,8 @@ def check_sampling(sampling) -> None:
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for k, v in levels.items()):
         raise ValueError("the model card's sampling.levels must map a step count N to N + 1 noise levels "
                          f"(\"2\": [80, tau_1, 0]), got {levels!r}")
+    for k, v in levels.items():
+        check_sigmas(v, f"the model card's sampling.levels[{k!r}]")
 
 
 def sampling_defaults(model: Model, solver: str | None, steps: int | None, schedule) -> tuple[str, int, Any]:

@@ -51,7 +51,7 @@ def _check_json_types(d: dict) -> None:
     def fail(name, want):
         raise ValueError(f"plan JSON field {name!r} must be {want}, got {type(d[name]).__name__}")
 
-    if not isinstance(d["version"], int) or isinstance(d["version"], bool):
+    if not _number(d["version"]):  # JSON has one number type: 1 and 1.0 are the same version
         fail("version", "a number")
     if not isinstance(d["solver"], str):
         fail("solver", "a string")
@@ -62,8 +62,11 @@ def _check_json_types(d: dict) -> None:
             raise ValueError(f"plan JSON field {name!r} must hold numbers")
     if not isinstance(d["b"], list) or not all(isinstance(r, list) and all(_number(v) for v in r) for r in d["b"]):
         raise ValueError("plan JSON field 'b' must be an array of arrays of numbers")
-    if not isinstance(d["step"], list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in d["step"]):
-        raise ValueError("plan JSON field 'step' must hold integers")
+    if len({len(r) for r in d["b"]}) > 1:
+        raise ValueError("plan JSON field 'b' is ragged: every row must have K entries")
+    if not isinstance(d["step"], list) or not all(_number(v) and 0 <= v <= 2 ** 53 and float(v).is_integer()
+                                                  for v in d["step"]):
+        raise ValueError("plan JSON field 'step' must hold integers in [0, 2**53]")
     if not isinstance(d["commit"], list) or not all(isinstance(v, bool) or v in (0, 1) for v in d["commit"]):
         raise ValueError("plan JSON field 'commit' must hold booleans")
     if "n_init" in d and not _number(d["n_init"]):
@@ -246,6 +249,13 @@ class Plan:
                 d[k] = v
             return d
 
+        if isinstance(text, (bytes, bytearray)):
+            try:  # UTF-8 only, as RFC 8259 requires between systems: no BOM, no UTF-16/32 guessing
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("plan JSON is not valid UTF-8") from None
+        if not isinstance(text, str):
+            raise ValueError(f"plan JSON must be text (str or UTF-8 bytes), got {type(text).__name__}")
         try:
             d = json.loads(text, parse_constant=no_constant, object_pairs_hook=unique)
         except json.JSONDecodeError as exc:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .checks import is_real
 from .schedules import iddpm_sigmas, vp_sigma_inv
 
 __all__ = [
@@ -28,10 +29,9 @@ def _sigma(sigma) -> np.ndarray:
 
 
 def _positive(name: str, value) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v <= 0.0:
+    if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
+    return float(value)
 
 
 class Precond:

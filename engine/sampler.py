@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .backends import Backend, resolve_backend
+from .checks import check_device, check_signature, is_real
 from .executor import check_seeds
 from .model import Model, sampling_defaults
 from .plan import Plan
@@ -47,7 +48,7 @@ def check_guidance(guidance) -> float | None:
     """None, or a real number in [0, GUIDANCE_MAX] (w = 1: plain conditional sampling; w = 0: unconditional)."""
     if guidance is None:
         return None
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) and not hasattr(guidance, "__float__"):
+    if not is_real(guidance):
         raise ValueError(f"guidance must be a number in [0, {GUIDANCE_MAX}], got {guidance!r}")
     w = float(guidance)
     if not (math.isfinite(w) and 0.0 <= w <= GUIDANCE_MAX):
@@ -232,13 +233,17 @@ class Sampler:
         if isinstance(max_engines, bool) or not isinstance(max_engines, int) or max_engines < 1:
             raise ValueError(f"max_engines must be an int >= 1, got {max_engines!r}")
         self.model, self.max_engines = model, max_engines
-        self.device = torch.device(device) if device is not None else (
+        self.device = check_device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         self.solver, self.steps, schedule = sampling_defaults(model, solver, steps, schedule)
         sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho)
         self.plan = build_plan(self.solver, sigmas, model.precond, **options)
         if callable(backend) and not isinstance(backend, str):
+            check_signature(backend, "backend", "backend(x_in, c_noise, class_labels, out)", 4)
             self.backend_name, self.backend = "custom", backend
+        elif not isinstance(backend, str):
+            raise ValueError(f"backend must be a name (edmrt.backends.BACKENDS, or 'auto') or a backend object, got "
+                             f"{type(backend).__name__}")
         else:
             self.backend_name, self.backend = resolve_backend(backend, model, self.device)
         self.graph = graph
@@ -269,7 +274,9 @@ class Sampler:
         else:
             values = list(cond) if isinstance(cond, (list, tuple, range)) else [cond]
             if any(isinstance(v, (bool, np.bool_)) or not hasattr(v, "__index__") for v in values):
-                raise ValueError(f"{want}, got {cond!r}")
+                raise ValueError(f"{want}, got {cond!r:.200}")
+        if any(not 0 <= int(v) < self.model.num_classes for v in values):
+            raise ValueError(f"{want}, got {cond!r:.200}")
         labels = torch.tensor([int(v) for v in values], dtype=torch.int64)
         if labels.numel() == 1:
             labels = labels.expand(N).clone()

@@ -13,9 +13,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .checks import is_real
+
 __all__ = [
     "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential",
-    "given", "make_sigmas", "MAX_STEPS", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
+    "given", "make_sigmas", "MAX_STEPS", "SIGMA_LIMIT", "SIGMA_FLOOR", "RHO_RANGE", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
 ]
 
 
@@ -35,19 +37,17 @@ def _check_steps(steps) -> int:
 
 
 def _check_positive(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0.0:
+    if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
+    return float(value)
 
 
 # The largest noise level a schedule may reach: far above any model's (EDM 80, VE 100, VP 152), small enough
 # that the schedules' squares and powers stay finite in float64 (a sigma_max of 1e300 overflowed VE's t = sigma^2).
 SIGMA_LIMIT = 1e10
-
+# The smallest positive noise level: below it float32 updates divide by sigma and overflow (d = (x - D) / sigma).
+SIGMA_FLOOR = 1e-6
+RHO_RANGE = (1e-2, 1e2)  # Karras' rho (7) and polyexponential's (1): powers beyond this range underflow
 
 def check_range(sigma_min, sigma_max) -> tuple[float, float]:
     """(sigma_min, sigma_max) as floats with 0 < sigma_min < sigma_max <= SIGMA_LIMIT, or ValueError naming the one
@@ -56,14 +56,27 @@ def check_range(sigma_min, sigma_max) -> tuple[float, float]:
     hi = _check_positive("sigma_max", sigma_max)
     if hi > SIGMA_LIMIT:
         raise ValueError(f"sigma_max must be <= {SIGMA_LIMIT:g} (schedules.SIGMA_LIMIT), got {sigma_max!r}")
+    if lo < SIGMA_FLOOR:
+        raise ValueError(f"sigma_min must be >= {SIGMA_FLOOR:g} (schedules.SIGMA_FLOOR), got {sigma_min!r}")
     if lo >= hi:
         raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={lo!r} >= sigma_max={hi!r}")
     return lo, hi
 
 
+def _numeric(name: str, sigmas) -> np.ndarray:
+    """A sequence of real numbers as float64 (strings, bools and nested lists refused by name)."""
+    if isinstance(sigmas, (str, bytes, dict)) or not hasattr(sigmas, "__len__"):
+        raise ValueError(f"{name} must be a sequence of numbers, got {type(sigmas).__name__} {sigmas!r:.60}")
+    values = sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas)
+    if not all(is_real(v) for v in values):
+        raise ValueError(f"{name} must hold real numbers only, got {values!r:.120}")
+    return np.asarray(values, dtype=np.float64)
+
+
 def check_sigmas(sigmas, name: str = "sigmas") -> np.ndarray:
-    """Validate a full schedule: 1-D float64, finite, >= 2 entries, strictly descending, last entry 0."""
-    s = np.asarray(sigmas, dtype=np.float64)
+    """Validate a full schedule: 1-D float64, finite, >= 2 entries, strictly descending, last entry 0, the positive
+    levels within [SIGMA_FLOOR, SIGMA_LIMIT]."""
+    s = sigmas if isinstance(sigmas, np.ndarray) and sigmas.dtype == np.float64 else _numeric(name, sigmas)
     if s.ndim != 1 or s.size < 2:
         raise ValueError(f"{name} must be a 1-D sequence of at least 2 values (t_0 ... t_N = 0), got shape {s.shape}")
     if not np.all(np.isfinite(s)):
@@ -74,7 +87,17 @@ def check_sigmas(sigmas, name: str = "sigmas") -> np.ndarray:
         raise ValueError(f"{name}[:-1] must all be > 0, got {s.tolist()}")
     if np.any(np.diff(s) >= 0.0):
         raise ValueError(f"{name} must be strictly descending, got {s.tolist()}")
+    if s[0] > SIGMA_LIMIT or s[-2] < SIGMA_FLOOR:
+        raise ValueError(f"{name} must lie in [{SIGMA_FLOOR:g}, {SIGMA_LIMIT:g}] before the final 0 "
+                         f"(schedules.SIGMA_FLOOR, SIGMA_LIMIT), got {s[0]!r} ... {s[-2]!r}")
     return s
+
+
+def _check_rho(rho) -> float:
+    rho = _check_positive("rho", rho)
+    if not RHO_RANGE[0] <= rho <= RHO_RANGE[1]:
+        raise ValueError(f"rho must be in [{RHO_RANGE[0]:g}, {RHO_RANGE[1]:g}] (schedules.RHO_RANGE), got {rho!r}")
+    return rho
 
 
 def _append_zero(s: np.ndarray) -> np.ndarray:
@@ -95,7 +118,7 @@ def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: f
     t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, t_N = 0."""
     n = _check_steps(steps)
     lo, hi = check_range(sigma_min, sigma_max)
-    rho = _check_positive("rho", rho)
+    rho = _check_rho(rho)
     inv = 1.0 / rho
     t = (hi ** inv + _ramp(n) * (lo ** inv - hi ** inv)) ** rho
     return _append_zero(t)
@@ -122,7 +145,7 @@ def vp(steps: int, sigma_min: float | None = None, sigma_max: float | None = Non
     """
     n = _check_steps(steps)
     beta_d = _check_positive("beta_d", beta_d)
-    if not math.isfinite(float(beta_min)) or beta_min < 0:
+    if not is_real(beta_min) or not math.isfinite(float(beta_min)) or beta_min < 0:
         raise ValueError(f"beta_min must be a finite number >= 0, got {beta_min!r}")
     eps_s = _check_positive("eps_s", eps_s)
     if eps_s >= 1.0:
@@ -202,7 +225,7 @@ def polyexponential(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.
     ln t_i = ln sigma_min + (1 - i/(N-1))^rho (ln sigma_max - ln sigma_min); rho = 1 is ``loglinear``."""
     n = _check_steps(steps)
     lo, hi = check_range(sigma_min, sigma_max)
-    rho = _check_positive("rho", rho)
+    rho = _check_rho(rho)
     return _append_zero(np.exp(math.log(lo) + (1.0 - _ramp(n)) ** rho * (math.log(hi) - math.log(lo))))
 
 
@@ -214,7 +237,7 @@ def given(steps: int, sigmas: Sequence[float]) -> np.ndarray:
     linearly in log sigma over a uniform index grid to ``steps`` values (as AYS does).
     """
     n = _check_steps(steps)
-    s = np.asarray(sigmas, dtype=np.float64)
+    s = _numeric("sigmas", sigmas)
     if s.ndim != 1 or s.size < 1:
         raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {s.shape}")
     if not np.all(np.isfinite(s)):
@@ -255,6 +278,5 @@ def make_sigmas(schedule, steps: int, sigma_min: float = 0.002, sigma_max: float
         kw = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if k in params}
         return fn(steps, **kw)
     if isinstance(schedule, (Sequence, np.ndarray)) or hasattr(schedule, "tolist"):  # a list, an array, a tensor
-        values = schedule.tolist() if hasattr(schedule, "tolist") else schedule
-        return given(steps, np.asarray(values, dtype=np.float64))
+        return given(steps, schedule)
     raise ValueError(f"schedule must be a name in {sorted(SCHEDULES)} or a list of sigmas, got {type(schedule).__name__}")

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from .backends import CallableBackend
+from .checks import check_signature
 from .executor import SeededNoise, check_seeds, execute
 from .plan import Plan
 from .sampler import Engine
@@ -18,9 +19,13 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check_noise(noise) -> None:
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1 or noise.shape[0] < 1:
-        raise ValueError("noise must be a floating-point torch.Tensor of shape (B, ...) with B >= 1, got "
+    if (not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.ndim < 1 or noise.shape[0] < 1
+            or noise.numel() == 0):
+        raise ValueError("noise must be a floating-point torch.Tensor of shape (B, ...) with B >= 1 samples of at least "
+                         "one element, got "
                          f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    if noise.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"noise must be on the CPU or a CUDA device, got {noise.device}")
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise must be finite (it contains NaN or Inf)")
 
@@ -45,8 +50,7 @@ def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: 
     ============  ==================================================================================
     """
     _check_noise(noise)
-    if not callable(denoiser):
-        raise ValueError(f"denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")
+    check_signature(denoiser, "denoiser", "denoiser(x, sigma)", 2)
     sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, rho)
     p = build_plan(solver, sigmas, None, **options)
     if executor not in ("auto", "fused", "reference"):
@@ -62,6 +66,8 @@ def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: 
     if seeds is not None:
         seeds = check_seeds(seeds, B)
     x_init = float(sigmas[0]) * noise
+    if not bool(torch.isfinite(x_init).all()):
+        raise ValueError(f"noise times t_0 = {float(sigmas[0]):g} overflows {noise.dtype}: noise must be standard normal")
     if executor == "fused":
         x = execute_fused(p, denoiser, x_init, None if seeds is None else torch.tensor(seeds, dtype=torch.int64))
     else:

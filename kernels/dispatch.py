@@ -106,6 +106,27 @@ def _check_inputs(x_in, sigma_in, seeds, device, B, shape, low) -> None:
     _tensor("seeds", seeds, device, (torch.int64,), (B,))
 
 
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _check_disjoint(written: dict, read: dict) -> None:
+    """No buffer a step writes may overlap another buffer it reads or writes: every implementation assumes it
+    (the C++ loop declares its pointers __restrict__; the reference would read what it just wrote)."""
+    items = list(written.items()) + list(read.items())
+    for i, (a, ta) in enumerate(written.items()):
+        for b, tb in items[i + 1:]:
+            if ta.device == tb.device and ta.numel() and tb.numel():
+                (a0, a1), (b0, b1) = _span(ta), _span(tb)
+                if a0 < b1 and b0 < a1:
+                    raise ValueError(f"{a} and {b} must not overlap in memory: {a} is written by the step")
+
+
 def check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl: str) -> None:
     """Raise ValueError naming the first argument that is wrong (host metadata only: no device sync)."""
     dev, B, shape = _check_state(x)
@@ -113,13 +134,15 @@ def check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidan
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < table.shape[0]:
         raise ValueError(f"stage must be an int in [0, {table.shape[0]}), got {stage!r}")
     _tensor("x_eval", x_eval, dev, (torch.float32,), shape)
-    if guidance is not None and (isinstance(guidance, bool) or not math.isfinite(float(guidance))):
+    if guidance is not None and not _real(guidance):
         raise ValueError(f"guidance must be a finite float or None, got {guidance!r}")
     nF = 2 * B if guidance is not None else B
     low = (torch.float32,) if impl == "cpp" else _LOW
     _tensor("F", F, dev, low, (nF,) + shape[1:])
     _tensor("Y", Y, dev, (torch.float32,), (K,) + shape)
     _check_inputs(x_in, sigma_in, seeds, dev, B, shape, low)
+    _check_disjoint({"x": x, "x_eval": x_eval, "Y": Y, "x_in": x_in, "sigma_in": sigma_in},
+                    {"F": F, "table": table, "seeds": seeds})
 
 
 def check_init_args(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0, impl: str) -> None:
@@ -127,12 +150,16 @@ def check_init_args(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0, imp
     dev, B, shape = _check_state(x)
     _check_table(table, dev)
     for name, v in (("t0", t0), ("n_init", n_init)):
-        if not math.isfinite(float(v)) or float(v) < 0:
+        if not _real(v) or float(v) < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     _tensor("x_eval", x_eval, dev, (torch.float32,), shape)
     _check_inputs(x_in, sigma_in, seeds, dev, B, shape, (torch.float32,) if impl == "cpp" else _LOW)
+    read = {"table": table, "seeds": seeds}
     if x0 is not None:
         _tensor("x0", x0, dev, (torch.float32,), shape)
+        if x0.data_ptr() != x.data_ptr():  # x0 may be x itself
+            read["x0"] = x0
+    _check_disjoint({"x": x, "x_eval": x_eval, "x_in": x_in, "sigma_in": sigma_in}, read)
 
 
 def fused_step(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
@@ -163,8 +190,11 @@ class Stepper:
     def __init__(self, table: torch.Tensor, x: torch.Tensor, x_eval: torch.Tensor, Y: torch.Tensor,
                  x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor, guidance: float | None = None,
                  f_dtype: torch.dtype = torch.float32, impl: str = "auto"):
-        self.impl = _resolve(impl, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
-        B = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0
+        _check_state(x)
+        if guidance is not None and not _real(guidance):
+            raise ValueError(f"guidance must be a finite float or None, got {guidance!r}")
+        self.impl = _resolve(impl, x.device)
+        B = x.shape[0]
         f_shape = ((2 * B if guidance is not None else B),) + tuple(x.shape[1:])
         probe = torch.empty(f_shape, dtype=f_dtype, device=x.device)
         check_step_args(table, 0, x, x_eval, probe, Y, x_in, sigma_in, seeds, guidance, self.impl)
@@ -181,8 +211,8 @@ class Stepper:
         if F.shape != self.f_shape or F.dtype != self.f_dtype or F.device != self.x.device or not F.is_contiguous():
             raise ValueError(f"F must be a contiguous {self.f_dtype} tensor of shape {self.f_shape} on {self.x.device}, "
                              f"got {F.dtype} {tuple(F.shape)} on {F.device}")
-        if not 0 <= stage < self.stages:
-            raise ValueError(f"stage must be in [0, {self.stages}), got {stage}")
+        if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < self.stages:
+            raise ValueError(f"stage must be in [0, {self.stages}) (an int), got {stage!r}")
         if self.impl == "cpp":
             t, x, xe, Y, xin, sig, seeds = self._np
             _core.fused_step(t, stage, x, xe, F.numpy(), Y, xin, sig, seeds, x.shape[0], self._w)

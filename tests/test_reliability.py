@@ -114,8 +114,12 @@ def test_a_model_whose_classes_or_channels_contradict_its_network_is_refused():
     net = edmrt.models.build_unet("tiny", num_classes=4)
     with pytest.raises(ValueError, match="contradicts the network's num_classes=4"):
         edmrt.Model(net, sample_shape=net.sample_shape, num_classes=2)
-    with pytest.raises(ValueError, match="the network takes 2"):
+    with pytest.raises(ValueError, match=r"contradicts the network's sample_shape \(2, 8, 8\)"):
         edmrt.Model(net, sample_shape=(3, 8, 8), num_classes=4)
+    with pytest.raises(ValueError, match=r"contradicts the network's sample_shape \(2, 8, 8\)"):
+        edmrt.Model(net, sample_shape=(2, 16, 16), num_classes=4)  # built (and trained) for 8x8
+    with pytest.raises(ValueError, match="sample_shape must be a non-empty sequence of ints"):
+        edmrt.Model(net, sample_shape=(2, 8, 8.5), num_classes=4)  # not truncated to 8
 
 
 # ----------------------------------------------------------------------------- silent truncation
@@ -295,3 +299,124 @@ def test_many_seeds_are_sampled_in_batches_and_the_grid_is_capped(tmp_path, caps
                  "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "sampled 1000 images" in text and "the first 400 of 1000 samples" in text and out.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- found by benchmarks/probe_inputs.py
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(sigma_min="0.1"), "sigma_min must be a finite number > 0"),
+    (dict(sigma_min=True), "sigma_min must be a finite number > 0"),
+    (dict(rho="7"), "rho must be a finite number > 0"),
+    (dict(rho=1e300), r"rho must be in \[0.01, 100\]"),
+    (dict(sigma_min=1e-100), r"sigma_min must be >= 1e-06"),
+    (dict(sigma_max=1e300), r"sigma_max must be <= 1e\+10"),
+    (dict(schedule=["80", "1"]), "sigmas must hold real numbers only"),
+    (dict(schedule=[1e300, 1.0]), r"sigmas must lie in \[1e-06, 1e\+10\]"),
+    (dict(solver="edm", S_churn="40"), "S_churn must be a number"),
+    (dict(solver="edm", S_churn=True), "S_churn must be a number"),
+    (dict(solver="dpmpp_2m_sde", eta="1"), "eta must be a number"),
+    (dict(solver="edm", S_churn=10, S_noise=1e300), r"S_noise must be a finite number \[0.0, 10.0\]"),
+])
+def test_strings_bools_and_out_of_range_numbers_are_refused_by_name(kw, match):
+    g = GaussianMixture.random(K=2, D=4, seed=0)
+    with pytest.raises(ValueError, match=match):
+        edmrt.solve(g, torch.randn(2, 4), steps=4, seeds=[0, 1], **kw)
+
+
+def test_one_element_tensors_fractions_and_numpy_numbers_are_numbers():
+    import fractions
+
+    import numpy as np
+
+    a = edmrt.make_sigmas("karras", 4, sigma_min=torch.tensor(0.002, dtype=torch.float64), sigma_max=np.float32(80))
+    b = edmrt.make_sigmas("karras", 4, sigma_min=0.002, sigma_max=fractions.Fraction(80))
+    assert np.array_equal(a, b) and a[0] == 80.0
+
+
+def test_noise_with_no_elements_or_on_the_meta_device_is_refused_by_name():
+    g = GaussianMixture.random(K=2, D=4, seed=0)
+    for noise in (torch.zeros(2, 0), torch.empty(2, 4, device="meta")):
+        with pytest.raises(ValueError, match="noise must"):
+            edmrt.solve(g, noise)
+    with pytest.raises(ValueError, match="overflows"):
+        edmrt.solve(g, torch.full((1, 4), 1e37))
+
+
+def test_callables_with_the_wrong_signature_are_refused_before_the_first_call():
+    with pytest.raises(ValueError, match=r"denoiser must be callable as denoiser\(x, sigma\)"):
+        edmrt.solve(lambda x: x, torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"denoiser .* got the class int itself"):
+        edmrt.solve(int, torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"network must be callable as network\(x_in, c_noise, class_labels\)"):
+        edmrt.Model(lambda x, c: x, sample_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"backend must be callable as backend\(x_in, c_noise, class_labels, out\)"):
+        edmrt.Sampler(_model(), backend=lambda x: x)
+
+
+@pytest.mark.parametrize("device", ["nope", 5, "cuda:7" if torch.cuda.is_available() else "cuda"])
+def test_a_device_that_does_not_exist_here_is_refused_by_name(device):
+    with pytest.raises(ValueError, match="device"):
+        edmrt.Sampler(_model(), backend="torch", device=device)
+    with pytest.raises(ValueError, match="device"):
+        edmrt.load("digits", device=device)
+
+
+def test_a_card_that_is_a_fifo_or_a_device_is_refused_without_reading_it(tmp_path):
+    import os
+
+    shutil.copy(WEIGHTS_DIR / "digits.safetensors", tmp_path / "digits.safetensors")
+    os.mkfifo(tmp_path / "digits.json")  # opening it for reading would block for ever
+    with pytest.raises(ValueError, match="is not a regular file"):
+        edmrt.load("digits", root=tmp_path)
+    (tmp_path / "digits.json").unlink()
+    (tmp_path / "digits.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        edmrt.load("digits", root=tmp_path)
+
+
+def test_a_card_describing_a_huge_network_is_refused_before_any_allocation(tmp_path):
+    shutil.copy(WEIGHTS_DIR / "digits.safetensors", tmp_path / "digits.safetensors")
+    card = json.loads((WEIGHTS_DIR / "digits.json").read_text())
+    card["architecture"]["model_channels"] = 10 ** 5  # 160 GB of weights, were it built
+    (tmp_path / "digits.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="does not fit its model card's architecture"):
+        edmrt.load("digits", root=tmp_path)
+
+
+def test_the_fused_step_refuses_aliased_buffers_in_every_implementation():
+    from edmrt import kernels as Kn
+
+    plan = edmrt.plan("heun", edmrt.make_sigmas("karras", 3))
+    z = lambda *s: torch.zeros(*s)  # noqa: E731
+    bufs = dict(table=Kn.plan_table(plan), stage=0, x=z(2, 4), x_eval=z(2, 4), F=z(2, 4), Y=z(2, 2, 4), x_in=z(2, 4),
+                sigma_in=z(2), seeds=torch.zeros(2, dtype=torch.int64))
+    for impl in ("reference", "cpp"):
+        with pytest.raises(ValueError, match="x and x_eval must not overlap"):
+            Kn.fused_step(impl=impl, **{**bufs, "x_eval": bufs["x"]})
+        with pytest.raises(ValueError, match="x_in and F must not overlap"):
+            Kn.fused_step(impl=impl, **{**bufs, "x_in": bufs["F"]})
+    step = Kn.Stepper(bufs["table"], bufs["x"], bufs["x_eval"], bufs["Y"], bufs["x_in"], bufs["sigma_in"],
+                      bufs["seeds"], impl="reference")
+    for stage in (True, 1.5, None):
+        with pytest.raises(ValueError, match="stage must be in"):
+            step(stage, bufs["F"])
+
+
+@pytest.mark.parametrize("data", [b"\xef\xbb\xbf", "utf-16", "utf-32-le"])
+def test_plan_json_is_utf8_without_a_bom_in_both_readers(data):
+    from edmrt import _core
+
+    text = edmrt.plan("heun", edmrt.make_sigmas("karras", 2)).to_json()
+    raw = data + text.encode() if isinstance(data, bytes) else text.encode(data)
+    with pytest.raises(ValueError):
+        edmrt.Plan.from_json(raw)
+    with pytest.raises(ValueError):
+        _core.plan_table_from_json(raw)
+
+
+@pytest.mark.parametrize("argv", [[], ["nope"], ["sample", "--guidance", "abc"], ["quality", "--nfe", "0"],
+                                  ["sample", "--seeds", ""], ["sample", "--seeds", "0-1000000000000"],
+                                  ["export", "onnx", "--model-config", "tiny", "--batch", "1"]])
+def test_every_cli_error_is_one_line_with_status_2(argv):
+    r = _run_cli(argv)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)

@@ -26,7 +26,7 @@ from .base import Backend, check_backend_args
 from .custom import CallableBackend
 from .module import TorchBackend, torch_compile
 from .ort import OnnxRuntimeBackend
-from .trt import TensorRTBackend
+from .trt import TensorRTBackend, tensorrt_available
 
 __all__ = ["Backend", "BACKENDS", "make_backend", "resolve_backend", "check_backend_args", "TorchBackend",
            "OnnxRuntimeBackend", "TensorRTBackend", "CallableBackend"]
@@ -71,6 +71,9 @@ def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str,
         return name, make_backend(name, net.to(device))
     if not is_module:
         raise ValueError(f"backend {name!r} exports the network to ONNX: it must be a torch.nn.Module")
+    if name == "tensorrt" and not tensorrt_available():  # said before minutes of export, not after
+        raise ValueError("backend 'tensorrt' needs TensorRT and a CUDA GPU (pip install tensorrt on a machine with an "
+                         "NVIDIA GPU); use 'onnxruntime' or 'torch' here")
     from .onnx_cache import cached_onnx
 
     path, session = cached_onnx(model, device)

@@ -29,8 +29,15 @@ COMMANDS = {"sample": sample, "plan": plan, "solvers": solvers, "quality": quali
             "distill": distill, "metrics": metrics, "export": export}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: "edmrt sample: error: ... (see edmrt sample --help)", exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edmrt", description="EDM sampling engine: plans, samplers, exact oracles.")
+    ap = Parser(prog="edmrt", description="EDM sampling engine: plans, samplers, exact oracles.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():

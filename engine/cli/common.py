@@ -35,18 +35,24 @@ def schedule_args(p: argparse.ArgumentParser) -> None:
                    help="solver option, repeatable (e.g. -O S_churn=40)")
 
 
+MAX_LIST = 1_000_000  # integers an option like --seeds 0-999999 may expand to
+
+
 def int_list(text: str, what: str) -> list[int]:
-    """"0-39" or "0,5,7" (or a mix: "0-3,9") -> list of ints."""
-    out: list[int] = []
+    """"0-39" or "0,5,7" (or a mix: "0-3,9") -> list of ints (at most MAX_LIST)."""
+    parts = []
     try:
         for part in text.split(","):
             lo, sep, hi = part.strip().partition("-")
-            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+            parts.append((int(lo), int(hi)) if sep else (int(lo), int(lo)))
     except ValueError:
         raise ValueError(f"{what} must look like 0-39 or 0,5,7, got {text!r}") from None
-    if not out:
-        raise ValueError(f"{what} is empty: {text!r}")
-    return out
+    if any(hi < lo for lo, hi in parts):
+        raise ValueError(f"{what} must list ranges low-high with low <= high, got {text!r}")
+    count = sum(hi - lo + 1 for lo, hi in parts)
+    if count > MAX_LIST:
+        raise ValueError(f"{what} lists {count} integers; at most {MAX_LIST} at a time")
+    return [v for lo, hi in parts for v in range(lo, hi + 1)]
 
 
 def command_line(args) -> str:

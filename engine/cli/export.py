@@ -2,10 +2,23 @@
 cached TensorRT engine."""
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
 from .common import output_path
+
+
+def _export_batch(text: str) -> int:
+    """argparse type of --batch: an integer >= 2 (a traced batch of 1 becomes a constant in the graph)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or v < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (a batch of 1 would be traced as a constant), "
+                                         f"got {text!r}")
+    return v
 
 HELP = "export a model (ONNX, TensorRT)"
 log = logging.getLogger("edmrt")
@@ -21,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--weights", metavar="FILE.safetensors", help="weights (safetensors only; default: random)")
     p.add_argument("--fp16", action="store_true", help="float16 inside, float32 inputs and output")
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="default NAME_fp32.onnx / NAME_fp16.onnx")
-    p.add_argument("--batch", type=int, default=2, help="batch of the traced example (>= 2; the file's batch is dynamic)")
+    p.add_argument("--batch", type=_export_batch, default=2, help="batch of the traced example (>= 2; the file's batch is dynamic)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check against torch")
     p.set_defaults(fn=run_onnx)

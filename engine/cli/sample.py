@@ -95,7 +95,7 @@ def _checked(args, model) -> tuple[list[int], list[int]]:
     """(seeds, labels) of a bundled-model run, and every argument checked before any work starts."""
     from edmrt.sampler import check_guidance
 
-    seeds = int_list(args.seeds or "0-39", "--seeds")
+    seeds = int_list(args.seeds if args.seeds is not None else "0-39", "--seeds")
     if any(s < 0 for s in seeds):
         raise ValueError(f"--seeds must be integers >= 0, got {args.seeds!r}")
     if args.class_ is not None:

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..plan import Plan
 from ..precond import Precond
+from ..checks import is_real
 
 __all__ = ["Builder", "finite", "choice", "integer"]
 
@@ -72,11 +73,10 @@ class Builder:
 
 
 def finite(name: str, v, lo: float = -math.inf, allow_inf: bool = False, hi: float = math.inf) -> float:
-    """A float option in [lo, hi]; NaN (and Inf unless allowed) rejected with the option's name."""
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    """A float option in [lo, hi]; NaN (and Inf unless allowed), strings and bools rejected with the option's name."""
+    if not is_real(v):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    x = float(v)
     if math.isnan(x) or (math.isinf(x) and not allow_inf) or x < lo or x > hi:
         rng = f"[{lo}, {hi}]" if hi != math.inf else f">= {lo}"
         raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number {rng}, got {v!r}")

@@ -20,8 +20,8 @@ def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, *, order: in
         x_{i+1} = (t_{i+1}/t_i) e^{-eta h} x_i + phi_1 D_i + (higher-order differences of D) + t_{i+1} sqrt(-expm1(-2 eta h)) S_noise z,
     phi_1 = -expm1(-h_eta), phi_2 = phi_1 / h_eta ... written below on vectors of coefficients of (D_i, D_{i-1}, D_{i-2}).
     """
-    eta = finite("eta", eta, 0.0)
-    S_noise = finite("S_noise", S_noise, 0.0)
+    eta = finite("eta", eta, 0.0, hi=10.0)  # 0: ODE, 1: the SDE; beyond 10 the noise swamps the signal (a typo)
+    S_noise = finite("S_noise", S_noise, 0.0, hi=10.0)  # EDM uses 1.000-1.011
     p = Builder(name, sigmas, precond, K=order, options=options)
     N = sigmas.size - 1
     D0, D1, D2 = np.eye(3)  # coefficient vectors of D_i, D_{i-1}, D_{i-2}

@@ -19,7 +19,7 @@ def churn(sigmas: np.ndarray, S_churn: float, S_tmin: float, S_tmax: float, S_no
     S_churn = finite("S_churn", S_churn, 0.0)
     S_tmin = finite("S_tmin", S_tmin, 0.0)
     S_tmax = finite("S_tmax", S_tmax, 0.0, allow_inf=True)
-    S_noise = finite("S_noise", S_noise, 0.0)
+    S_noise = finite("S_noise", S_noise, 0.0, hi=10.0)  # EDM uses 1.000-1.011
     if S_tmax < S_tmin:
         raise ValueError(f"S_tmax must be >= S_tmin, got S_tmin={S_tmin}, S_tmax={S_tmax}")
     N = sigmas.size - 1
