@@ -876,24 +876,24 @@ def define_model():
          check=finite_shape((3, 1, 4, 4)))
     case(G, "valid, backend 'custom'", "the same with backend='custom'", lambda: fsample(good_net, backend="custom"),
          valid=True, check=close_to(ref, 0.0, "backend 'torch'"))
-    case(G, "float64 output", "returns F.double()", lambda: fsample(lambda x, c, l: good_net(x, c, l).double()),
+    case(G, "float64 output", "returns F.double()", lambda: fsample(lambda x, c, class_labels: good_net(x, c, class_labels).double()),
          valid=True, check=close_to(ref, 1e-6))
     p = torch.nn.Parameter(torch.ones(()))
-    case(G, "output requires grad", "returns F * nn.Parameter(1.)", lambda: fsample(lambda x, c, l: good_net(x, c, l) * p),
+    case(G, "output requires grad", "returns F * nn.Parameter(1.)", lambda: fsample(lambda x, c, class_labels: good_net(x, c, class_labels) * p),
          valid=True, check=close_to(ref, 1e-6))
     case(G, "with guidance", "guidance=2", lambda: fsample(good_net, guidance=2.0), valid=True,
          check=finite_shape((3, 1, 4, 4)))
-    outs = [("wrong shape", "returns x[..., :2]", lambda x, c, l: x[..., :2], ("shape",)),
-            ("broadcastable", "returns (1, 1, 4, 4)", lambda x, c, l: good_net(x, c, l)[:1], ("shape",)),
-            ("extra dimension", "returns F[..., None]", lambda x, c, l: good_net(x, c, l)[..., None], ("shape",)),
-            ("NaN", "returns NaN", lambda x, c, l: torch.full_like(x, nan), NET),
-            ("Inf", "returns Inf", lambda x, c, l: torch.full_like(x, inf), NET),
-            ("huge", "returns 3e38", lambda x, c, l: torch.full_like(x, 3e38), NET),
-            ("complex", "returns complex64", lambda x, c, l: good_net(x, c, l).to(torch.complex64), ("real", "complex")),
-            ("list", "returns [F]", lambda x, c, l: [good_net(x, c, l)], NET),
-            ("None", "returns None", lambda x, c, l: None, NET),
-            ("numpy", "returns F.numpy()", lambda x, c, l: good_net(x, c, l).numpy(), NET),
-            ("int tensor", "returns F.long()", lambda x, c, l: good_net(x, c, l).long(), NET),
+    outs = [("wrong shape", "returns x[..., :2]", lambda x, c, class_labels: x[..., :2], ("shape",)),
+            ("broadcastable", "returns (1, 1, 4, 4)", lambda x, c, class_labels: good_net(x, c, class_labels)[:1], ("shape",)),
+            ("extra dimension", "returns F[..., None]", lambda x, c, class_labels: good_net(x, c, class_labels)[..., None], ("shape",)),
+            ("NaN", "returns NaN", lambda x, c, class_labels: torch.full_like(x, nan), NET),
+            ("Inf", "returns Inf", lambda x, c, class_labels: torch.full_like(x, inf), NET),
+            ("huge", "returns 3e38", lambda x, c, class_labels: torch.full_like(x, 3e38), NET),
+            ("complex", "returns complex64", lambda x, c, class_labels: good_net(x, c, class_labels).to(torch.complex64), ("real", "complex")),
+            ("list", "returns [F]", lambda x, c, class_labels: [good_net(x, c, class_labels)], NET),
+            ("None", "returns None", lambda x, c, class_labels: None, NET),
+            ("numpy", "returns F.numpy()", lambda x, c, class_labels: good_net(x, c, class_labels).numpy(), NET),
+            ("int tensor", "returns F.long()", lambda x, c, class_labels: good_net(x, c, class_labels).long(), NET),
             ("two-argument function", "lambda x, c: x", lambda x, c: x, NET)]
     for label, summary, fn, exp in outs:
         case(G, label, summary, lambda fn=fn: fsample(fn), expect=exp)
@@ -955,10 +955,10 @@ def define_model():
          check=close_to(lambda: edmrt.Sampler(fn_model(good_net), solver="euler", steps=2, schedule=[80.0, 1.0, 0.0],
                                               backend="torch").sample([0], cond=1), 0.0, "schedule=[80, 1, 0]"))
     case(G, "unconditional model", "num_classes=0, cond=None", lambda: edmrt.Sampler(
-        fn_model(lambda x, c, l: torch.tanh(x), num_classes=0), solver="euler", steps=3, backend="torch").sample([0, 1]),
+        fn_model(lambda x, c: torch.tanh(x), num_classes=0), solver="euler", steps=3, backend="torch").sample([0, 1]),
         valid=True, check=finite_shape((2, 1, 4, 4)))
     case(G, "unconditional model with cond", "num_classes=0, cond=1", lambda: edmrt.Sampler(
-        fn_model(lambda x, c, l: torch.tanh(x), num_classes=0), solver="euler", steps=3, backend="torch").sample(
+        fn_model(lambda x, c: torch.tanh(x), num_classes=0), solver="euler", steps=3, backend="torch").sample(
         [0, 1], cond=1), expect="cond")
 
 

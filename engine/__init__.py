@@ -9,13 +9,14 @@ and optional libraries are imported where they are used.
 """
 from __future__ import annotations
 
+from .adapters.diffusers import from_diffusers
 from .executor import SeededNoise, execute
-from .model import Model
+from .model import CondInput, Model
 from .models.bundled import load
 from .optimize import OptimizedSchedule, optimize_schedule
 from .plan import Plan
-from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, Precond, VEPrecond, VPPrecond,
-                      VPredictionPrecond, X0Precond, sigmas_from_alphas_cumprod)
+from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, LCMPrecond, Precond, VEPrecond,
+                      VPPrecond, VPredictionPrecond, X0Precond, sigmas_from_alphas_cumprod)
 from .sampler import Engine, Sampler
 from .schedules import SCHEDULES, make_sigmas
 from .solve import solve
@@ -23,10 +24,10 @@ from .solvers import SOLVERS, build_plan
 
 __version__ = "0.1.0"
 __all__ = [
-    "plan", "solve", "make_sigmas", "execute", "Plan", "SOLVERS", "SCHEDULES", "SeededNoise", "Engine", "Model",
+    "plan", "solve", "make_sigmas", "execute", "Plan", "SOLVERS", "SCHEDULES", "SeededNoise", "Engine", "Model", "CondInput",
     "Sampler",
     "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
-    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "sigmas_from_alphas_cumprod",
+    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "sigmas_from_alphas_cumprod", "from_diffusers",
     "optimize_schedule", "OptimizedSchedule", "load",
 ]
 

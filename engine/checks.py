@@ -40,8 +40,9 @@ def check_device(device, name: str = "device") -> torch.device:
     return d
 
 
-def check_signature(fn, name: str, call: str, n_args: int) -> None:
-    """``fn`` can be called with ``n_args`` positional arguments (``call`` shows them), or ValueError.  Callables
+def check_signature(fn, name: str, call: str, n_args: int, kwargs=()) -> None:
+    """``fn`` can be called with ``n_args`` positional arguments and the keyword arguments ``kwargs`` (``call`` shows
+    them), or ValueError.  Callables
     whose signature Python cannot read (some builtins) pass: their first call will tell."""
     if not callable(fn):
         raise ValueError(f"{name} must be callable as {call}, got {type(fn).__name__}")
@@ -55,7 +56,8 @@ def check_signature(fn, name: str, call: str, n_args: int) -> None:
     except (TypeError, ValueError):
         return
     try:
-        sig.bind(*range(n_args))
+        sig.bind(*range(n_args), **{k: 0 for k in kwargs})
     except TypeError:
-        raise ValueError(f"{name} must be callable as {call} ({n_args} positional arguments), "
+        raise ValueError(f"{name} must be callable as {call} ({n_args} positional arguments"
+                         f"{', keywords ' + ', '.join(kwargs) if kwargs else ''}), "
                          f"got {getattr(fn, '__name__', type(fn).__name__)}{sig}") from None

@@ -12,17 +12,87 @@ from .checks import check_signature
 from .precond import EDMPrecond, Precond
 from .schedules import check_range, check_sigmas
 
-__all__ = ["Model", "sampling_defaults", "check_sampling"]
+__all__ = ["Model", "CondInput", "sampling_defaults", "check_sampling"]
+
+_COND_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
+
+
+@dataclass(frozen=True)
+class CondInput:
+    """One conditioning input of a network: the keyword ``name`` it is passed as, its per-sample ``shape`` and
+    ``dtype``, and its unconditional row for classifier-free guidance (``null``).
+
+    ``null``: a number (the unconditional row is filled with it: class labels' null label, zeros), ``"cond"`` (the
+    unconditional row repeats the conditional one: SDXL's ``time_ids``, LCM's ``timestep_cond``), or None (the
+    caller passes it in ``uncond``: negative prompt embeddings).  ``num_classes`` > 0 marks an integer input whose
+    values lie in [0, num_classes) (class labels; the null label may be num_classes itself).
+
+    Examples: ``CondInput("class_labels", (), torch.int64, null=10, num_classes=10)``,
+    ``CondInput("encoder_hidden_states", (77, 768))``, ``CondInput("time_ids", (6,), null="cond")``.
+    """
+
+    name: str
+    shape: tuple = ()
+    dtype: torch.dtype = torch.float32
+    null: Any = None
+    num_classes: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier() or self.name in ("x_in", "c_noise", "F"):
+            raise ValueError(f"a conditioning input's name must be a Python identifier other than x_in, c_noise and F, "
+                             f"got {self.name!r}")
+        shape = self.shape
+        if (isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__")
+                or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise ValueError(f"{self.name}: shape must be a sequence of ints >= 1 (per sample), got {shape!r}")
+        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+        if self.dtype not in _COND_DTYPES:
+            raise ValueError(f"{self.name}: dtype must be one of {list(_COND_DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"{self.name}: num_classes must be an int >= 0, got {self.num_classes!r}")
+        if self.num_classes and self.dtype != torch.int64:
+            raise ValueError(f"{self.name}: an input with num_classes must have dtype torch.int64, got {self.dtype}")
+        null = self.null
+        if not (null is None or null == "cond" or (isinstance(null, (int, float)) and not isinstance(null, bool)
+                                                   and np.isfinite(null))):
+            raise ValueError(f"{self.name}: null must be a finite number, 'cond' or None, got {null!r}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+                "null": self.null, "num_classes": self.num_classes}
+
+
+def check_cond_inputs(cond, num_classes: int) -> tuple:
+    """The model's conditioning inputs: ``cond`` (CondInputs, unique names) plus class labels when num_classes > 0."""
+    if isinstance(cond, CondInput):
+        cond = (cond,)
+    if not isinstance(cond, (tuple, list)) or not all(isinstance(c, CondInput) for c in cond):
+        raise ValueError(f"cond must be a sequence of edmrt.CondInput, got {cond!r:.200}")
+    cond = tuple(cond)
+    names = [c.name for c in cond]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cond names must be unique, got {names}")
+    if num_classes:
+        labels = CondInput("class_labels", (), torch.int64, null=num_classes, num_classes=num_classes)
+        if "class_labels" not in names:
+            cond = (labels,) + cond
+        elif cond[names.index("class_labels")] != labels:
+            raise ValueError(f"num_classes={num_classes} contradicts cond's class_labels {cond[names.index('class_labels')]}")
+    return cond
 
 
 @dataclass
 class Model:
     """A model: network + preconditioning + sample shape + conditioning + sigma range + metadata.
 
-    ``network(x_in, c_noise, class_labels)`` returns the raw output F (an ``nn.Module`` or callable);
-    ``num_classes`` > 0 makes it class-conditional with label ``num_classes`` as the null label used by
-    classifier-free guidance.  ``metadata`` holds the model card (``edmrt.load``), whose ``sampling``
-    entry gives the defaults of ``sampling_defaults``.
+    ``network(x_in, c_noise, **cond)`` returns the raw output F (an ``nn.Module`` or callable), where ``cond``
+    maps each conditioning input's name to a (B, *shape) tensor (``CondInput``); an unconditional network is
+    called ``network(x_in, c_noise)``.  ``num_classes`` > 0 is shorthand for the input
+    ``CondInput("class_labels", (), torch.int64, null=num_classes, num_classes=num_classes)``: label
+    ``num_classes`` is the null label used by classifier-free guidance.  ``cond`` left empty takes the network's
+    own ``cond_inputs`` attribute when it has one.  ``decoder`` (optional) maps the final state (N, *sample_shape)
+    to images (N, 3, H, W) in [-1, 1] (a VAE's decode, ``edmrt.adapters.diffusers.VAEDecoder``).  ``metadata``
+    holds the model card (``edmrt.load``), whose ``sampling`` entry gives the defaults of ``sampling_defaults``.
     """
 
     network: Any
@@ -32,6 +102,8 @@ class Model:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     metadata: dict = field(default_factory=dict)
+    cond: tuple = ()
+    decoder: Any = None
 
     def __post_init__(self):
         shape = self.sample_shape
@@ -42,8 +114,15 @@ class Model:
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
         check_range(self.sigma_min, self.sigma_max)
+        if not self.cond and isinstance(getattr(self.network, "cond_inputs", None), (tuple, list)):
+            self.cond = tuple(self.network.cond_inputs)
+        self.cond = check_cond_inputs(self.cond, self.num_classes)
         if not isinstance(self.network, torch.nn.Module):
-            check_signature(self.network, "network", "network(x_in, c_noise, class_labels) -> F", 3)
+            names = ", ".join(f"{c.name}=..." for c in self.cond)
+            check_signature(self.network, "network", f"network(x_in, c_noise{', ' if names else ''}{names}) -> F", 2,
+                            self.cond_names)
+        if self.decoder is not None and not callable(self.decoder):
+            raise ValueError(f"decoder must be callable as decoder(latents) -> images, got {type(self.decoder).__name__}")
         if not isinstance(self.precond, Precond):
             raise ValueError(f"precond must be an edmrt Precond (e.g. EDMPrecond()), got {type(self.precond).__name__}")
         # A network that states its own classes and channels must agree with the model's.
@@ -61,6 +140,10 @@ class Model:
     @property
     def null_label(self) -> int:
         return self.num_classes
+
+    @property
+    def cond_names(self) -> tuple:
+        return tuple(c.name for c in self.cond)
 
 
 def check_sampling(sampling) -> None:

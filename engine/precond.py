@@ -17,7 +17,7 @@ from .schedules import iddpm_sigmas, vp_sigma_inv
 
 __all__ = [
     "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
-    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "PRECONDS", "sigmas_from_alphas_cumprod",
+    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "PRECONDS", "sigmas_from_alphas_cumprod",
 ]
 
 
@@ -67,22 +67,46 @@ class Identity(Precond):
 @dataclass(frozen=True)
 class EDMPrecond(Precond):
     """EDM column of Table 1 (Eq. 7): c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),
-    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4."""
+    c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4.
+
+    ``prediction="v_prediction"`` negates c_out, as diffusers' EDM schedulers do for v-trained networks
+    (``EDMEulerScheduler.precondition_outputs``, diffusers 0.42.1; Playground v2.5 is "epsilon").
+    ``noise="atan"`` is the noise input c_noise = atan(sigma) * 2 / pi of diffusers'
+    ``CosineDPMSolverMultistepScheduler.precondition_noise`` (Stable Audio); the EDM schedulers use "log" whatever
+    their ``sigma_schedule``.  The defaults are EDM's own."""
 
     sigma_data: float = 0.5
+    prediction: str = "epsilon"
+    noise: str = "log"
     name = "edm"
 
     def __post_init__(self):
         _positive("sigma_data", self.sigma_data)
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction must be 'epsilon' or 'v_prediction', got {self.prediction!r}")
+        if self.noise not in ("log", "atan"):
+            raise ValueError(f"noise must be 'log' (ln(sigma) / 4) or 'atan' (atan(sigma) * 2 / pi), "
+                             f"got {self.noise!r}")
 
     def coefficients(self, sigma):
         s = _sigma(sigma)
         sd = self.sigma_data
         c_skip = sd ** 2 / (s ** 2 + sd ** 2)
         c_out = s * sd / np.sqrt(s ** 2 + sd ** 2)
+        if self.prediction == "v_prediction":
+            c_out = -c_out
         c_in = 1.0 / np.sqrt(s ** 2 + sd ** 2)
-        c_noise = 0.25 * np.log(s)
+        c_noise = 0.25 * np.log(s) if self.noise == "log" else np.arctan(s) * (2.0 / math.pi)
         return c_skip, c_out, c_in, c_noise
+
+    def to_dict(self) -> dict:
+        """EDM's defaults are left out, so plans and cards written before these fields read (and hash) the same."""
+        d = {"name": self.name, "sigma_data": self.sigma_data}
+        if self.prediction != "epsilon":
+            d["prediction"] = self.prediction
+        if self.noise != "log":
+            d["noise"] = self.noise
+        return d
 
 
 @dataclass(frozen=True)
@@ -181,13 +205,23 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Sequence[float]) -> np.ndarray:
     return np.sqrt((1.0 - a) / a)
 
 
+# Relative slack on the ends of a discrete table: float32 rounding (2^-24 = 6e-8) of diffusers' sigmas, with margin.
+_LEVEL_SLACK = 1e-6
+
+
 @dataclass(frozen=True, eq=False)
 class _Foreign(Precond):
     """Shared part of the foreign parameterisations: the model sees the VP-scaled input
     x / sqrt(sigma^2 + sigma_data^2) and, as its noise input, either sigma itself (continuous)
     or the diffusers-style timestep t whose level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
     matches sigma (``timestep="interpolate"``: linear in ln sigma between neighbouring t, as
-    k-diffusion's ``sigma_to_t``; ``"nearest"``: the nearest t in ln sigma)."""
+    k-diffusion's ``DiscreteSchedule.sigma_to_t`` and diffusers' ``EulerDiscreteScheduler._sigma_to_t``;
+    ``"nearest"``: the nearest t in ln sigma, the integer timestep that diffusers' multistep schedulers
+    (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``: ``_sigma_to_t(...).round()``) and the
+    integer-timestep ones (DDIM, LCM, TCD) give the network).
+
+    Levels may exceed the table's range by float32 rounding (relative ``_LEVEL_SLACK``): diffusers keeps
+    its sigmas in float32, and its schedules are accepted as they are (clipped to the table's ends)."""
 
     alphas_cumprod: tuple | None = None
     timestep: str = "interpolate"
@@ -212,7 +246,7 @@ class _Foreign(Precond):
             return s.copy()
         ls = self._log_sigmas
         lo, hi = math.exp(ls[0]), math.exp(ls[-1])
-        if np.any(s < lo * (1 - 1e-12)) or np.any(s > hi * (1 + 1e-12)):
+        if np.any(s < lo * (1 - _LEVEL_SLACK)) or np.any(s > hi * (1 + _LEVEL_SLACK)):
             raise ValueError(f"sigma must lie within the model's discrete levels [{lo:.6g}, {hi:.6g}], got {s.tolist()}")
         t_grid = np.arange(ls.size, dtype=np.float64)
         ln_s = np.clip(np.log(s), ls[0], ls[-1])
@@ -270,9 +304,68 @@ class X0Precond(_Foreign):
         return c_skip, c_out, c_in, self.c_noise(s)
 
 
+_LCM_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def _x0_coefficients(prediction: str, s: np.ndarray, sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """(c_skip, c_out) with x0 = c_skip x + c_out F for an epsilon, v or x0 ("sample") network on the input
+    x_vp = alpha x, alpha = 1 / sqrt(sigma^2 + sd^2) (``EpsilonPrecond``, ``VPredictionPrecond``, ``X0Precond``)."""
+    if prediction == "epsilon":
+        return np.ones_like(s), -s
+    if prediction == "v_prediction":
+        return sd ** 2 / (s ** 2 + sd ** 2), -s * sd / np.sqrt(s ** 2 + sd ** 2)
+    return np.zeros_like(s), np.ones_like(s)
+
+
+@dataclass(frozen=True, eq=False)
+class LCMPrecond(_Foreign):
+    """Latent consistency models' parameterisation (Luo et al. 2023, arXiv 2310.04378, adopting the consistency
+    models' f = c_skip x + c_out F of Song et al. 2023), as diffusers' ``LCMScheduler.step`` applies it:
+    denoised = c_out_bc(t) x0_pred + c_skip_bc(t) x_vp with the discrete-time boundary-condition scalings
+    (``get_scalings_for_boundary_condition_discrete``) of the scaled timestep u = timestep_scaling t:
+    c_skip_bc = sd_bc^2 / (u^2 + sd_bc^2), c_out_bc = u / sqrt(u^2 + sd_bc^2), sd_bc = 0.5.
+
+    In edmrt's VE state x = x_vp / alpha (alpha = sqrt(alpha_bar_t) = c_in) and x0_pred = c_skip_p x + c_out_p F
+    for the network's ``prediction`` ("epsilon", "v_prediction" or "sample", ``_x0_coefficients``), so
+    D = (c_out_bc c_skip_p + c_skip_bc c_in) x + c_out_bc c_out_p F:  c_skip = c_out_bc c_skip_p + c_skip_bc c_in,
+    c_out = c_out_bc c_out_p, c_in = 1 / sqrt(sigma^2 + sigma_data^2) (sigma_data = 1: the VP input), c_noise = t
+    (``timestep``: the nearest discrete timestep by default, LCM's integer timesteps).  The ``lcm`` and ``tcd``
+    solvers take this D as their x0 (``solvers.fewstep``).  ``alphas_cumprod`` is required."""
+
+    timestep: str = "nearest"
+    prediction: str = "epsilon"
+    timestep_scaling: float = 10.0
+    boundary_sigma_data: float = 0.5
+    name = "lcm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alphas_cumprod is None:
+            raise ValueError("alphas_cumprod is required for LCMPrecond (the boundary condition uses discrete "
+                             "timesteps)")
+        if self.prediction not in _LCM_PREDICTIONS:
+            raise ValueError(f"prediction must be one of {list(_LCM_PREDICTIONS)}, got {self.prediction!r}")
+        _positive("timestep_scaling", self.timestep_scaling)
+        _positive("boundary_sigma_data", self.boundary_sigma_data)
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        t = self.c_noise(s)
+        u, sd_bc = self.timestep_scaling * t, self.boundary_sigma_data
+        c_skip_bc = sd_bc ** 2 / (u ** 2 + sd_bc ** 2)
+        c_out_bc = u / np.sqrt(u ** 2 + sd_bc ** 2)
+        c_in = 1.0 / np.sqrt(s ** 2 + self.sigma_data ** 2)
+        c_skip_p, c_out_p = _x0_coefficients(self.prediction, s, self.sigma_data)
+        return c_out_bc * c_skip_p + c_skip_bc * c_in, c_out_bc * c_out_p, c_in, t
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "prediction": self.prediction, "timestep_scaling": self.timestep_scaling,
+                "boundary_sigma_data": self.boundary_sigma_data}
+
+
 PRECONDS = {
     "identity": Identity, "edm": EDMPrecond, "cm": ConsistencyPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": IDDPMPrecond,
-    "epsilon": EpsilonPrecond, "v": VPredictionPrecond, "x0": X0Precond,
+    "epsilon": EpsilonPrecond, "v": VPredictionPrecond, "x0": X0Precond, "lcm": LCMPrecond,
 }
 
 

@@ -5,7 +5,12 @@ loop is: the initial state (Philox noise from the seeds, or a given state), then
 backend call (the network writes F into a static buffer) and one fused step (which writes the next
 network input).  No allocation, no host sync and no Python branching on device values inside the loop;
 on CUDA the whole loop is captured once in one ``torch.cuda.CUDAGraph`` and replayed for later requests
-after the seeds and labels are copied into their static buffers.
+after the seeds and the conditioning (class labels, text embeddings, ...) are copied into their static buffers.
+
+Conditioning: one static buffer per conditioning input the model declares (``edmrt.CondInput``), of shape
+(B, *shape), or (2B, *shape) under classifier-free guidance: rows [0, B) the unconditional half (the input's null
+value, the caller's ``uncond``, or the conditional rows again), rows [B, 2B) the conditional half; the network runs
+both halves in one batch and the fused step forms F_u + w (F_c - F_u).
 
 ``Sampler``: a model, a plan built once from the model card's defaults or the caller's choice, a backend,
 and one engine per (batch size, guidance on/off), built on first use.
@@ -32,7 +37,7 @@ import torch
 from .backends import Backend, resolve_backend
 from .checks import check_device, check_signature, is_real
 from .executor import check_seeds
-from .model import Model, sampling_defaults
+from .model import CondInput, Model, sampling_defaults
 from .plan import Plan
 from .schedules import make_sigmas
 from .solvers import build_plan
@@ -78,7 +83,10 @@ class Engine:
 
     def __init__(self, backend: Backend, plan: Plan, batch: int, sample_shape: Sequence[int],
                  device: torch.device | str = "cpu", guidance: bool = False, f_dtype: torch.dtype = torch.float32,
-                 in_dtype: torch.dtype = torch.float32, graph: bool = True, impl: str = "auto", null_label: int = 0):
+                 in_dtype: torch.dtype = torch.float32, graph: bool = True, impl: str = "auto", null_label: int = 0,
+                 cond_inputs: Sequence[CondInput] | None = None):
+        """``cond_inputs``: the model's conditioning inputs (``Model.cond``), each given on every request; None (the
+        low-level default) means optional class labels with ``null_label`` as the unconditional label."""
         from edmrt.kernels import plan_table
 
         if not isinstance(plan, Plan):
@@ -100,8 +108,14 @@ class Engine:
         self.sigma_in = torch.zeros(nB, device=dev, dtype=in_dtype)           # (B or 2B,) c_noise
         self.F = torch.zeros((nB,) + shp, device=dev, dtype=f_dtype)          # (B or 2B, C, H, W) network output
         self.seeds = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.labels = torch.zeros(nB, dtype=torch.int64, device=dev)          # [null labels; labels] with guidance
         self.null_label = int(null_label)
+        self.optional_cond = cond_inputs is None
+        self.cond_inputs = ((CondInput("class_labels", (), torch.int64, null=self.null_label),) if cond_inputs is None
+                            else tuple(cond_inputs))
+        if not all(isinstance(c, CondInput) for c in self.cond_inputs):
+            raise ValueError(f"cond_inputs must be edmrt.CondInput objects, got {cond_inputs!r:.200}")
+        # (B or 2B, *shape) per input: [uncond rows; cond rows] with guidance.
+        self.cond = {c.name: torch.zeros((nB,) + c.shape, dtype=c.dtype, device=dev) for c in self.cond_inputs}
         self.impl = impl
         self._steppers: OrderedDict = OrderedDict()
         self._graphs: OrderedDict = OrderedDict()
@@ -124,24 +138,29 @@ class Engine:
         init_state(self.table, float(self.plan.sigmas[0]), self.plan.n_init, self.seeds, self.x, self.x_eval,
                    self.x_in, self.sigma_in, impl=step.impl, x0=self.x0 if given else None)
 
-    def _loop(self, w: float | None, labels: bool, given: bool) -> None:
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The class-label buffer (B or 2B,), when the model has class labels."""
+        return self.cond.get("class_labels")
+
+    def _loop(self, w: float | None, conditioned: bool, given: bool) -> None:
         step = self.stepper(w)
         self._init(step, given)
-        lab = self.labels if labels else None
+        cond = self.cond if conditioned else None
         for s in range(self.plan.stages):
             # Network evaluation, then the fused update (which writes the next network input).
-            self.backend(self.x_in, self.sigma_in, lab, self.F)
+            self.backend(self.x_in, self.sigma_in, cond, self.F)
             step(s, self.F)
 
-    def _first_nonfinite(self, w: float | None, labels: bool, given: bool) -> str:
+    def _first_nonfinite(self, w: float | None, conditioned: bool, given: bool) -> str:
         """Run the loop again (eagerly), checking after every stage: where NaN or Inf first appears."""
         step = self.stepper(w)
         self._init(step, given)
         if not bool(torch.isfinite(self.x).all()):
             return "the initial state (check x_init)"
-        lab = self.labels if labels else None
+        cond = self.cond if conditioned else None
         for s in range(self.plan.stages):
-            self.backend(self.x_in, self.sigma_in, lab, self.F)
+            self.backend(self.x_in, self.sigma_in, cond, self.F)
             where = f"stage {s} of {self.plan.stages} (sigma = {float(self.plan.sigma[s]):.4g})"
             if not bool(torch.isfinite(self.F).all()):
                 return f"the network's output at {where}: check the network and its weights"
@@ -151,30 +170,38 @@ class Engine:
                         f"(max |F| = {float(self.F.abs().max()):.3g})")
         return "no stage when run again (the network is not deterministic?)"
 
-    def run(self, seeds: torch.Tensor, labels: torch.Tensor | None = None, guidance: float | None = None,
-            x_init: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample ``batch`` images for ``seeds`` (B,) int64 and optional ``labels`` (B,) int64; returns a new tensor.
+    def run(self, seeds: torch.Tensor, cond=None, guidance: float | None = None, x_init: torch.Tensor | None = None,
+            uncond: dict | None = None) -> torch.Tensor:
+        """Sample ``batch`` images for ``seeds`` (B,) int64; returns a new tensor.
 
+        ``cond``: {name: (B, *shape) tensor} for every conditioning input (a bare (B,) int64 tensor is class labels);
+        ``uncond``: the unconditional rows of inputs whose null is None (negative prompt embeddings), same form.
         ``x_init``: a given initial state (float32, shaped like the state) instead of t_0 times the seeds' noise;
         the seeds then only key the plan's own noise (churn, stochastic stages)."""
         B = self.batch
         _check_int64("seeds", seeds, B)
-        if labels is not None:
-            _check_int64("labels", labels, B)
+        cond = self._check_cond("cond", cond)
+        uncond = self._check_cond("uncond", uncond) if uncond is not None else {}
         if x_init is not None and (not isinstance(x_init, torch.Tensor) or x_init.dtype != torch.float32
                                    or x_init.shape != self.x.shape or x_init.device != self.device):
             raise ValueError(f"x_init must be a float32 tensor of shape {tuple(self.x.shape)} on {self.device}")
         if self.guidance:
             if guidance is None:
                 raise ValueError("this engine was built for classifier-free guidance: pass a guidance weight")
-            if labels is None:
-                raise ValueError("classifier-free guidance needs labels (the conditional half)")
+            if cond is None:
+                raise ValueError("classifier-free guidance needs cond (the conditional half: labels, embeddings)")
+            missing = [c.name for c in self.cond_inputs if c.null is None and c.name not in uncond]
+            if missing:
+                raise ValueError(f"classifier-free guidance needs uncond for {missing} (e.g. negative prompt "
+                                 "embeddings): these inputs have no null value")
         elif guidance is not None:
             raise ValueError("this engine was built without guidance (Engine(..., guidance=True) enables it)")
+        elif uncond:
+            raise ValueError("uncond is used only with classifier-free guidance (pass guidance=w)")
         w = check_guidance(guidance) if self.guidance else None
         with self.lock:
-            self._copy_inputs(seeds, labels, x_init)
-            key = (w, labels is not None, x_init is not None)
+            self._copy_inputs(seeds, cond, uncond, x_init)
+            key = (w, cond is not None, x_init is not None)
             if self.use_graph:
                 _lru_get(self._graphs, key, lambda: self._capture(key), MAX_GUIDANCE_VALUES).replay()
             else:
@@ -184,15 +211,44 @@ class Engine:
                 raise FloatingPointError(f"sampling produced NaN or Inf, first in {self._first_nonfinite(*key)}")
             return x
 
-    def _copy_inputs(self, seeds, labels, x_init) -> None:
+    def _check_cond(self, what: str, cond) -> dict | None:
+        """``cond`` as {name: (B, *shape) tensor of the input's dtype on this device}, or None; ValueError naming it."""
+        if cond is None:
+            if what == "cond" and not self.optional_cond and self.cond_inputs:
+                raise ValueError(f"cond must give the model's conditioning inputs {[c.name for c in self.cond_inputs]}")
+            return None
+        if isinstance(cond, torch.Tensor):
+            cond = {"class_labels": cond}
+        if not isinstance(cond, dict):
+            raise ValueError(f"{what} must be a dict of tensors (name -> (B, ...) tensor), got {type(cond).__name__}")
+        known = {c.name: c for c in self.cond_inputs}
+        unknown = sorted(set(cond) - set(known))
+        if unknown or not self.cond_inputs:
+            raise ValueError(f"{what} has inputs {unknown or sorted(cond)} the model does not take; it takes {sorted(known)}")
+        if what == "cond" and set(cond) != set(known):
+            raise ValueError(f"cond must give every conditioning input {sorted(known)}, got {sorted(cond)}")
+        for name, t in cond.items():
+            c, shape = known[name], (self.batch,) + known[name].shape
+            if not isinstance(t, torch.Tensor) or t.dtype != c.dtype or tuple(t.shape) != shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                dt = str(c.dtype).removeprefix("torch.")
+                raise ValueError(f"{name} must be {'an' if dt[0] == 'i' else 'a'} {dt} tensor of shape {shape}, got {got}")
+        return cond
+
+    def _copy_inputs(self, seeds, cond, uncond, x_init) -> None:
         B = self.batch
         self.seeds.copy_(seeds)
-        if labels is not None:
-            if self.guidance:
-                self.labels[:B].fill_(self.null_label)
-                self.labels[B:].copy_(labels)
-            else:
-                self.labels.copy_(labels)
+        if cond is not None:
+            for c in self.cond_inputs:
+                buf = self.cond[c.name]
+                buf[-B:].copy_(cond[c.name])
+                if self.guidance:  # the unconditional half
+                    if c.name in uncond:
+                        buf[:B].copy_(uncond[c.name])
+                    elif c.null == "cond":
+                        buf[:B].copy_(cond[c.name])
+                    else:
+                        buf[:B].fill_(c.null)
         if x_init is not None:
             if self.x0 is None:
                 self.x0 = torch.empty_like(self.x)
@@ -239,7 +295,7 @@ class Sampler:
         sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho)
         self.plan = build_plan(self.solver, sigmas, model.precond, **options)
         if callable(backend) and not isinstance(backend, str):
-            check_signature(backend, "backend", "backend(x_in, c_noise, class_labels, out)", 4)
+            check_signature(backend, "backend", "backend(x_in, c_noise, cond, out)", 4)
             self.backend_name, self.backend = "custom", backend
         elif not isinstance(backend, str):
             raise ValueError(f"backend must be a name (edmrt.backends.BACKENDS, or 'auto') or a backend object, got "
@@ -255,44 +311,124 @@ class Sampler:
         with self._lock:
             return _lru_get(self._engines, (batch, guidance), lambda: Engine(
                 self.backend, self.plan, batch, self.model.sample_shape, self.device, guidance, graph=self.graph,
-                null_label=self.model.null_label), self.max_engines)
+                null_label=self.model.null_label, cond_inputs=self.model.cond), self.max_engines)
 
-    def _labels(self, cond, N: int) -> torch.Tensor | None:
-        """N class labels from ``cond`` (N labels or one for all), the null label for an unconditional draw of a
-        conditional model, None for an unconditional model.  Integers only: floats and bools are refused."""
-        if cond is None:
-            return torch.full((N,), self.model.null_label, dtype=torch.int64) if self.model.num_classes else None
-        if not self.model.num_classes:
-            raise ValueError("this model is unconditional: cond must be None")
-        want = f"cond must hold one class in [0, {self.model.num_classes}) per seed (or one for all), as integers"
-        if isinstance(cond, (torch.Tensor, np.ndarray)):
-            integer = cond.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) \
-                if isinstance(cond, torch.Tensor) else cond.dtype.kind in "iu"
-            if not integer or cond.ndim > 1:
-                raise ValueError(f"{want}, got an array of {cond.dtype} and shape {tuple(cond.shape)}")
-            values = cond.reshape(-1).tolist()
+    def _cond_value(self, c: CondInput, value, N: int, what: str) -> torch.Tensor:
+        """One input's value for N samples: (N, *shape), or (*shape) / (1, *shape) for all; integers only for integer
+        inputs (floats and bools refused, never truncated), finite reals for float inputs; ValueError naming it."""
+        if c.num_classes:
+            want = f"{what} must hold one class in [0, {c.num_classes}) per seed (or one for all), as integers"
         else:
-            values = list(cond) if isinstance(cond, (list, tuple, range)) else [cond]
-            if any(isinstance(v, (bool, np.bool_)) or not hasattr(v, "__index__") for v in values):
-                raise ValueError(f"{want}, got {cond!r:.200}")
-        if any(not 0 <= int(v) < self.model.num_classes for v in values):
-            raise ValueError(f"{want}, got {cond!r:.200}")
-        labels = torch.tensor([int(v) for v in values], dtype=torch.int64)
-        if labels.numel() == 1:
-            labels = labels.expand(N).clone()
-        if labels.numel() != N or bool((labels < 0).any()) or bool((labels >= self.model.num_classes).any()):
-            raise ValueError(f"{want}, got {cond!r}" if labels.numel() <= 20 else f"{want} ({N} seeds)")
-        return labels
+            want = f"{what}[{c.name!r}] must be {'integers' if c.dtype == torch.int64 else 'finite real numbers'} of " \
+                   f"shape ({N}, {', '.join(map(str, c.shape))}) or {c.shape} for all"
+        try:
+            t = value if isinstance(value, torch.Tensor) else torch.as_tensor(
+                np.asarray(value) if isinstance(value, np.ndarray) else value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{want}, got {value!r:.200}") from None
+        if t.dtype == torch.bool or t.is_complex() or (c.dtype == torch.int64 and t.is_floating_point()):
+            raise ValueError(f"{want}, got {t.dtype} values {value!r:.200}")
+        if t.shape == c.shape or t.shape == (1,) + c.shape:
+            t = t.reshape((1,) + c.shape).expand((N,) + c.shape)
+        elif tuple(t.shape) != (N,) + c.shape:
+            raise ValueError(f"{want}, got shape {tuple(t.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{want}: it holds NaN or Inf")
+        if c.num_classes and bool(((t < 0) | (t >= c.num_classes)).any()):
+            raise ValueError(f"{want}, got {value!r:.200}")
+        return t.detach().to(device=self.device, dtype=c.dtype).contiguous()
 
-    def sample(self, seeds, cond=None, guidance: float | None = None) -> torch.Tensor:
-        """Samples (N, C, H, W) for N seeds; ``cond``: N class labels (or one for all); ``guidance``: CFG weight w
-        in [0, GUIDANCE_MAX] (F = F_u + w (F_c - F_u); w = 1 is plain conditional sampling).  Raises
-        FloatingPointError, naming the stage, when the result holds NaN or Inf."""
+    def _cond(self, cond, N: int, what: str = "cond") -> dict | None:
+        """{name: (N, *shape)} from the caller's ``cond`` (a dict, or class labels for a class-only model); inputs it
+        leaves out take their null value (class labels: the null label, an unconditional draw) or are refused."""
+        inputs = self.model.cond
+        if not inputs and cond is None:
+            return None
+        if cond is None and what == "cond":
+            cond = {}  # every input takes its null value, or is named as missing
+        if cond is None:
+            return None
+        if not inputs:
+            raise ValueError(f"this model is unconditional: {what} must be None")
+        if not isinstance(cond, dict):
+            if [c.name for c in inputs] != ["class_labels"]:
+                raise ValueError(f"{what} must be a dict {{name: tensor}} of the model's inputs "
+                                 f"{[c.name for c in inputs]}, got {type(cond).__name__}")
+            cond = {"class_labels": cond}
+        unknown = sorted(set(cond) - {c.name for c in inputs})
+        if unknown:
+            raise ValueError(f"{what} has inputs {unknown} the model does not take; it takes {[c.name for c in inputs]}")
+        out = {}
+        for c in inputs:
+            if c.name in cond:
+                out[c.name] = self._cond_value(c, cond[c.name], N, what)
+            elif what == "cond" and isinstance(c.null, (int, float)):
+                out[c.name] = torch.full((N,) + c.shape, c.null, dtype=c.dtype, device=self.device)
+            elif what == "cond":
+                raise ValueError(f"cond must give {c.name!r} (shape {c.shape}, {c.dtype}): it has no null value")
+        return out
+
+    def sample(self, seeds, cond=None, guidance: float | None = None, uncond=None, noise=None,
+               output: str | None = None) -> torch.Tensor:
+        """Samples for N seeds: (N, *sample_shape) latents, or (N, 3, H, W) uint8 images when decoded.
+
+        ``cond``: {name: tensor} for the model's conditioning inputs, each (N, *shape) or one (*shape) for all
+        (a class-labelled model also takes N labels or one label); inputs left out take their null value.
+        ``guidance``: CFG weight w in [0, GUIDANCE_MAX] (F = F_u + w (F_c - F_u); w = 1 is plain conditional
+        sampling); ``uncond``: the unconditional rows (negative prompt embeddings), required for inputs without a
+        null value.  ``noise``: (N, *sample_shape) standard normal noise instead of the seeds' Philox draw; the state
+        starts at sigma_0 * noise, sigma_0 the schedule's first sigma (sigma_max for Karras).  A diffusers pipeline
+        given ``latents=L`` starts at L * init_noise_sigma, in its own variance-preserving state for most discrete
+        schedulers: ``edmrt.adapters.diffusers.initial_noise(L, scheduler)`` is the noise that starts at the same
+        point.
+        ``output``: "latent" (the final state) or "image" (decoded by the model's decoder; the default when it has
+        one).  Raises FloatingPointError, naming the stage, when the result holds NaN or Inf."""
         seeds_t = torch.tensor(check_seeds(seeds), dtype=torch.int64)
         N = seeds_t.numel()
-        labels = self._labels(cond, N)
+        output = self._check_output(output)
         w = check_guidance(guidance)
         if w is not None and cond is None:
-            raise ValueError("guidance needs cond (class labels)")
+            raise ValueError("guidance needs cond (class labels or the conditioning inputs)")
+        if uncond is not None and w is None:
+            raise ValueError("uncond is used only with classifier-free guidance (pass guidance=w)")
+        cond_t, uncond_t = self._cond(cond, N), self._cond(uncond, N, "uncond")
+        x_init = self._x_init(noise, N)
         e = self.engine(N, w is not None)
-        return e.run(seeds_t.to(self.device), None if labels is None else labels.to(self.device), w)
+        x = e.run(seeds_t.to(self.device), cond_t, w, x_init=x_init, uncond=uncond_t)
+        return self.decode(x) if output == "image" else x
+
+    def _check_output(self, output):
+        if output is None:
+            return "image" if self.model.decoder is not None else "latent"
+        if output not in ("latent", "image"):
+            raise ValueError(f"output must be 'latent' or 'image', got {output!r}")
+        if output == "image" and self.model.decoder is None:
+            raise ValueError("output='image' needs a model with a decoder (a VAE: edmrt.from_diffusers(..., vae=vae))")
+        return output
+
+    def _x_init(self, noise, N: int) -> torch.Tensor | None:
+        """sigma_0 * noise as the initial state, after checking noise: (N, *sample_shape), real, finite."""
+        if noise is None:
+            return None
+        shape = (N,) + self.model.sample_shape
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or tuple(noise.shape) != shape:
+            got = f"{noise.dtype} {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a floating-point tensor of shape {shape}, got {got}")
+        x = (noise.detach().to(self.device, torch.float64) * float(self.plan.sigmas[0])).float()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("noise must be finite (and sigma_max * noise within float32)")
+        return x
+
+    def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Images (N, 3, H, W) uint8 from latents, by the model's decoder (output in [-1, 1]) in chunks of ``batch``."""
+        if self.model.decoder is None:
+            raise ValueError("this model has no decoder")
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, latents.shape[0], batch):
+                img = self.model.decoder(latents[i:i + batch])
+                if not isinstance(img, torch.Tensor) or img.ndim != 4 or not bool(torch.isfinite(img).all()):
+                    raise FloatingPointError(f"the decoder returned {type(img).__name__} "
+                                             f"{tuple(getattr(img, 'shape', ()))}: expected finite (N, C, H, W) images")
+                chunks.append(((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        return torch.cat(chunks)

@@ -90,6 +90,6 @@ def execute_fused(plan: Plan, denoiser: Denoiser, x_init: torch.Tensor, seeds: t
             raise ValueError(f"plan {plan.solver!r} is stochastic (noise scales > 0): pass seeds")
         seeds = torch.zeros(B, dtype=torch.int64)
     view = (B,) + (1,) * (x_init.ndim - 1)
-    backend = CallableBackend(lambda x_in, c_noise, _labels: denoiser(x_in, c_noise.view(view)))
-    engine = Engine(backend, plan, B, x_init.shape[1:], dev, graph=False, impl=impl)
+    backend = CallableBackend(lambda x_in, c_noise: denoiser(x_in, c_noise.view(view)))
+    engine = Engine(backend, plan, B, x_init.shape[1:], dev, graph=False, impl=impl, cond_inputs=())
     return engine.run(seeds.to(device=dev, dtype=torch.int64), x_init=x_init.contiguous())

@@ -1,13 +1,16 @@
-"""ONNX export of a denoiser network F(x_in, c_noise[, class_labels]) with a dynamic batch, verified in ONNX Runtime.
+"""ONNX export of a denoiser network F = net(x_in, c_noise, **cond) with a dynamic batch, verified in ONNX Runtime.
 
-The file has the declared signature of every edmrt ONNX file (x_in, c_noise[, class_labels] -> F;
-``edmrt.backends.ort`` defines and checks it, and runs the file).
+The file has the declared signature of every edmrt ONNX file: x_in, c_noise, then one input per conditioning input
+of the network (``edmrt.CondInput``: class labels, text embeddings, ...), in the declared order, -> F, the batch a
+symbolic first axis of every input and of F (``edmrt.backends.ort`` defines and checks it, and runs the file).
 
-``dtype="fp16"`` keeps that float32 I/O and runs the network inside in float16 (``EDMUNet.to_fp16``:
-convolutions, linear maps and the label embedding in float16; GroupNorm, the softmax of attention and
-the noise embedding in float32, as ADM's mixed precision does).  One I/O dtype for every precision means
-one set of engine buffers: the C++ fused step reads and writes float32 only, and the casts at the graph's
-two ends cost nothing next to the network.
+``dtype="fp16"`` keeps that I/O (float32 x_in, c_noise and F; every conditioning input in its declared dtype) and
+runs the network inside in float16 (``EDMUNet.to_fp16``: convolutions, linear maps and the label embedding in
+float16; GroupNorm, the softmax of attention and the noise embedding in float32, as ADM's mixed precision does; a
+network without ``to_fp16`` is converted wholesale, its floating-point conditioning inputs cast to float16 inside).
+One I/O dtype for every precision means one set of engine buffers: the C++ fused step reads and writes float32
+only, the Sampler's conditioning buffers are the model's, and the casts at the graph's ends cost nothing next to
+the network.
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript), with the batch a
 ``torch.export.Dim`` in ``dynamic_shapes``.  It is the maintained path in torch >= 2.9 and works with
@@ -16,21 +19,29 @@ the TorchScript-based legacy exporter is deprecated.  It is slower (~7 s for the
 cifar10 on 2 cores, against ~1 s for the legacy one on tiny), which an export done once can afford.
 The exported batch symbol is checked by running the file at batch sizes other than the export batch.
 
+External data: a network over ``EXTERNAL_DATA_BYTES`` (protobuf's 2 GB limit, with room for the graph) is written
+as the model file plus one data file beside it, ``<name>.<random>.data``, named anew by every export.
+
 Writing: everything is built and verified in a private folder beside the target (``tempfile.mkdtemp``), then
-moved into place with ``os.replace``: a reader sees the old file or the new one, never half of one; a file that
-fails verification is never at the target; a symbolic link at the target is replaced, never written through;
-a directory there is refused.  Every file carries ``edmrt.weights_sha256`` (``edmrt.backends.ort.weights_sha256``
-of the network), so a loader can tell which weights it holds.
+moved into place with ``os.replace``, the data file first and the model file last: a reader sees the old model or
+the new one, never half of one, and the new model's data file is in place before it is (the old model keeps its
+own data file until it is replaced, then that file is removed); a file that fails verification is never at the
+target; a symbolic link at the target is replaced, never written through; a directory there is refused.  Every file
+carries ``edmrt.weights_sha256`` (``edmrt.backends.ort.weights_sha256`` of the network), so a loader can tell which
+weights it holds, and ``edmrt.cond`` (its conditioning inputs, JSON), so a loader knows what to bind.
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +51,17 @@ import torch
 from torch import nn
 
 from edmrt.backends.ort import INPUT_NAMES, OUTPUT_NAME, load_onnx_session, sha256_file, weights_sha256
+from edmrt.model import CondInput, check_cond_inputs
 
 log = logging.getLogger("edmrt.export")
 
-__all__ = ["export_onnx", "OnnxReport", "ExportVerificationError", "TOLERANCE"]
+__all__ = ["export_onnx", "OnnxReport", "ExportVerificationError", "TOLERANCE", "EXTERNAL_DATA_BYTES"]
 
 _DTYPES = ("fp32", "fp16")
+# Weights above this many bytes go to an external data file (a protobuf message is limited to 2 GB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# Conditioning-input dtypes an ONNX file can take and ONNX Runtime can bind (bfloat16 has no numpy type).
+_COND_DTYPES = (torch.float32, torch.float16, torch.int64)
 
 # Verification bound, relative to the output's scale max|F_torch| (floored at 1):
 # fp32: the graph is the same arithmetic reordered (fused Conv+bias, GroupNorm as InstanceNorm, a different
@@ -78,41 +94,54 @@ class OnnxReport:
     exporter: str = "dynamo"
     verified_batches: tuple = field(default_factory=tuple)
     files: dict = field(default_factory=dict)   # file name -> sha256 of every file written (the model, external data)
+    cond_inputs: tuple = field(default_factory=tuple)   # the CondInputs exported, in the file's order
+    external_data: bool = False
 
 
 class _Signature(nn.Module):
-    """Fixes the exported argument names and order: (x_in, c_noise[, class_labels]) -> F."""
+    """Fixes the exported argument names and order: (x_in, c_noise, *cond) -> F, ``cond`` in ``names``' order,
+    passed to the network by keyword (an unconditional network is called ``net(x_in, c_noise)``)."""
 
-    def __init__(self, net: nn.Module, conditional: bool):
+    def __init__(self, net: nn.Module, names: tuple):
         super().__init__()
-        self.net, self.conditional = net, conditional
+        self.net, self.names = net, tuple(names)
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
-        if self.conditional:
-            return self.net(x_in, c_noise, class_labels)
-        return self.net(x_in, c_noise)
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, *cond: torch.Tensor):
+        return self.net(x_in, c_noise, **dict(zip(self.names, cond)))
 
 
 class _HalfInside(nn.Module):
-    """float32 I/O around a network converted wholesale to float16 (for nets without ``to_fp16``)."""
+    """float32 I/O around a network converted wholesale to float16 (for nets without ``to_fp16``); floating-point
+    conditioning inputs are cast to float16 inside, integer ones (class labels) passed as they are."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net.half()
 
-    def forward(self, x_in, c_noise, class_labels=None):
-        args = (x_in.half(), c_noise.half()) + (() if class_labels is None else (class_labels,))
-        return self.net(*args).float()
+    def forward(self, x_in, c_noise, **cond):
+        cond = {k: v.half() if v.is_floating_point() else v for k, v in cond.items()}
+        return self.net(x_in.half(), c_noise.half(), **cond).float()
 
 
-def _inputs(B: int, sample_shape, num_classes: int, gen: torch.Generator):
-    """Fresh random network inputs: x_in ~ N(0, 1), c_noise = ln(sigma)/4 with ln sigma ~ U[ln 0.002, ln 80],
-    labels uniform over [0, num_classes] (the null label included)."""
+def _inputs(B: int, sample_shape, cond: tuple, gen: torch.Generator):
+    """Fresh random network inputs: x_in ~ N(0, 1), c_noise = ln(sigma)/4 with ln sigma ~ U[ln 0.002, ln 80], and
+    per conditioning input: labels uniform over [0, num_classes] (the null label included; [0, 1] for an integer
+    input without classes), embeddings ~ N(0, 1) in their dtype."""
     x_in = torch.randn((B,) + tuple(sample_shape), generator=gen)
     ln_sigma = torch.empty(B).uniform_(math.log(0.002), math.log(80.0), generator=gen)
     c_noise = 0.25 * ln_sigma
-    labels = torch.randint(0, num_classes + 1, (B,), generator=gen) if num_classes > 0 else None
-    return x_in, c_noise, labels
+    values = {}
+    for c in cond:
+        shape = (B,) + c.shape
+        if c.dtype == torch.int64:
+            values[c.name] = torch.randint(0, max(c.num_classes, 1) + 1, shape, generator=gen)
+        else:
+            values[c.name] = torch.randn(shape, generator=gen).to(c.dtype)
+    return x_in, c_noise, values
+
+
+def _call(net, x_in, c_noise, cond: dict):
+    return net(x_in, c_noise, **cond) if cond else net(x_in, c_noise)
 
 
 def _check_sample_shape(sample_shape) -> tuple[int, int, int]:
@@ -127,17 +156,23 @@ def _check_sample_shape(sample_shape) -> tuple[int, int, int]:
 
 def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None = None, dtype: str = "fp32",
                 opset: int | None = None, batch: int = 2, verify: bool = True, simplify: bool = True,
-                verify_batches: tuple = (1, 5), seed: int = 0, metadata: dict | None = None) -> OnnxReport:
-    """Export ``net(x_in, c_noise[, class_labels]) -> F`` to ONNX with a dynamic batch, then check it in ONNX Runtime.
+                verify_batches: tuple = (1, 5), seed: int = 0, metadata: dict | None = None, cond_inputs=None,
+                external_data: bool | None = None) -> OnnxReport:
+    """Export ``net(x_in, c_noise, **cond) -> F`` to ONNX with a dynamic batch, then check it in ONNX Runtime.
 
     ==============  ==============================================================================
     net             a torch module; exported in eval mode (its mode is restored afterwards)
     path            output file (parent folders are created); written atomically: a symbolic link
                     there is replaced (its target is not written), a directory raises ValueError
     sample_shape    (C, H, W); default ``net.sample_shape`` (``EDMUNet`` has one)
-    num_classes     0 for an unconditional net; > 0 adds the input ``class_labels``. Default
-                    ``net.num_classes`` (or 0); a value contradicting ``net.num_classes`` raises
-    dtype           "fp32", or "fp16": float16 inside, float32 I/O (see the module docstring)
+    num_classes     0 for a net without class labels; > 0 adds the input ``class_labels`` (int64, null
+                    label num_classes). Default ``net.num_classes``, else the class_labels in
+                    ``cond_inputs``, else 0; a value contradicting ``net.num_classes`` raises
+    cond_inputs     the conditioning inputs (``edmrt.CondInput``s: ``Model.cond``), each a named ONNX
+                    input of shape (batch, *shape) and its declared dtype (float32, float16 or int64),
+                    in this order after x_in and c_noise; class labels are prepended when num_classes > 0
+                    and they are missing.  Default ``net.cond_inputs``, else the class labels alone
+    dtype           "fp32", or "fp16": float16 inside, the same I/O (see the module docstring)
     opset           ONNX opset; None: the exporter's default (20 with torch 2.13)
     batch           batch size of the example inputs traced (the exported batch is symbolic)
     verify          run the file in ONNX Runtime (CPU) on fresh random inputs at ``verify_batches``
@@ -146,31 +181,41 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
     simplify        run onnxslim on the file when it is importable (it is not a dependency)
     metadata        extra string entries stored as ``edmrt.KEY`` (e.g. ``{"model": "digits"}``, which
                     ``edmrt sample --onnx`` checks against the model it samples); ``edmrt.weights_sha256``
-                    (the net's weights), ``num_classes``, ``sample_shape`` and ``dtype`` are always written
+                    (the net's weights), ``num_classes``, ``cond`` (JSON list of ``CondInput.to_dict()``),
+                    ``sample_shape`` and ``dtype`` are always written
+    external_data   write the weights to a data file beside the model (``<name>.<random>.data``, listed
+                    in ``OnnxReport.files``): True, False, or None (default) for networks over
+                    ``EXTERNAL_DATA_BYTES``, which a single protobuf file cannot hold
     ==============  ==============================================================================
     """
     t0 = time.perf_counter()
-    sample_shape, num_classes, verify_batches = _check_args(net, sample_shape, num_classes, dtype, batch, opset,
-                                                            verify, verify_batches)
+    sample_shape, num_classes, cond, verify_batches = _check_args(net, sample_shape, num_classes, cond_inputs, dtype,
+                                                                  batch, opset, verify, verify_batches)
+    if external_data is not None and not isinstance(external_data, bool):
+        raise ValueError(f"external_data must be True, False or None (automatic), got {external_data!r}")
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in net.parameters()) > EXTERNAL_DATA_BYTES
     path = _check_target(Path(path))
     entries = {**{k: str(v) for k, v in (metadata or {}).items()}, "num_classes": str(num_classes),
+               "cond": json.dumps([c.to_dict() for c in cond]),
                "sample_shape": ",".join(map(str, sample_shape)), "dtype": dtype, "weights_sha256": weights_sha256(net)}
     gen = torch.Generator().manual_seed(seed)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # private (0700)
+    location = f"{path.name}.{uuid.uuid4().hex[:12]}.data" if external_data else None
     was_training = net.training
     net.eval()
     try:
         staged = staging / path.name
-        _trace(net, staged, sample_shape, num_classes, dtype, batch, opset, gen)
+        _trace(net, staged, sample_shape, cond, dtype, batch, opset, gen, location)
         if simplify:
-            _simplify(staged)
+            _simplify(staged, location)
         opset_used = _write_metadata(staged, entries)
-        session = load_onnx_session(staged, providers=["CPUExecutionProvider"], conditional=num_classes > 0)
+        session = load_onnx_session(staged, providers=["CPUExecutionProvider"], cond_inputs=cond)
         inputs, outputs = _describe(session.get_inputs()), _describe(session.get_outputs())
         max_err = tol = None
         if verify:
             try:
-                max_err, tol = _verify(session, net, sample_shape, num_classes, dtype, verify_batches, gen)
+                max_err, tol = _verify(session, net, sample_shape, cond, dtype, verify_batches, gen)
             except ExportVerificationError as exc:  # nothing reaches the target: a cache or engine cannot pick it up
                 raise ExportVerificationError(f"{exc}; nothing written to {path}") from None
         del session
@@ -180,7 +225,8 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
         shutil.rmtree(staging, ignore_errors=True)
     report = OnnxReport(path=str(path), inputs=inputs, outputs=outputs, max_abs_err=max_err, tolerance=tol,
                         seconds=time.perf_counter() - t0, opset=opset_used, dtype=dtype,
-                        verified_batches=verify_batches if verify else (), files=files)
+                        verified_batches=verify_batches if verify else (), files=files, cond_inputs=cond,
+                        external_data=len(files) > 1)
     log.info("exported %s (%s, opset %d) in %.1f s, max abs err %s", path, dtype, opset_used, report.seconds, max_err)
     return report
 
@@ -193,25 +239,95 @@ def _check_target(path: Path) -> Path:
     return path
 
 
+def _own_data_files(path: Path) -> set:
+    """The external data files the edmrt ONNX file at ``path`` refers to (``<name>.<random>.data`` beside it, as
+    ``export_onnx`` names them); empty when there is no such regular file or it cannot be read."""
+    if path.is_symlink() or not path.is_file():
+        return set()
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        names = {e.value for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    except Exception:  # not a readable ONNX file: nothing of ours to clean up
+        return set()
+    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{12}\.data")
+    return {n for n in names if pattern.fullmatch(n)}
+
+
+def _all_tensors(model):
+    """Every tensor of a model: each graph's initializers and its nodes' tensor attributes, subgraphs included."""
+    import onnx
+
+    out, graphs = [], [model.graph]
+    while graphs:
+        g = graphs.pop()
+        out += list(g.initializer)
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    out.append(a.t)
+                out += list(a.tensors)
+                graphs += ([a.g] if a.type == onnx.AttributeProto.GRAPH else []) + list(a.graphs)
+    return out
+
+
 def _publish(staging: Path, path: Path) -> dict:
     """Move every staged file (external data first, the model last) into ``path``'s folder with ``os.replace``, which
-    replaces a symbolic link at the name instead of following it; returns {file name: sha256}."""
+    replaces a symbolic link at the name instead of following it; then remove the data file of the model replaced
+    (``export_onnx`` names each export's data file anew, so the old model never reads the new data).  Returns
+    {file name: sha256}."""
     names = sorted(f.name for f in staging.iterdir() if f.name != path.name) + [path.name]
+    for name in names:
+        if (path.parent / name).is_dir() and not (path.parent / name).is_symlink():
+            raise ValueError(f"{str(path.parent / name)!r} is a directory; the export cannot write its file {name!r} there")
+    old_data = _own_data_files(path) - set(names)
     files = {}
     for name in names:
         src, dst = staging / name, path.parent / name
         if dst.is_symlink():
             log.warning("replacing the symbolic link %s (to %s) with the exported file; its target is not written",
                         dst, os.readlink(dst))
-        elif dst.is_dir():
-            raise ValueError(f"{str(dst)!r} is a directory; the export cannot write its file {name!r} there")
         files[name] = sha256_file(src)
         os.replace(src, dst)
+    for name in old_data:
+        old = path.parent / name
+        if old.is_file() and not old.is_symlink():
+            old.unlink()
     return files
 
 
-def _check_args(net, sample_shape, num_classes, dtype, batch, opset, verify, verify_batches):
-    """(sample_shape, num_classes, verify_batches) checked, defaults filled from the net; ValueError otherwise."""
+def _check_cond(net, cond_inputs, num_classes) -> tuple[tuple, int]:
+    """(cond inputs, num_classes): ``cond_inputs`` (default ``net.cond_inputs``) with class labels added when
+    num_classes > 0 (default ``net.num_classes``, else the class labels' own count); ValueError otherwise."""
+    net_classes = getattr(net, "num_classes", None)
+    if cond_inputs is None:
+        cond_inputs = getattr(net, "cond_inputs", None)
+        cond_inputs = tuple(cond_inputs) if isinstance(cond_inputs, (tuple, list)) else ()
+    if isinstance(cond_inputs, CondInput):
+        cond_inputs = (cond_inputs,)
+    if not isinstance(cond_inputs, (tuple, list)) or not all(isinstance(c, CondInput) for c in cond_inputs):
+        raise ValueError(f"cond_inputs must be a sequence of edmrt.CondInput, got {cond_inputs!r:.200}")
+    if num_classes is None:
+        labels = [c for c in cond_inputs if c.name == "class_labels"]
+        num_classes = (int(net_classes) if net_classes is not None
+                       else labels[0].num_classes if labels else 0)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+    if net_classes is not None and int(net_classes) != num_classes:
+        raise ValueError(f"num_classes={num_classes} contradicts the net's num_classes={net_classes}")
+    cond = check_cond_inputs(tuple(cond_inputs), num_classes)
+    for c in cond:
+        if c.dtype not in _COND_DTYPES:
+            raise ValueError(f"conditioning input {c.name!r} has dtype {c.dtype}; an ONNX export takes "
+                             f"{', '.join(map(str, _COND_DTYPES))} (declare it float32: the file casts inside)")
+    return cond, num_classes
+
+
+def _check_args(net, sample_shape, num_classes, cond_inputs, dtype, batch, opset, verify, verify_batches):
+    """(sample_shape, num_classes, cond inputs, verify_batches) checked, defaults filled from the net; ValueError
+    otherwise."""
     if not isinstance(net, nn.Module):
         raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
     if dtype not in _DTYPES:
@@ -221,13 +337,7 @@ def _check_args(net, sample_shape, num_classes, dtype, batch, opset, verify, ver
         if sample_shape is None:
             raise ValueError(f"sample_shape=(C, H, W) is required for a {type(net).__name__} without .sample_shape")
     sample_shape = _check_sample_shape(sample_shape)
-    net_classes = getattr(net, "num_classes", None)
-    if num_classes is None:
-        num_classes = 0 if net_classes is None else int(net_classes)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-    if net_classes is not None and int(net_classes) != num_classes:
-        raise ValueError(f"num_classes={num_classes} contradicts the net's num_classes={net_classes}")
+    cond, num_classes = _check_cond(net, cond_inputs, num_classes)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
         # torch.export specialises a size-1 example dimension to the constant 1: trace at >= 2.
         raise ValueError(f"batch must be an int >= 2 (a batch of 1 would be traced as a constant), got {batch!r}")
@@ -239,22 +349,24 @@ def _check_args(net, sample_shape, num_classes, dtype, batch, opset, verify, ver
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     if device.type != "cpu":
         raise ValueError(f"export_onnx traces on the CPU: move the net there first (it is on {device})")
-    return sample_shape, num_classes, verify_batches
+    return sample_shape, num_classes, cond, verify_batches
 
 
-def _trace(net: nn.Module, path: Path, sample_shape, num_classes: int, dtype: str, batch: int, opset, gen) -> None:
-    """torch.onnx.export(dynamo=True) of the net (float32, or a float16 copy with float32 I/O), batch symbolic."""
-    conditional = num_classes > 0
+def _trace(net: nn.Module, path: Path, sample_shape, cond: tuple, dtype: str, batch: int, opset, gen,
+           location: str | None) -> None:
+    """torch.onnx.export(dynamo=True) of the net (float32, or a float16 copy with the same I/O), batch symbolic on
+    every input; with ``location``, the weights are then moved to that external data file."""
     if dtype == "fp16":
         half = copy.deepcopy(net)
         traced = half.to_fp16() if hasattr(half, "to_fp16") else _HalfInside(half)
     else:
         traced = net
-    module = _Signature(traced, conditional).eval()
-    x_in, c_noise, labels = _inputs(batch, sample_shape, num_classes, gen)
-    args = (x_in, c_noise) + ((labels,) if conditional else ())
+    names = tuple(c.name for c in cond)
+    module = _Signature(traced, names).eval()
+    x_in, c_noise, values = _inputs(batch, sample_shape, cond, gen)
+    args = (x_in, c_noise) + tuple(values[n] for n in names)
     B = torch.export.Dim("batch", min=1, max=4096)
-    nbytes = sum(p.numel() * p.element_size() for p in traced.parameters())
+    dynamic = ({0: B}, {0: B}) + ((tuple({0: B} for _ in names),) if names else ())  # *cond: one nested tuple
     # The exporter warns about every torchvision op it cannot register (torchvision is not installed, by
     # design) and about deprecations of its own: neither concerns this model.
     noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -263,11 +375,30 @@ def _trace(net: nn.Module, path: Path, sample_shape, num_classes: int, dtype: st
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(path), dynamo=True, input_names=list(INPUT_NAMES[:len(args)]),
-                              output_names=[OUTPUT_NAME], dynamic_shapes=tuple({0: B} for _ in args),
-                              opset_version=opset, verbose=False, external_data=nbytes > 1_800_000_000, optimize=True)
+            torch.onnx.export(module, args, str(path), dynamo=True, input_names=[*INPUT_NAMES, *names],
+                              output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, opset_version=opset, verbose=False,
+                              external_data=location is not None, optimize=True)
     finally:
         noisy.setLevel(level)
+    if location is not None:  # the exporter's own data file (name and threshold its choice) -> ours
+        import onnx
+
+        _save(onnx.load(str(path)), path, location)
+
+
+def _save(model, path: Path, location: str | None) -> None:
+    """Write ``model`` (its weights in memory) to ``path``; with ``location``, every tensor over 1 KiB to that one
+    data file beside it (removed first: ONNX appends to an existing one), any other file beside it removed."""
+    import onnx
+
+    if location is None:
+        onnx.save(model, str(path))
+        return
+    for f in path.parent.iterdir():  # the staging folder: only this export's files
+        if f.name != path.name:
+            f.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=1024)
 
 
 def _write_metadata(path: Path, entries: dict) -> int:
@@ -288,18 +419,15 @@ def _describe(args) -> dict:
     return {a.name: (tuple(d if isinstance(d, int) else "batch" for d in a.shape), a.type) for a in args}
 
 
-def _verify(session, net: nn.Module, sample_shape, num_classes: int, dtype: str, batches, gen) -> tuple[float, float]:
+def _verify(session, net: nn.Module, sample_shape, cond: tuple, dtype: str, batches, gen) -> tuple[float, float]:
     """(max abs error, bound) of the file against the float32 torch net on fresh inputs at ``batches``;
     ExportVerificationError beyond ``TOLERANCE[dtype]`` x max(1, max|F|) or on a wrong shape or NaN."""
-    conditional = num_classes > 0
     max_err, scale = 0.0, 0.0
     for b in batches:
-        x_in, c_noise, labels = _inputs(b, sample_shape, num_classes, gen)
+        x_in, c_noise, values = _inputs(b, sample_shape, cond, gen)
         with torch.no_grad():
-            ref = net(x_in, c_noise, labels) if conditional else net(x_in, c_noise)
-        feed = {"x_in": x_in.numpy(), "c_noise": c_noise.numpy()}
-        if conditional:
-            feed["class_labels"] = labels.numpy()
+            ref = _call(net, x_in, c_noise, values)
+        feed = {"x_in": x_in.numpy(), "c_noise": c_noise.numpy(), **{k: v.numpy() for k, v in values.items()}}
         got = session.run([OUTPUT_NAME], feed)[0]
         if got.shape != tuple(ref.shape):
             raise ExportVerificationError(f"ONNX output at batch {b} has shape {got.shape}, torch {tuple(ref.shape)}")
@@ -315,7 +443,7 @@ def _verify(session, net: nn.Module, sample_shape, num_classes: int, dtype: str,
     return max_err, tol
 
 
-def _simplify(path: Path) -> None:
+def _simplify(path: Path, location: str | None = None) -> None:
     """onnxslim (constant folding, dead-node removal, fusion of shape ops) when importable; a failure is logged."""
     try:
         import onnxslim
@@ -323,8 +451,8 @@ def _simplify(path: Path) -> None:
         log.debug("onnxslim is not installed: skipping simplification")
         return
     try:
-        import onnx
-
-        onnx.save(onnxslim.slim(str(path)), str(path))
+        slim = onnxslim.slim(str(path))
     except Exception as exc:  # an optional optimisation: keep the exporter's file, say why
         log.warning("onnxslim failed on %s (%s: %s); keeping the unsimplified file", path, type(exc).__name__, exc)
+        return
+    _save(slim, path, location)

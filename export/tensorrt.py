@@ -1,9 +1,9 @@
 """TensorRT engines from ONNX files, with a cache whose key hashes everything that changes an engine.
 
 ``build_engine`` (the ``tensorrt`` Python API, imported lazily) parses the ONNX file, sets one
-optimisation profile (min / opt / max batch), fp16 or bf16, and a timing cache, and serialises the
-engine.  ``EngineCache`` stores engines under ``<root>/<key>/engine.plan`` with ``manifest.json``
-beside; the key is a sha256 of (ONNX bytes, profile, precision, TensorRT version, GPU compute
+optimisation profile (min / opt / max batch on the batch axis of every input: x_in, c_noise and each
+conditioning input, by name), fp16 or bf16, and a timing cache, and serialises the engine.
+``EngineCache`` stores engines under ``<root>/<key>/engine.plan`` with ``manifest.json`` beside; the key is a sha256 of (ONNX bytes, profile, precision, TensorRT version, GPU compute
 capability, format version).  On load the manifest and the engine's own sha256 are verified; a
 missing, mismatched or corrupt entry is rebuilt, never trusted.  ``TensorRTBackend`` runs an engine
 on torch's current CUDA stream with device buffers bound by address (so a CUDA graph can capture it).
@@ -30,24 +30,39 @@ log = logging.getLogger("edmrt.tensorrt")
 
 __all__ = ["Profile", "EngineCache", "build_engine", "CACHE_FORMAT"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: Profile.cond_shapes; engines of (x_in, c_noise, *cond) files
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimisation profile over the batch dimension, for a sample shape (C, H, W)."""
+    """One optimisation profile over the batch dimension, for a sample shape (C, H, W).
+
+    Every input's batch axis gets (min_batch, opt_batch, max_batch); its other dims are the ONNX file's, fixed for
+    an edmrt export.  ``cond_shapes`` ({name: per-sample shape}, stored sorted as pairs) fills a conditioning input
+    whose per-sample dims the file leaves symbolic (a foreign export's sequence length)."""
 
     sample_shape: tuple
     min_batch: int = 1
     opt_batch: int = 1
     max_batch: int = 64
+    cond_shapes: tuple = ()
 
     def __post_init__(self):
         if not (1 <= self.min_batch <= self.opt_batch <= self.max_batch):
             raise ValueError(f"profile needs 1 <= min_batch <= opt_batch <= max_batch, got "
                              f"{self.min_batch}, {self.opt_batch}, {self.max_batch}")
         object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
+        shapes = self.cond_shapes.items() if isinstance(self.cond_shapes, dict) else self.cond_shapes
+        try:
+            if any(isinstance(s, (str, bytes)) for _, s in shapes):
+                raise TypeError
+            shapes = tuple(sorted((str(n), tuple(int(d) for d in s)) for n, s in shapes))
+        except (TypeError, ValueError):
+            raise ValueError(f"cond_shapes must map input names to per-sample shapes, got {self.cond_shapes!r}") from None
+        if any(d < 1 for _, s in shapes for d in s):
+            raise ValueError(f"cond_shapes must hold positive dims, got {self.cond_shapes!r}")
+        object.__setattr__(self, "cond_shapes", shapes)
 
 
 def _sha256_file(path: Path) -> str:
@@ -79,11 +94,18 @@ def build_engine(onnx_path: Path, profile: Profile, precision: str, timing_cache
         cache = config.create_timing_cache(data)
         config.set_timing_cache(cache, ignore_mismatch=False)
     opt = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
+    cond_shapes = dict(profile.cond_shapes)
+    for i in range(network.num_inputs):  # x_in, c_noise, then the conditioning inputs: each batch axis, by name
         inp = network.get_input(i)
         rest = tuple(inp.shape)[1:]
-        if any(d < 0 for d in rest):  # the image input: fill C, H, W from the profile
-            rest = profile.sample_shape
+        if any(d < 0 for d in rest):
+            if inp.name == "x_in":  # the image input: fill C, H, W from the profile
+                rest = profile.sample_shape
+            elif inp.name in cond_shapes and len(cond_shapes[inp.name]) == len(rest):
+                rest = cond_shapes[inp.name]
+            else:
+                raise ValueError(f"ONNX input {inp.name!r} of {onnx_path} has symbolic per-sample dims {list(inp.shape)}: "
+                                 f"give them in Profile(cond_shapes={{{inp.name!r}: (...)}})")
         opt.set_shape(inp.name, (profile.min_batch, *rest), (profile.opt_batch, *rest), (profile.max_batch, *rest))
     config.add_optimization_profile(opt)
     blob = builder.build_serialized_network(network, config)

@@ -40,7 +40,7 @@ def test_teacherheun_step_is_third_order_locally():
     from edmrt.models import GaussianMixture
 
     g = GaussianMixture.random(K=4, D=64, seed=3)
-    teacher = edmrt.Model(lambda x_in, c_noise, labels: g(x_in, c_noise), edmrt.Identity(), sample_shape=(1, 8, 8))
+    teacher = edmrt.Model(lambda x_in, c_noise, class_labels=None: g(x_in, c_noise), edmrt.Identity(), sample_shape=(1, 8, 8))
     gen = torch.Generator().manual_seed(11)
     x0 = g.sample(16, seed=4).reshape(16, 1, 8, 8) + 3.0 * torch.randn(16, 1, 8, 8, generator=gen, dtype=torch.float64)
     errs = []
@@ -145,7 +145,8 @@ def test_bad_teacher_and_data(tiny_teacher):
             super().__init__()
             self.net, self.scale = net, scale
 
-        def forward(self, x, c_noise, labels=None):
+        def forward(self, x, c_noise, class_labels=None):
+            labels = class_labels
             return self.net(x, c_noise, labels) * self.scale
 
     uncond = edmrt.Model(Wrapped(tiny_teacher.network), tiny_teacher.precond, sample_shape=(1, 8, 8), num_classes=0)

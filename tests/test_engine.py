@@ -21,7 +21,8 @@ class MixtureNet(torch.nn.Module):
         self.num_classes = num_classes
         self.calls = 0
 
-    def forward(self, x_in, c_noise, labels=None):
+    def forward(self, x_in, c_noise, class_labels=None):
+        labels = class_labels
         self.calls += 1
         B = x_in.shape[0]
         sigma = torch.exp(4 * c_noise.reshape(B).double())[:, None]
@@ -34,8 +35,8 @@ class MixtureNet(torch.nn.Module):
 
 
 def _backend(net):
-    def run(x_in, c_noise, labels, out):
-        out.copy_(net(x_in, c_noise, labels))
+    def run(x_in, c_noise, cond, out):
+        out.copy_(net(x_in, c_noise, **(cond or {})))
     return run
 
 

@@ -265,3 +265,91 @@ def test_sample_onnx_checks_the_files_weights(cache, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="edmrt"):
         onnx_backend(old, "student", student)
     assert any("not checked" in r.getMessage() for r in caplog.records)
+
+
+# --- Conditioning inputs in the key, the manifest and the checks; external data ------------------------------------
+
+class TextNet(torch.nn.Module):
+    """net(x_in, c_noise, encoder_hidden_states=(B, L, 7)) -> F; any L (the same weights serve (5, 7) and (6, 7))."""
+
+    sample_shape = (2, 4, 4)
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.text = torch.nn.Linear(7, 64)   # 1.8 KB: over the 1 KiB threshold of the external data file
+        self.out = torch.nn.Linear(64, 2)
+
+    def forward(self, x_in, c_noise, encoder_hidden_states=None):
+        h = self.conv(x_in) * c_noise.view(-1, 1, 1, 1).exp()
+        return h + self.out(torch.tanh(self.text(encoder_hidden_states))).mean(1).view(-1, 2, 1, 1)
+
+
+def _text_model(shape=(5, 7), net=None, **kw) -> Model:
+    return Model(net if net is not None else TextNet().eval(), edmrt.EDMPrecond(), sample_shape=TextNet.sample_shape,
+                 cond=(edmrt.CondInput("encoder_hidden_states", shape, **kw),))
+
+
+def test_the_key_changes_with_the_cond_inputs(cache):
+    net = TextNet().eval()
+    base = _text_model((5, 7), net)
+    paths = {onnx_cache_path(m) for m in (base, _text_model((6, 7), net), _text_model((5, 7), net, null=0.0),
+                                          _text_model((5, 7), net, dtype=torch.float16), _model(0))}
+    assert len(paths) == 5
+    assert onnx_cache_path(_text_model((5, 7), net)) == onnx_cache_path(base)
+    assert onnx_cache_fields(base)["cond"] == [{"name": "encoder_hidden_states", "shape": [5, 7], "dtype": "float32",
+                                                "null": None, "num_classes": 0}]
+
+
+def test_a_cached_entry_with_cond_inputs_is_exported_with_them_and_checked(cache, caplog):
+    net = TextNet().eval()
+    model = _text_model((5, 7), net)
+    path, session = cached_onnx(model, CPU)
+    assert session is None and json.loads(_meta(path)["edmrt.cond"]) == [c.to_dict() for c in model.cond]
+    m = json.loads(onnx_manifest_path(path).read_text())
+    assert m["cond"] == [c.to_dict() for c in model.cond]
+    again, session = cached_onnx(model, CPU)
+    assert again == path and [(i.name, i.shape) for i in session.get_inputs()][2:] == [
+        ("encoder_hidden_states", ["batch", 5, 7])]
+    # The same weights declared with another sequence length: another key; and a (5, 7) file forged into its slot
+    # (manifest and sha256 made to fit, the weights the same) is refused by its inputs and exported again.
+    longer = _text_model((6, 7), net)
+    slot = onnx_cache_path(longer)
+    assert slot != path
+    slot.write_bytes(path.read_bytes())
+    forged = dict(onnx_cache_fields(longer), files={slot.name: sha256_file(slot)})
+    onnx_manifest_path(slot).write_text(json.dumps(forged))
+    with caplog.at_level(logging.WARNING, logger="edmrt.backends"):
+        got, session = cached_onnx(longer, CPU)
+    assert got == slot and session is None
+    warned = [r.getMessage() for r in caplog.records if "not usable" in r.getMessage()]
+    assert warned and "'encoder_hidden_states'" in warned[0] and "shape" in warned[0], warned
+    assert cached_onnx(longer, CPU)[1].get_inputs()[2].shape == ["batch", 6, 7]
+
+
+def test_a_cached_entry_with_external_data(cache, monkeypatch, gen):
+    """A network over the size threshold (lowered here) is cached as the model plus its data file: both recorded in
+    the manifest and checked; a damaged data file makes the entry be exported again."""
+    from edmrt.export import onnx as onnx_mod
+
+    monkeypatch.setattr(onnx_mod, "EXTERNAL_DATA_BYTES", 0)
+    model = _text_model((5, 7))
+    path, _ = cached_onnx(model, CPU)
+    files = json.loads(onnx_manifest_path(path).read_text())["files"]
+    data = [n for n in files if n != path.name]
+    assert len(data) == 1 and (path.parent / data[0]).is_file()
+    assert files == {n: sha256_file(path.parent / n) for n in files}
+    again, session = cached_onnx(model, CPU)
+    assert again == path and session is not None
+    x, c, e = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, generator=gen), torch.randn(3, 5, 7, generator=gen)
+    got = session.run(["F"], {"x_in": x.numpy(), "c_noise": c.numpy(), "encoder_hidden_states": e.numpy()})[0]
+    with torch.no_grad():
+        assert float((torch.from_numpy(got) - model.network(x, c, encoder_hidden_states=e)).abs().max()) <= 1e-5
+    blob = bytearray((path.parent / data[0]).read_bytes())
+    blob[5] ^= 0x40
+    (path.parent / data[0]).write_bytes(bytes(blob))
+    assert cached_onnx(model, CPU)[1] is None  # exported again
+    files = json.loads(onnx_manifest_path(path).read_text())["files"]
+    assert sorted(os.listdir(cache)) == sorted([*files, onnx_manifest_path(path).name])  # the old data file is gone
+    assert cached_onnx(model, CPU)[1] is not None

@@ -109,7 +109,8 @@ def test_solve_equals_the_reference_or_names_its_bad_argument(shape, solver, ste
 class _Net(torch.nn.Module):
     num_classes = 3
 
-    def forward(self, x_in, c_noise, labels=None):
+    def forward(self, x_in, c_noise, class_labels=None):
+        labels = class_labels
         return torch.tanh(x_in) * (1.0 + labels.float().view(-1, 1, 1, 1)) / 4
 
 

@@ -32,7 +32,8 @@ class ShapeNet(torch.nn.Module):
         self.num_classes, self.nan_below, self.scale = num_classes, nan_below, scale
         self.w = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, x_in, c_noise, labels=None):
+    def forward(self, x_in, c_noise, class_labels=None):
+        labels = class_labels
         lab = torch.zeros(x_in.shape[0]) if labels is None else labels.float()
         F = torch.tanh(x_in) * (1 + lab.view(-1, 1, 1, 1)) / 4 * self.w * self.scale
         if self.nan_below is not None:
@@ -51,7 +52,7 @@ def _model(net=None, **kw) -> edmrt.Model:
 @pytest.mark.parametrize("backend", ["torch", "custom"])
 def test_a_network_that_goes_nan_raises_naming_the_stage(backend):
     net = ShapeNet(nan_below=1.0)
-    s = edmrt.Sampler(_model(net if backend == "torch" else lambda x, c, l: net(x, c, l)), solver="euler", steps=8,
+    s = edmrt.Sampler(_model(net if backend == "torch" else lambda x, c, class_labels: net(x, c, class_labels)), solver="euler", steps=8,
                       backend=backend)
     first = next(i for i, sig in enumerate(s.plan.sigma) if sig < 1.0)
     with pytest.raises(FloatingPointError, match=rf"network's output at stage {first} of 8 \(sigma = "):
@@ -72,7 +73,7 @@ def test_a_guidance_weight_outside_its_range_is_refused(w):
 
 
 def test_a_network_output_of_another_shape_is_refused_not_broadcast():
-    def small(x_in, c_noise, labels):  # (1, 1, 4, 4) for a batch of 3: broadcast would hide the bug
+    def small(x_in, c_noise, class_labels):  # (1, 1, 4, 4) for a batch of 3: broadcast would hide the bug
         return torch.zeros(1, 1, 4, 4)
 
     s = edmrt.Sampler(_model(small), solver="euler", steps=3)
@@ -195,7 +196,7 @@ def test_the_samplers_engine_cache_and_an_engines_guidance_bindings_are_bounded(
 @pytest.mark.parametrize("backend", ["torch", "custom"])
 def test_one_sampler_shared_by_threads_equals_single_threaded(backend):
     net = ShapeNet()
-    s = edmrt.Sampler(_model(net if backend == "torch" else lambda x, c, l: net(x, c, l)), solver="heun", steps=4,
+    s = edmrt.Sampler(_model(net if backend == "torch" else lambda x, c, class_labels: net(x, c, class_labels)), solver="heun", steps=4,
                       backend=backend)
     jobs = [(list(range(10 * b, 10 * b + b)), [i % 3 for i in range(b)], w) for b in (5, 6, 7, 8)
             for w in (None, 2.0)]
@@ -347,9 +348,11 @@ def test_callables_with_the_wrong_signature_are_refused_before_the_first_call():
         edmrt.solve(lambda x: x, torch.randn(1, 3))
     with pytest.raises(ValueError, match=r"denoiser .* got the class int itself"):
         edmrt.solve(int, torch.randn(1, 3))
-    with pytest.raises(ValueError, match=r"network must be callable as network\(x_in, c_noise, class_labels\)"):
-        edmrt.Model(lambda x, c: x, sample_shape=(1, 4, 4))
-    with pytest.raises(ValueError, match=r"backend must be callable as backend\(x_in, c_noise, class_labels, out\)"):
+    with pytest.raises(ValueError, match=r"network must be callable as network\(x_in, c_noise\)"):
+        edmrt.Model(lambda x: x, sample_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"network must be callable as network\(x_in, c_noise, class_labels=\.\.\.\)"):
+        edmrt.Model(lambda x, c: x, sample_shape=(1, 4, 4), num_classes=3)
+    with pytest.raises(ValueError, match=r"backend must be callable as backend\(x_in, c_noise, cond, out\)"):
         edmrt.Sampler(_model(), backend=lambda x: x)
 
 

@@ -1,5 +1,5 @@
 """ONNX Runtime from several threads: one shared Sampler serves mixed batch sizes and guidance bit for bit (each call
-binds its own I/O binding); the pool of bindings is bounded."""
+binds its own I/O binding, conditioning inputs included); the pool of bindings is bounded."""
 import json
 import os
 import subprocess
@@ -18,6 +18,7 @@ pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter's tran
 
 from edmrt.backends.ort import MAX_BINDINGS, OnnxRuntimeBackend  # noqa: E402
 from edmrt.export import export_onnx  # noqa: E402
+from edmrt.model import CondInput  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,3 +165,55 @@ def test_the_idle_bindings_are_bounded(small_onnx):
     with torch.no_grad():
         assert torch.allclose(out, net(x, c), rtol=1e-5, atol=1e-5)
     assert backend.cached_bindings == MAX_BINDINGS
+
+
+class TextNet(torch.nn.Module):
+    """net(x_in, c_noise, encoder_hidden_states=(B, 3, 5), time_ids=(B, 6)) -> F."""
+
+    sample_shape = (2, 4, 4)
+    cond_inputs = (CondInput("encoder_hidden_states", (3, 5)), CondInput("time_ids", (6,), null="cond"))
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.text = torch.nn.Linear(5, 2)
+        self.time = torch.nn.Linear(6, 2)
+
+    def forward(self, x_in, c_noise, encoder_hidden_states, time_ids):
+        e = self.text(encoder_hidden_states).mean(1) + self.time(time_ids)
+        return self.conv(x_in) * c_noise.view(-1, 1, 1, 1).exp() + e.view(-1, 2, 1, 1)
+
+
+def test_threads_with_cond_inputs_each_get_their_own_binding(tmp_path, one_thread):
+    """Six threads, each with its own embeddings and out; half of them share x_in and c_noise (the binding's key
+    holds every cond tensor's address): every output right, no binding held by two runs at once."""
+    net = TextNet().eval()
+    path = export_onnx(net, tmp_path / "text.onnx").path  # cond_inputs from the net's own declaration
+    backend = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], cond_inputs=TextNet.cond_inputs)
+    spy = backend.session = _SpySession(backend.session)
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, generator=gen)
+    jobs = []
+    for k in range(6):
+        cond = {"encoder_hidden_states": torch.randn(3, 3, 5, generator=gen), "time_ids": torch.randn(3, 6, generator=gen)}
+        xs, cs = (x, c) if k % 2 else (x.clone(), c.clone())  # half the threads share x_in and c_noise
+        with torch.no_grad():
+            jobs.append((xs, cs, cond, torch.empty_like(x), net(xs, cs, **cond)))
+    errors = []
+
+    def worker(k):
+        xs, cs, cond, out, want = jobs[k]
+        for _ in range(20):
+            backend(xs, cs, cond, out)
+            if not torch.allclose(out, want, rtol=1e-5, atol=1e-5):
+                errors.append(k)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not spy.shared, f"{len(spy.shared)} runs used a binding another run held"
+    assert not errors, errors
+    assert backend.cached_bindings <= len(jobs)

@@ -66,9 +66,9 @@ def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str,
     net = model.network
     is_module = isinstance(net, torch.nn.Module)
     if name == "custom" or (name in ("torch", "torch-compile") and not is_module):
-        return "custom", CallableBackend(net, conditional=model.num_classes > 0)
+        return "custom", CallableBackend(net, cond_inputs=model.cond)
     if name in ("torch", "torch-compile"):
-        return name, make_backend(name, net.to(device))
+        return name, make_backend(name, net.to(device), cond_inputs=model.cond)
     if not is_module:
         raise ValueError(f"backend {name!r} exports the network to ONNX: it must be a torch.nn.Module")
     if name == "tensorrt" and not tensorrt_available():  # said before minutes of export, not after
@@ -78,8 +78,9 @@ def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str,
 
     path, session = cached_onnx(model, device)
     if name == "onnxruntime":
-        return name, OnnxRuntimeBackend(session if session is not None else path)
+        return name, OnnxRuntimeBackend(session if session is not None else path, cond_inputs=model.cond)
     from edmrt.export.tensorrt import EngineCache, Profile
 
-    engine = EngineCache().get(path, Profile(model.sample_shape, 1, 8, 128), "fp16")
-    return name, TensorRTBackend(engine)
+    shapes = tuple(sorted((c.name, c.shape) for c in model.cond))
+    engine = EngineCache().get(path, Profile(model.sample_shape, 1, 8, 128, cond_shapes=shapes), "fp16")
+    return name, TensorRTBackend(engine, cond_inputs=model.cond)

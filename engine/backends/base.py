@@ -1,11 +1,13 @@
 """The backend protocol: one call per network evaluation, writing F into a buffer the engine owns.
 
-    backend(x_in, c_noise, class_labels, out) -> None        # writes F(x_in; c_noise, class_labels) into out
+    backend(x_in, c_noise, cond, out) -> None        # writes F = network(x_in, c_noise, **cond) into out
 
 =============  ===================================================================================
 x_in           (B, C, H, W), contiguous, the model's input dtype (float32 for every edmrt export)
 c_noise        B values: shape (B,) or (B, 1, ..., 1) (the executors' sigma view), contiguous, x_in's dtype
-class_labels   (B,) int64 for a conditional model (num_classes = the null label); None otherwise
+cond           {name: (B, *shape) tensor} for every conditioning input the model declares (``edmrt.CondInput``:
+               class labels int64, text embeddings float32, ...), contiguous; None (or {}) when it has none.
+               A bare tensor is shorthand for {"class_labels": tensor}.
 out            (B, C, H, W), contiguous, preallocated by the caller; every element is overwritten
 =============  ===================================================================================
 
@@ -18,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Backend", "check_backend_args", "describe"]
+__all__ = ["Backend", "check_backend_args", "describe", "as_cond", "cond_inputs_of"]
 
 
 @runtime_checkable
@@ -27,8 +29,32 @@ class Backend(Protocol):
 
     name: str
 
-    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
-                 out: torch.Tensor) -> None: ...
+    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None: ...
+
+
+def as_cond(cond) -> dict:
+    """The protocol's ``cond`` as a dict: None -> {}, a tensor -> {"class_labels": tensor}, a dict as is."""
+    if cond is None:
+        return {}
+    if isinstance(cond, torch.Tensor):
+        return {"class_labels": cond}
+    if isinstance(cond, dict):
+        return cond
+    raise ValueError(f"cond must be a dict of tensors (name -> (B, ...) tensor) or None, got {type(cond).__name__}")
+
+
+def cond_inputs_of(net, cond_inputs=None) -> tuple:
+    """The conditioning inputs a backend checks: ``cond_inputs`` when given (CondInputs, or True/False for class labels
+    of an unknown count), else the network's ``cond_inputs`` attribute, else class labels when it has num_classes > 0."""
+    from ..model import CondInput
+
+    if cond_inputs is None:
+        cond_inputs = getattr(net, "cond_inputs", None)
+        if cond_inputs is None:
+            cond_inputs = int(getattr(net, "num_classes", 0) or 0) > 0
+    if isinstance(cond_inputs, bool):
+        return (CondInput("class_labels", (), torch.int64),) if cond_inputs else ()
+    return tuple(cond_inputs)
 
 
 def describe(t) -> str:
@@ -36,7 +62,7 @@ def describe(t) -> str:
     return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_backend_args(x_in, c_noise, class_labels, out, conditional: bool, in_dtype: torch.dtype | None = None,
+def check_backend_args(x_in, c_noise, cond, out, cond_inputs: tuple = (), in_dtype: torch.dtype | None = None,
                        out_dtype: torch.dtype | None = None, sample_shape=None, batch: int | None = None,
                        ndim: int | None = 4) -> None:
     """Raise ValueError naming the first argument that breaks the protocol (module docstring); host metadata only.
@@ -59,13 +85,18 @@ def check_backend_args(x_in, c_noise, class_labels, out, conditional: bool, in_d
             or c_noise.numel() != B or c_noise.dtype != x_in.dtype or c_noise.device != dev or not c_noise.is_contiguous()):
         raise ValueError(f"c_noise must be a contiguous {x_in.dtype} tensor of shape ({B},) or ({B}, 1, ..., 1) on {dev}, "
                          f"got {describe(c_noise)}")
-    if conditional:
-        if (not isinstance(class_labels, torch.Tensor) or class_labels.shape != (B,) or class_labels.dtype != torch.int64
-                or class_labels.device != dev or not class_labels.is_contiguous()):
-            raise ValueError(f"class_labels must be a contiguous int64 tensor of shape ({B},) on {dev} for a conditional "
-                             f"model (the null label for unconditional rows), got {describe(class_labels)}")
-    elif class_labels is not None:
-        raise ValueError(f"class_labels must be None for an unconditional model, got {describe(class_labels)}")
+    cond = as_cond(cond)
+    if isinstance(cond_inputs, bool):  # the older "conditional" flag: class labels or nothing
+        cond_inputs = cond_inputs_of(None, cond_inputs)
+    names = [c.name for c in cond_inputs]
+    if set(cond) != set(names):
+        raise ValueError(f"cond must hold exactly the model's conditioning inputs {names}, got {sorted(cond)}")
+    for c in cond_inputs:
+        t, shape = cond[c.name], (B,) + c.shape
+        if (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != c.dtype or t.device != dev
+                or not t.is_contiguous()):
+            raise ValueError(f"cond[{c.name!r}] must be a contiguous {c.dtype} tensor of shape {shape} on {dev}, "
+                             f"got {describe(t)}")
     want = out_dtype if out_dtype is not None else x_in.dtype
     if (not isinstance(out, torch.Tensor) or out.shape != x_in.shape or out.dtype != want or out.device != dev
             or not out.is_contiguous()):

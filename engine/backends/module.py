@@ -4,13 +4,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import check_backend_args
+from .base import as_cond, check_backend_args, cond_inputs_of
 
 __all__ = ["TorchBackend", "torch_compile"]
 
 
 class TorchBackend:
-    """A torch module ``net(x_in, c_noise, class_labels) -> F`` (put in eval mode), eager or ``torch.compile``d.
+    """A torch module ``net(x_in, c_noise, **cond) -> F`` (put in eval mode), eager or ``torch.compile``d.
+
+    ``cond_inputs``: the conditioning inputs every call must bind (``Model.cond``); default the network's own
+    ``cond_inputs`` attribute, or class labels when it has ``num_classes`` > 0.
 
     ``dtype`` is the I/O dtype (x_in, c_noise, out): float32 also for an ``EDMUNet.to_fp16()`` net, whose
     float16 lives inside.
@@ -19,11 +22,13 @@ class TorchBackend:
     RuntimeError saying so, rather than silently running eager.
     """
 
-    def __init__(self, net: nn.Module, compile: bool = False, dtype: torch.dtype = torch.float32, **compile_options):
+    def __init__(self, net: nn.Module, compile: bool = False, dtype: torch.dtype = torch.float32, cond_inputs=None,
+                 **compile_options):
         if not isinstance(net, nn.Module):
             raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         self.net = net.eval()
-        self.conditional = int(getattr(net, "num_classes", 0) or 0) > 0
+        self.cond_inputs = cond_inputs_of(net, cond_inputs)
+        self.conditional = bool(self.cond_inputs)
         self.compiled = bool(compile)
         self.name = "torch-compile" if compile else "torch"
         self._fn = torch.compile(net, **compile_options) if compile else net
@@ -34,23 +39,25 @@ class TorchBackend:
             raise ValueError(f"dtype (of x_in, c_noise and out) must be float32, float16 or bfloat16, got {dtype}")
         self.dtype = dtype
 
-    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
-                 out: torch.Tensor) -> None:
-        check_backend_args(x_in, c_noise, class_labels, out, self.conditional, self.dtype, self.dtype)
+    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
+        check_backend_args(x_in, c_noise, cond, out, self.cond_inputs, self.dtype, self.dtype, ndim=None)
+        cond = as_cond(cond)
         if self.device is not None and x_in.device != self.device:
             raise ValueError(f"x_in is on {x_in.device} but the network is on {self.device}")
         with torch.inference_mode():
             if self.compiled and self._first:
                 try:
-                    F = self._fn(x_in, c_noise, class_labels)
+                    F = self._fn(x_in, c_noise, **cond)
                 except Exception as exc:
                     raise RuntimeError(f"torch.compile failed on {x_in.device} ({type(exc).__name__}: "
                                        f"{str(exc).strip()[:300]}); use backend 'torch' (eager) instead") from exc
                 self._first = False
             else:
-                F = self._fn(x_in, c_noise, class_labels)
-            if F.shape != out.shape:
-                raise ValueError(f"the network returned shape {tuple(F.shape)}, expected {tuple(out.shape)}")
+                F = self._fn(x_in, c_noise, **cond)
+            if not isinstance(F, torch.Tensor) or F.shape != out.shape or not F.is_floating_point():
+                got = f"{F.dtype} {tuple(F.shape)}" if isinstance(F, torch.Tensor) else type(F).__name__
+                raise ValueError(f"the network must return a real floating-point tensor of shape {tuple(out.shape)}, "
+                                 f"got {got}")
             out.copy_(F)
 
 

@@ -2,10 +2,12 @@
 
 ``$EDMRT_CACHE/onnx/<key>-<dtype>.onnx`` (default ``~/.cache/edmrt``) with ``<key>-<dtype>.manifest.json`` beside it.
 The key is a sha256 of its fields (``onnx_cache_fields``): the cache format, the network's ``weights_sha256``, its
-class and config, the sample shape, the classes, the precision and the torch version.  The manifest holds those
+class and config, the sample shape, the classes, the conditioning inputs (``Model.cond``, each ``to_dict()``: name,
+per-sample shape, dtype, null, classes), the precision and the torch version.  The manifest holds those
 fields and the sha256 of every file the export wrote.  An entry is used only when it is a regular file (not a
-symbolic link), its manifest's fields are the expected ones, every file matches its recorded sha256, the file passes
-``load_onnx_session``'s checks and its ``edmrt.weights_sha256`` is the network's.  Anything else (truncated,
+symbolic link), its manifest's fields are the expected ones, every file matches its recorded sha256 (the external
+data file too, for a network over 2 GB), the file passes ``load_onnx_session``'s checks (its inputs are the model's
+conditioning inputs) and its ``edmrt.weights_sha256`` is the network's.  Anything else (truncated,
 corrupt, another model's file, an edited manifest, a link or an empty directory at the path) is logged with the
 reason and exported again, never trusted; a non-empty directory at the path is refused (ValueError), not deleted.
 The export writes atomically and replaces a link instead of writing through it (``edmrt.export.onnx``).
@@ -32,8 +34,9 @@ __all__ = ["onnx_cache_root", "onnx_cache_fields", "onnx_cache_path", "onnx_mani
 
 log = logging.getLogger("edmrt.backends")
 
-# In every key and manifest; 2: manifests and edmrt.weights_sha256 (1 had neither).
-ONNX_CACHE_FORMAT = 2
+# In every key and manifest; 2: manifests and edmrt.weights_sha256 (1 had neither); 3: named conditioning inputs
+# (x_in, c_noise, *cond) and the cond field.
+ONNX_CACHE_FORMAT = 3
 
 
 def onnx_cache_root() -> Path:
@@ -45,7 +48,8 @@ def onnx_cache_fields(model: Model, dtype: str = "fp32") -> dict:
     net = model.network
     fields = dict(format=ONNX_CACHE_FORMAT, weights_sha256=weights_sha256(net), network=type(net).__name__,
                   config=repr(getattr(net, "config", None)), sample_shape=list(model.sample_shape),
-                  num_classes=model.num_classes, dtype=dtype, torch=torch.__version__)
+                  num_classes=model.num_classes, cond=[c.to_dict() for c in model.cond], dtype=dtype,
+                  torch=torch.__version__)
     return json.loads(json.dumps(fields))  # as the manifest will hold them
 
 
@@ -71,7 +75,7 @@ def cached_onnx(model: Model, device: torch.device):
     problem = _check_entry(path, fields)
     if problem is None:
         try:
-            session = load_onnx_session(path, conditional=model.num_classes > 0)
+            session = load_onnx_session(path, cond_inputs=model.cond)
         except ValueError as exc:
             problem = str(exc)
         else:
@@ -135,7 +139,7 @@ def _export(model: Model, path: Path, fields: dict) -> None:
     name = model.metadata.get("name")
     named = {"model": name} if isinstance(name, str) and name else None  # edmrt sample --onnx checks it
     report = export_onnx(model.network.cpu().eval(), path, sample_shape=model.sample_shape,
-                         num_classes=model.num_classes, metadata=named)
+                         num_classes=model.num_classes, cond_inputs=model.cond, metadata=named)
     manifest = dict(fields, files=report.files, opset=report.opset, max_abs_err=report.max_abs_err,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)

@@ -2,18 +2,25 @@
 
 The declared signature of every edmrt ONNX file (``check_onnx_signature``; ``edmrt.export.onnx`` writes it):
 
-=============  =============================  ==========================================================
-name           shape                          dtype
-=============  =============================  ==========================================================
-x_in           (B, C, H, W)                   float32 (float16 accepted from foreign files)
-c_noise        (B,)                           float32 (float16 accepted from foreign files)
-class_labels   (B,), only when conditional    int64, in [0, num_classes]; num_classes is the null label
-F              (B, C, H, W)  (output)         x_in's dtype
-=============  =============================  ==========================================================
+==============  =============================  =========================================================
+name            shape                          dtype
+==============  =============================  =========================================================
+x_in            (B, C, H, W)                   float32 (float16 accepted from foreign files)
+c_noise         (B,)                           float32 (float16 accepted from foreign files)
+<cond name>     (B, *shape), one per           the input's declared dtype: int64 for class labels (in
+                conditioning input, in the     [0, num_classes]; num_classes is the null label), float32
+                model's declared order         or float16 for embeddings (``encoder_hidden_states``, ...)
+F               (B, C, H, W)  (output)         x_in's dtype
+==============  =============================  =========================================================
 
-The declared metadata (``edmrt.KEY`` entries; ``edmrt.export.onnx`` writes them): ``num_classes``, ``sample_shape``
-(``C,H,W``), ``dtype`` (fp32 / fp16), ``weights_sha256`` (``weights_sha256`` of the exported network: which weights
-the file holds) and, for a named model, ``model``.
+Every input has the batch B as its first axis (symbolic in edmrt exports); a conditioning input's per-sample
+dims are fixed.  Inputs after c_noise are conditioning inputs (``edmrt.CondInput``), bound by name; the class
+labels are the one named ``class_labels`` (int64, rank 1).
+
+The declared metadata (``edmrt.KEY`` entries; ``edmrt.export.onnx`` writes them): ``num_classes``, ``cond`` (the
+conditioning inputs, a JSON list of ``CondInput.to_dict()``: name, shape, dtype, null, num_classes),
+``sample_shape`` (``C,H,W``), ``dtype`` (fp32 / fp16), ``weights_sha256`` (``weights_sha256`` of the exported
+network: which weights the file holds) and, for a named model, ``model``.
 
 Threads: ONNX Runtime runs one session from several threads at once, each with its own I/O binding (a binding is
 not thread-safe; ``Session::Run`` is).  ``OnnxRuntimeBackend`` hands every call a binding no other call holds.
@@ -31,15 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import check_backend_args
+from .base import as_cond, check_backend_args
 
-__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_signature", "default_providers", "weights_sha256",
-           "sha256_file", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES", "MAX_BINDINGS"]
+__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_signature", "onnx_cond_inputs", "default_providers",
+           "weights_sha256", "sha256_file", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES", "MAX_BINDINGS"]
 
-INPUT_NAMES = ("x_in", "c_noise", "class_labels")
+INPUT_NAMES = ("x_in", "c_noise")   # the leading inputs; conditioning inputs follow, by name
 OUTPUT_NAME = "F"
 # ONNX Runtime's type strings and the torch dtypes they bind to.
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
+_ORT_NAMES = {v: k for k, v in ORT_TYPES.items()}
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 # Idle I/O bindings an OnnxRuntimeBackend keeps (one per engine's set of buffers; the least recently used is
@@ -71,24 +79,29 @@ def sha256_file(path) -> str:
 class OnnxRuntimeBackend:
     """An edmrt ONNX file (or a checked ``InferenceSession``) run with ONNX Runtime's I/O binding.
 
+    ``backend(x_in, c_noise, cond, out)``: ``cond`` maps each conditioning input of the file (``cond_inputs``, read
+    from its inputs and its ``edmrt.cond`` metadata) to a (B, *shape) tensor of the input's dtype; None (or {}) for a
+    file without any, a bare tensor for class labels alone.
     Inputs and ``out`` are bound by ``data_ptr``: ORT reads the caller's tensors and writes F straight into
     ``out``, with no copy and no allocation per call.  A binding is made (and the buffers checked) once per set
-    of buffers (addresses, shapes, dtypes), so an engine loop on static buffers binds once.  Bindings are taken
-    from a pool and returned after the run: no two calls in flight share one, so the engines of a ``Sampler``
-    (one per batch size and guidance) run from several threads at once; up to ``MAX_BINDINGS`` idle bindings
-    are kept, the least recently used dropped first.
+    of buffers (addresses, shapes, dtypes, devices of x_in, c_noise, every cond tensor and out), so an engine loop on
+    static buffers binds once.  Bindings are taken from a pool and returned after the run: no two calls in flight
+    share one, so the engines of a ``Sampler`` (one per batch size and guidance) run from several threads at once;
+    up to ``MAX_BINDINGS`` idle bindings are kept, the least recently used dropped first.
     CPU tensors with the CPU provider; CUDA tensors need the CUDA provider (the session then runs on torch's
     current stream, so no host sync is needed between the fused step and the network).
+
+    ``cond_inputs`` (optional): the conditioning inputs the caller's model declares (``Model.cond``); the file's
+    must be the same (names, shapes, dtypes), else ValueError.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, path_or_session, providers=None):
+    def __init__(self, path_or_session, providers=None, cond_inputs=None):
         import onnxruntime as ort
 
         if isinstance(path_or_session, ort.InferenceSession):
             self.session = path_or_session
-            self.conditional = check_onnx_signature(self.session.get_inputs(), self.session.get_outputs())
             if providers is not None:
                 raise ValueError("providers are fixed by the given InferenceSession; pass a path to choose them")
         else:
@@ -96,8 +109,12 @@ class OnnxRuntimeBackend:
                 stream = str(torch.cuda.current_stream().cuda_stream)
                 providers = [("CUDAExecutionProvider", {"has_user_compute_stream": "1", "user_compute_stream": stream})
                              if p == "CUDAExecutionProvider" else p for p in default_providers()]
-            self.session = load_onnx_session(path_or_session, providers=providers)
-            self.conditional = check_onnx_signature(self.session.get_inputs(), self.session.get_outputs())
+            self.session = load_onnx_session(path_or_session, providers=providers, cond_inputs=cond_inputs)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.cond_inputs = check_onnx_signature(self.session.get_inputs(), self.session.get_outputs(),
+                                                cond_inputs=cond_inputs, meta=meta)
+        self.cond_names = tuple(c.name for c in self.cond_inputs)
+        self.conditional = "class_labels" in self.cond_names   # class labels (``edmrt sample --onnx`` checks it)
         ins = {i.name: i for i in self.session.get_inputs()}
         out = self.session.get_outputs()[0]
         self.in_dtype = ORT_TYPES[ins["x_in"].type]
@@ -115,10 +132,11 @@ class OnnxRuntimeBackend:
         """How many idle I/O bindings are kept (at most ``MAX_BINDINGS``)."""
         return self._idle_count
 
-    def _bind(self, x_in, c_noise, class_labels, out):
+    def _bind(self, x_in, c_noise, cond, out):
         """A new I/O binding of these buffers, after checking them against the protocol and the session."""
-        check_backend_args(x_in, c_noise, class_labels, out, self.conditional, self.in_dtype, self.out_dtype,
+        check_backend_args(x_in, c_noise, cond, out, self.cond_inputs, self.in_dtype, self.out_dtype,
                            self.sample_shape, self.batch)
+        cond = as_cond(cond)
         dev = x_in.device
         if dev.type == "cuda":
             if "CUDAExecutionProvider" not in self.providers:
@@ -136,9 +154,9 @@ class OnnxRuntimeBackend:
 
         bind_input("x_in", x_in, x_in.shape)
         bind_input("c_noise", c_noise, (B,))
-        if self.conditional:
-            bind_input("class_labels", class_labels, (B,))
-        b.bind_output("F", device_type, device_id, _NP[out.dtype], list(out.shape), out.data_ptr())
+        for c in self.cond_inputs:   # dtype and shape checked against the session's above
+            bind_input(c.name, cond[c.name], (B,) + c.shape)
+        b.bind_output(OUTPUT_NAME, device_type, device_id, _NP[out.dtype], list(out.shape), out.data_ptr())
         return b
 
     def _checkout(self, key):
@@ -166,44 +184,61 @@ class OnnxRuntimeBackend:
                 if not idle:
                     del self._idle[oldest]
 
-    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None,
-                 out: torch.Tensor) -> None:
+    @staticmethod
+    def _key(x_in, c_noise, cond, out):
+        """What a binding depends on: every buffer's address, shape, dtype, device and layout (cond by name)."""
+        def k(t):
+            return t.data_ptr(), t.shape, t.dtype, t.device, t.is_contiguous()
+
+        return (k(x_in), k(c_noise), k(out),
+                tuple(sorted(((str(n), k(t)) for n, t in as_cond(cond).items()), key=lambda e: e[0])))
+
+    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
         try:
-            key = (x_in.data_ptr(), x_in.shape, x_in.dtype, x_in.device, c_noise.data_ptr(), c_noise.shape, c_noise.dtype,
-                   None if class_labels is None else (class_labels.data_ptr(), class_labels.shape, class_labels.dtype,
-                                                      class_labels.device, class_labels.is_contiguous()),
-                   out.data_ptr(), out.shape, out.dtype, out.device,
-                   x_in.is_contiguous(), c_noise.is_contiguous(), out.is_contiguous())
-        except AttributeError:  # not tensors: let the check name the culprit
+            key = self._key(x_in, c_noise, cond, out)
+        except (AttributeError, TypeError):  # not tensors: let the check name the culprit
             key = None
         binding = None if key is None else self._checkout(key)
         if binding is None:
-            binding = self._bind(x_in, c_noise, class_labels, out)
+            binding = self._bind(x_in, c_noise, cond, out)
         self.session.run_with_iobinding(binding)  # releases the GIL; concurrent runs on one session are safe
-        self._checkin(key, binding)
+        if key is not None:
+            self._checkin(key, binding)
 
 
-def check_onnx_signature(inputs, outputs, conditional: bool | None = None) -> bool:
-    """Check ONNX Runtime's ``get_inputs()`` / ``get_outputs()`` against the declared signature (module docstring).
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
 
-    Returns whether the model is conditional (has ``class_labels``); raises ValueError naming the first mismatch.
-    """
-    ins = {i.name: i for i in inputs}
-    outs = {o.name: o for o in outputs}
-    expected = ["x_in", "c_noise"] + (["class_labels"] if "class_labels" in ins else [])
-    if list(ins) != expected or (set(ins) - set(INPUT_NAMES)):
-        raise ValueError(f"ONNX inputs must be named {list(INPUT_NAMES[:2])} (+ 'class_labels' when conditional), "
-                         f"in that order; got {list(ins)}")
-    if list(outs) != [OUTPUT_NAME]:
-        raise ValueError(f"ONNX outputs must be [{OUTPUT_NAME!r}], got {list(outs)}")
-    has_labels = "class_labels" in ins
-    if conditional is not None and bool(conditional) != has_labels:
-        raise ValueError(f"expected a {'conditional' if conditional else 'unconditional'} model, but the ONNX file "
-                         f"{'has' if has_labels else 'lacks'} the input 'class_labels'")
+
+def _stored_cond(meta: dict | None) -> list | None:
+    """The conditioning inputs the file's ``edmrt.cond`` metadata declares, as CondInputs; None without that entry."""
+    from ..model import CondInput
+
+    if not meta or "edmrt.cond" not in meta:
+        return None
+    import json
+
+    try:
+        entries = json.loads(meta["edmrt.cond"])
+        return [CondInput(e["name"], tuple(e["shape"]), _dtype(e["dtype"]), e.get("null"), int(e.get("num_classes", 0)))
+                for e in entries]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"the ONNX file's edmrt.cond metadata is not a list of conditioning inputs: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Shapes equal where both are known (a symbolic dim, a str or None, matches any)."""
+    return len(a) == len(b) and all(not (isinstance(x, int) and isinstance(y, int)) or x == y for x, y in zip(a, b))
+
+
+def _check_image_args(ins: dict, outs: dict) -> int | None:
+    """x_in, c_noise and F: ranks, types, F shaped like x_in; returns x_in's fixed batch (None when dynamic)."""
     rules = [("x_in", ins["x_in"], 4, _FLOAT_TYPES), ("c_noise", ins["c_noise"], 1, _FLOAT_TYPES),
              ("F", outs[OUTPUT_NAME], 4, _FLOAT_TYPES)]
-    if has_labels:
-        rules.append(("class_labels", ins["class_labels"], 1, ("tensor(int64)",)))
     for name, arg, rank, types in rules:
         if len(arg.shape) != rank:
             raise ValueError(f"ONNX {name!r} must have rank {rank}, got shape {list(arg.shape)}")
@@ -215,7 +250,106 @@ def check_onnx_signature(inputs, outputs, conditional: bool | None = None) -> bo
     for k in (1, 2, 3):
         if isinstance(x.shape[k], int) and isinstance(f.shape[k], int) and x.shape[k] != f.shape[k]:
             raise ValueError(f"ONNX output 'F' must have x_in's shape, got {list(f.shape)} for x_in {list(x.shape)}")
-    return has_labels
+    return x.shape[0] if isinstance(x.shape[0], int) else None
+
+
+def _graph_cond(ins: dict, names: list, batch: int | None) -> dict:
+    """{name: (per-sample shape, torch dtype)} of every input after c_noise, checked as conditioning inputs."""
+    x = ins["x_in"]
+    found = {}
+    for name in names[2:]:
+        arg = ins[name]
+        if name == "F" or not name.isidentifier():
+            raise ValueError(f"ONNX conditioning input {name!r} must be named by a Python identifier other than F "
+                             f"(the network takes it as a keyword); inputs are named {names}")
+        if arg.type not in ORT_TYPES:
+            raise ValueError(f"ONNX conditioning input {name!r} must have type {' or '.join(ORT_TYPES)}, got {arg.type}")
+        shape = tuple(arg.shape)
+        if len(shape) < 1 or (batch is not None and isinstance(shape[0], int) and shape[0] != batch):
+            raise ValueError(f"ONNX conditioning input {name!r} must have the batch as its first axis, got shape "
+                             f"{list(shape)} (x_in {list(x.shape)})")
+        if name == "class_labels" and (arg.type != "tensor(int64)" or len(shape) != 1):
+            if len(shape) != 1:
+                raise ValueError(f"ONNX 'class_labels' must have rank 1, got shape {list(shape)}")
+            raise ValueError(f"ONNX 'class_labels' must have type tensor(int64), got {arg.type}")
+        found[name] = (shape[1:], ORT_TYPES[arg.type])
+    return found
+
+
+def check_onnx_signature(inputs, outputs, conditional: bool | None = None, cond_inputs=None, meta: dict | None = None):
+    """Check ONNX Runtime's ``get_inputs()`` / ``get_outputs()`` against the declared signature (module docstring) and
+    return the file's conditioning inputs (a tuple of ``edmrt.CondInput``, in the file's order; empty when it has
+    none).  Raises ValueError naming the first mismatch.
+
+    ``conditional``: True/False also requires/forbids ``class_labels``.  ``cond_inputs``: the conditioning inputs the
+    caller's model declares (``Model.cond``): the file must have exactly these (names, per-sample shapes, dtypes), and
+    they are returned.  ``meta``: the file's metadata map (``edmrt.cond`` and ``edmrt.num_classes`` give the inputs'
+    null rows and class counts, and fill symbolic per-sample dims).
+    """
+    from ..model import CondInput
+
+    ins = {i.name: i for i in inputs}
+    outs = {o.name: o for o in outputs}
+    names = list(ins)
+    if names[:2] != list(INPUT_NAMES):
+        raise ValueError(f"ONNX inputs must be named {list(INPUT_NAMES)}, in that order, then the conditioning inputs "
+                         f"(e.g. 'class_labels'); got {names}")
+    if list(outs) != [OUTPUT_NAME]:
+        raise ValueError(f"ONNX outputs must be [{OUTPUT_NAME!r}], got {list(outs)}")
+    batch = _check_image_args(ins, outs)
+    found = _graph_cond(ins, names, batch)
+    has_labels = "class_labels" in found
+    if conditional is not None and bool(conditional) != has_labels:
+        raise ValueError(f"expected a {'conditional' if conditional else 'unconditional'} model, but the ONNX file "
+                         f"{'has' if has_labels else 'lacks'} the input 'class_labels'")
+
+    def agree(c, where):
+        shape, dtype = found[c.name]
+        if not _same(shape, c.shape) or dtype != c.dtype:
+            raise ValueError(f"ONNX conditioning input {c.name!r} is {_ORT_NAMES[dtype]} of per-sample shape "
+                             f"{list(shape)}, but {where} declares {c.dtype} of shape {list(c.shape)}")
+
+    if cond_inputs is not None:
+        cond_inputs = (cond_inputs,) if isinstance(cond_inputs, CondInput) else tuple(cond_inputs)
+        want = [c.name for c in cond_inputs]
+        if set(want) != set(found) or len(want) != len(found):
+            raise ValueError(f"the ONNX file's conditioning inputs {list(found)} are not the model's {want}")
+        for c in cond_inputs:
+            agree(c, "the model")
+        return cond_inputs
+    stored = _stored_cond(meta)
+    if stored is not None:
+        if [c.name for c in stored] != list(found):
+            raise ValueError(f"the ONNX file's edmrt.cond metadata names the inputs {[c.name for c in stored]}, but "
+                             f"the graph has {list(found)}")
+        for c in stored:
+            agree(c, "its edmrt.cond metadata")
+        return tuple(stored)
+    result = []
+    for name, (shape, dtype) in found.items():
+        if not all(isinstance(d, int) and d >= 1 for d in shape):
+            raise ValueError(f"ONNX conditioning input {name!r} must have fixed per-sample dims, got shape "
+                             f"{['B', *shape]} (and no edmrt.cond metadata to fill them)")
+        n = 0
+        if name == "class_labels" and meta and str(meta.get("edmrt.num_classes", "")).isdigit():
+            n = int(meta["edmrt.num_classes"])
+        result.append(CondInput(name, shape, dtype, null=n if n else None, num_classes=n))
+    return tuple(result)
+
+
+def onnx_cond_inputs(path) -> tuple:
+    """The conditioning inputs of the ONNX file at ``path`` (``check_onnx_signature`` on the graph and its metadata),
+    read without loading its weights or building a session."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ValueError(f"{str(path)!r} is not a valid ONNX model (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {str(exc).strip()[:300]}") from None
+    graph = model.graph
+    return check_onnx_signature(_graph_args(graph.input, {t.name for t in graph.initializer}),
+                                _graph_args(graph.output, ()), meta={p.key: p.value for p in model.metadata_props})
 
 
 @dataclass(frozen=True)
@@ -249,13 +383,15 @@ def default_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
 
 
-def load_onnx_session(path, providers=None, conditional: bool | None = None, sess_options=None):
+def load_onnx_session(path, providers=None, conditional: bool | None = None, sess_options=None, cond_inputs=None):
     """An ``onnxruntime.InferenceSession`` on ``path`` after checking the file and its signature.
 
     Raises ValueError when the file is missing, is not a valid ONNX model (truncated, corrupt), the session
-    cannot be built, or its inputs/outputs are not the declared ones (names, ranks, types; see the module
-    docstring).  ``providers``: default CUDA (when this onnxruntime build has it) then CPU; ``conditional``:
-    True/False also requires/forbids ``class_labels``.
+    cannot be built, or its inputs/outputs are not the declared ones (names, ranks, types, conditioning inputs; see
+    the module docstring).  ``providers``: default CUDA (when this onnxruntime build has it) then CPU;
+    ``conditional``: True/False also requires/forbids ``class_labels``; ``cond_inputs``: the conditioning inputs the
+    file must have (``Model.cond``: names, per-sample shapes, dtypes).  A file with external data (a network over
+    2 GB) is read with its data file beside it.
     """
     import onnx
     import onnxruntime as ort
@@ -265,13 +401,15 @@ def load_onnx_session(path, providers=None, conditional: bool | None = None, ses
         raise ValueError(f"ONNX file {str(path)!r} does not exist")
     try:
         onnx.checker.check_model(str(path))  # parses the file (protobuf), checks the graph; by path: > 2 GB works
-        graph = onnx.load(str(path), load_external_data=False).graph
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError, ValidationError, ...: all mean "not a usable ONNX file"
         raise ValueError(f"{str(path)!r} is not a valid ONNX model (truncated or corrupt?): "
                          f"{type(exc).__name__}: {str(exc).strip()[:300]}") from None
     # The signature first, from the file itself: a mismatch is named as such, not as a runtime load error.
+    graph, meta = proto.graph, {p.key: p.value for p in proto.metadata_props}
     check_onnx_signature(_graph_args(graph.input, {t.name for t in graph.initializer}), _graph_args(graph.output, ()),
-                         conditional)
+                         conditional, cond_inputs, meta)
+    del proto, graph
     avail = ort.get_available_providers()
     providers = default_providers() if providers is None else list(providers)
     for p in providers:
@@ -282,5 +420,5 @@ def load_onnx_session(path, providers=None, conditional: bool | None = None, ses
         session = ort.InferenceSession(str(path), sess_options=sess_options, providers=providers)
     except Exception as exc:
         raise ValueError(f"ONNX Runtime cannot load {str(path)!r}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
-    check_onnx_signature(session.get_inputs(), session.get_outputs(), conditional)
+    check_onnx_signature(session.get_inputs(), session.get_outputs(), conditional, cond_inputs, meta)
     return session

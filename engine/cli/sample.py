@@ -1,13 +1,16 @@
-"""``edmrt sample``: a bundled model to a PNG grid (the main job), or the exact Gaussian mixture against its ODE."""
+"""``edmrt sample``: a bundled model to a PNG grid (the main job), a local diffusers folder to PNGs (``prompt.py``), or
+the exact Gaussian mixture against its ODE."""
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from .common import int_list, output_path, positive_int, schedule_args, solver_options
 
-HELP = ("sample a bundled model to a PNG grid (default: the digits teacher), or the exact Gaussian mixture "
-        "(--model gmm) and report the error against its exact ODE")
+HELP = ("sample a bundled model to a PNG grid (default: the digits teacher), a local diffusers folder to PNGs "
+        "(--model DIR --prompt TEXT or --prompt-embeds FILE), or the exact Gaussian mixture (--model gmm) and report "
+        "the error against its exact ODE")
 log = logging.getLogger("edmrt")
 GRID_MAX = 400  # images drawn in the PNG grid; more are sampled (and counted) but not drawn
 
@@ -15,7 +18,13 @@ GRID_MAX = 400  # images drawn in the PNG grid; more are sampled (and counted) b
 def register(sub) -> None:
     p = sub.add_parser("sample", help=HELP)
     p.add_argument("--model", default="digits",
-                   help="a bundled model (edmrt.load: digits, digits-cd) or gmm, the exact Gaussian mixture (default digits)")
+                   help="a bundled model (edmrt.load: digits, digits-cd), a local diffusers folder (model_index.json, "
+                        "safetensors), or gmm, the exact Gaussian mixture (default digits)")
+    p.add_argument("--prompt", help="diffusers folder: the text prompt (needs its tokenizer and text encoder)")
+    p.add_argument("--negative-prompt", help="diffusers folder: the negative prompt (with --guidance)")
+    p.add_argument("--prompt-embeds", metavar="FILE.safetensors",
+                   help="diffusers folder: precomputed embeddings (prompt_embeds, negative_prompt_embeds, "
+                        "pooled_prompt_embeds, ... or the model's input names) instead of --prompt")
     p.add_argument("--solver", default="heun")
     schedule_args(p)
     p.add_argument("--seeds", help="bundled models: sample seeds, e.g. 0-39 (default) or 0,5,7")
@@ -26,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--onnx", metavar="FILE.onnx", help="bundled models: run this ONNX file (from `edmrt export onnx "
                                                        "--model NAME`) in ONNX Runtime as the network")
     p.add_argument("-o", "--output", metavar="OUT.png", help=f"bundled models: PNG grid of the first {GRID_MAX} "
-                                                             "samples (default MODEL_samples.png)")
+                                                             "samples (default MODEL_samples.png); diffusers folder: "
+                                                             "a folder for one PNG per seed (default NAME_samples/)")
     p.add_argument("--max-batch", type=positive_int, default=256,
                    help="bundled models: seeds sampled per batch (default 256); more seeds run in several batches")
     p.set_defaults(solver=None, steps=None, schedule=None)  # bundled models: the model card's (heun, 18, karras)
@@ -38,7 +48,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    return run_gmm(args) if args.model == "gmm" else run_model(args)
+    if args.model == "gmm":
+        return run_gmm(args)
+    if Path(args.model).is_dir():
+        from .prompt import run_folder
+
+        seeds = int_list(args.seeds if args.seeds is not None else "0-3", "--seeds")
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"--seeds must be integers >= 0, got {args.seeds!r}")
+        return run_folder(args, seeds)
+    if args.prompt is not None or args.prompt_embeds is not None or args.negative_prompt is not None:
+        raise ValueError(f"--prompt, --negative-prompt and --prompt-embeds need --model DIR, a diffusers folder; "
+                         f"{args.model!r} is not a folder")
+    return run_model(args)
 
 
 def save_grid(images, labels, path, title: str = "") -> None:
@@ -84,7 +106,7 @@ def onnx_backend(path: str, model_name: str, model):
         raise ValueError(f"--onnx {path!r} holds other weights than --model {model_name!r} (edmrt.weights_sha256 "
                          f"{weights[:16]}..., the model's {ours[:16]}...): export it again "
                          f"with `edmrt export onnx --model {model_name}`")
-    if backend.sample_shape != model.sample_shape or backend.conditional != (model.num_classes > 0):
+    if backend.sample_shape != model.sample_shape or set(backend.cond_names) != set(model.cond_names):
         raise ValueError(f"--onnx {path!r} takes samples {backend.sample_shape} "
                          f"({'conditional' if backend.conditional else 'unconditional'}); model {model_name!r} "
                          f"needs {model.sample_shape} ({'conditional' if model.num_classes else 'unconditional'})")

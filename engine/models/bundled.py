@@ -166,13 +166,32 @@ def _from_card(card: dict, name: str):
     return config, precond, kw
 
 
+def _is_diffusers_folder(name) -> bool:
+    """``name`` is a path to a directory holding model_index.json (a diffusers pipeline folder)."""
+    try:
+        return isinstance(name, (str, os.PathLike)) and (Path(name) / "model_index.json").is_file()
+    except (OSError, ValueError):  # a name too long for a path, or one with a NUL byte
+        return False
+
+
 def load(name: str = "digits", root: str | Path | None = None, device: str | torch.device = "cpu"):
     """The bundled model ``name`` (``BUNDLED``) as an ``edmrt.Model`` in eval mode; ``root``: another weights folder.
 
     Raises ValueError for an unknown name, a missing, corrupt or mismatched weights file, or a bad card.
+    A local diffusers folder (a directory holding model_index.json) loads through
+    ``edmrt.adapters.diffusers.load_diffusers``.
     """
+    if root is None and _is_diffusers_folder(name):
+        from ..adapters.diffusers import load_diffusers
+
+        return load_diffusers(name, device=device)
+    if root is None and isinstance(name, (str, Path)) and name not in BUNDLED and (
+            isinstance(name, Path) or "/" in name or Path(name).is_dir()):
+        from ..adapters.diffusers import load_diffusers  # a path or a Hub id: that loader names what is wrong
+
+        return load_diffusers(name, device=device)
     if not isinstance(name, str) or name not in BUNDLED:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(BUNDLED)}")
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(BUNDLED)} or a local diffusers folder")
     device = check_device(device)
     root = Path(root) if root is not None else WEIGHTS_DIR
     card = read_card(name, root)

@@ -1,0 +1,558 @@
+"""diffusers models as ``edmrt.Model``: UNets, DiT and VAEs with the preconditioning of their scheduler.
+
+``from_diffusers(network, scheduler_config, vae)`` wraps a ``UNet2DModel``, ``UNet2DConditionModel`` or
+``DiTTransformer2DModel`` as an ``nn.Module`` called ``network(x_in, c_noise, **cond) -> F`` (``cond_inputs``
+lists its conditioning) and builds the ``Precond`` of the scheduler that the network was trained with;
+``load_diffusers(folder)`` does the same for a local diffusers folder (safetensors weights only).
+
+Conventions (diffusers 0.42.1), mapped onto edmrt's variance-exploding state x = x_vp / sqrt(alpha_bar):
+
+- Discrete-time schedulers (DDPM, DDIM, Euler, DPM-Solver, UniPC, LCM, TCD, ...): sigma_t =
+  sqrt((1 - alpha_bar_t) / alpha_bar_t) over the scheduler's own (float32) ``alphas_cumprod``; the network sees
+  x_vp = x / sqrt(sigma^2 + 1) and the timestep t of sigma (``EpsilonPrecond``, ``VPredictionPrecond``,
+  ``X0Precond`` for prediction_type "epsilon", "v_prediction", "sample"; ``LCMPrecond`` for ``LCMScheduler``,
+  whose boundary condition is part of the model's D).  The sigma -> t map follows the scheduler family:
+  "interpolate" (ln-sigma interpolation) for the k-diffusion-style ones (Euler, Heun, LMS, KDPM2), "nearest"
+  for those that give the network integer timesteps (DPM-Solver and UniPC round, DDIM, LCM, TCD are integer).
+- EDM schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): already in EDM's state and
+  parameterisation, ``EDMPrecond(sigma_data, prediction)`` (c_noise = ln(sigma) / 4 whatever the
+  ``sigma_schedule``); ``CosineDPMSolverMultistepScheduler``: the same with c_noise = atan(sigma) * 2 / pi.
+- Classifier-free guidance: diffusers' pipelines apply F = F_u + w (F_c - F_u) to the network output, as edmrt.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model import CondInput, Model
+from ..precond import EDMPrecond, EpsilonPrecond, LCMPrecond, Precond, VPredictionPrecond, X0Precond, \
+    sigmas_from_alphas_cumprod
+
+__all__ = ["from_diffusers", "load_diffusers", "VAEDecoder", "guidance_embedding", "precond_from_scheduler",
+           "scheduler_sigmas", "initial_noise", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork"]
+
+# Discrete-time schedulers: class -> (sigma -> t map, the edmrt solver running the same method or None).
+_DISCRETE = {
+    "EulerDiscreteScheduler": ("interpolate", "euler"),
+    "EulerAncestralDiscreteScheduler": ("interpolate", None),
+    "HeunDiscreteScheduler": ("interpolate", "heun"),
+    "LMSDiscreteScheduler": ("interpolate", "lms"),
+    "KDPM2DiscreteScheduler": ("interpolate", None),
+    "KDPM2AncestralDiscreteScheduler": ("interpolate", None),
+    "DPMSolverSDEScheduler": ("interpolate", None),
+    "DPMSolverMultistepScheduler": ("nearest", "dpmpp_2m"),
+    "DPMSolverSinglestepScheduler": ("nearest", None),
+    "DEISMultistepScheduler": ("nearest", None),
+    "UniPCMultistepScheduler": ("nearest", "unipc"),
+    "SASolverScheduler": ("nearest", None),
+    "DDIMScheduler": ("nearest", "euler"),  # deterministic DDIM is Euler on the VE probability-flow ODE
+    "DDPMScheduler": ("nearest", None),
+    "PNDMScheduler": ("nearest", None),
+    "LCMScheduler": ("nearest", "lcm"),
+    "TCDScheduler": ("nearest", "tcd"),
+}
+# EDM-parameterised schedulers: class -> (c_noise form, solver).
+_EDM = {
+    "EDMEulerScheduler": ("log", "euler"),
+    "EDMDPMSolverMultistepScheduler": ("log", "dpmpp_2m"),
+    "CosineDPMSolverMultistepScheduler": ("atan", "dpmpp_2m"),
+}
+# Schedulers whose state is the VE x itself (their scale_model_input divides by sqrt(sigma^2 + 1) or applies c_in);
+# the others keep the VP state x_vp = x / sqrt(sigma^2 + 1).
+_VE_STATE = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+             "DPMSolverSDEScheduler", *_EDM}
+_PREDICTIONS = {"epsilon": EpsilonPrecond, "v_prediction": VPredictionPrecond, "sample": X0Precond}
+_DEFAULT_STEPS = {"lcm": 4, "tcd": 4}
+_MODEL_KW = ("sample_shape", "sigma_min", "sigma_max", "metadata")
+_NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError("edmrt.adapters.diffusers needs diffusers: pip install 'edmrt[diffusers]'") from None
+    return diffusers
+
+
+# ----------------------------------------------------------------------------- scheduler -> preconditioning
+
+def _scheduler(scheduler_config):
+    """A diffusers scheduler built from ``scheduler_config``: a scheduler (its class and config), or a dict /
+    FrozenDict with ``_class_name`` (a saved scheduler_config.json); the class fills in its defaults.  ValueError
+    naming an unknown or missing ``_class_name``."""
+    if scheduler_config is None:
+        scheduler_config = {"_class_name": "DDPMScheduler"}
+    if isinstance(scheduler_config, Mapping):
+        name, config = scheduler_config.get("_class_name"), scheduler_config
+        if name is None:
+            raise ValueError("scheduler_config has no '_class_name' (an in-memory scheduler's .config has none): "
+                             "pass the scheduler itself, or its saved scheduler_config.json")
+    elif isinstance(getattr(type(scheduler_config), "config_name", None), str):  # a diffusers ConfigMixin
+        name, config = type(scheduler_config).__name__, scheduler_config.config
+    else:
+        raise ValueError(f"scheduler_config must be a diffusers scheduler or its config (a dict with _class_name), "
+                         f"got {type(scheduler_config).__name__}")
+    if name not in _DISCRETE and name not in _EDM:
+        raise ValueError(f"scheduler_config: scheduler {name!r} is not supported; expected one of "
+                         f"{sorted(_DISCRETE) + sorted(_EDM)} (flow-matching schedulers are not diffusion in sigma)")
+    try:
+        return getattr(_diffusers(), name).from_config(dict(config))
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise ValueError(f"scheduler_config: {name} rejects this config: {exc}") from None
+
+
+def _alphas_cumprod(sched) -> np.ndarray:
+    """The scheduler's alpha_bar_t in float64 (its float32 values).  A zero terminal value (zero-SNR rescaling)
+    becomes 2^-24, as diffusers' ``EulerDiscreteScheduler`` sets it, so that sigma_T is finite (4096)."""
+    acp = sched.alphas_cumprod.detach().double().cpu().numpy().copy()
+    if acp[-1] <= 0.0:
+        acp[-1] = 2.0 ** -24
+    return acp
+
+
+def precond_from_scheduler(scheduler_config, timestep: str | None = None) -> tuple[Precond, float, float]:
+    """(precond, sigma_min, sigma_max) of a diffusers scheduler config (module docstring); ``timestep`` overrides
+    the sigma -> t map of the discrete-time ones ("interpolate" or "nearest").
+
+    ValueError names an unsupported scheduler class or ``prediction_type``."""
+    sched = _scheduler(scheduler_config)
+    cfg, name = sched.config, type(sched).__name__
+    pred = cfg.get("prediction_type", "epsilon")
+    if name in _EDM:
+        if pred not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {pred!r} is not supported by {name} (its precondition_outputs "
+                             "takes 'epsilon' or 'v_prediction')")
+        pre = EDMPrecond(float(cfg["sigma_data"]), prediction=pred, noise=_EDM[name][0])
+        return pre, float(cfg["sigma_min"]), float(cfg["sigma_max"])
+    if pred not in _PREDICTIONS:
+        raise ValueError(f"prediction_type {pred!r} of {name} is not supported; expected one of {sorted(_PREDICTIONS)}")
+    acp = _alphas_cumprod(sched)
+    mode = timestep if timestep is not None else _DISCRETE[name][0]
+    if name == "LCMScheduler":
+        pre = LCMPrecond(alphas_cumprod=acp, timestep=mode, prediction=pred,
+                         timestep_scaling=float(cfg.get("timestep_scaling", 10.0)))
+    else:
+        pre = _PREDICTIONS[pred](alphas_cumprod=acp, timestep=mode)
+    levels = sigmas_from_alphas_cumprod(acp)
+    return pre, float(levels.min()), float(levels.max())
+
+
+def _solver(name: str, config) -> str | None:
+    """The edmrt solver that runs the scheduler's method (the model card's default), or None."""
+    if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
+        algorithm, order = config.get("algorithm_type", "dpmsolver++"), int(config.get("solver_order", 2))
+        if algorithm not in ("dpmsolver++", "sde-dpmsolver++") or order not in (2, 3):
+            return None
+        return f"dpmpp_{order}m" + ("_sde" if algorithm == "sde-dpmsolver++" else "")
+    return (_DISCRETE.get(name) or _EDM.get(name))[1]
+
+
+def scheduler_sigmas(scheduler) -> np.ndarray:
+    """The noise levels of a diffusers scheduler after ``set_timesteps``, as an edmrt schedule (float64, ending in 0).
+
+    Schedulers with ``sigmas`` (Euler, DPM-Solver, UniPC, EDM: VE sigma, one per timestep plus the final one) give
+    them as they are (float32 values); the others (LCM, TCD, DDIM) give sigma_t of their timesteps, then 0.  LCM's
+    last step returns its denoised sample, i.e. sigma = 0; TCD's and DDIM's stop at timestep 0 instead."""
+    ts = scheduler.timesteps
+    sig = getattr(scheduler, "sigmas", None)
+    if isinstance(sig, torch.Tensor) and sig.numel() == ts.numel() + 1:
+        s = sig.detach().double().cpu().numpy()
+        if s[-1] != 0.0:
+            raise ValueError("the scheduler's schedule must end at sigma = 0 (final_sigmas_type='zero'), got "
+                             f"{s[-1]!r}")
+        return s
+    levels = sigmas_from_alphas_cumprod(_alphas_cumprod(scheduler))
+    return np.concatenate([levels[ts.long().cpu().numpy()], [0.0]])
+
+
+def initial_noise(latents: torch.Tensor, scheduler) -> torch.Tensor:
+    """The standard-normal ``noise`` for edmrt (whose state starts at sigma_0 noise, sigma_0 the schedule's first
+    level) that starts where a diffusers pipeline given ``latents=latents`` starts: the pipeline's state is
+    latents * init_noise_sigma (``prepare_latents``), the VE x for Euler-type and EDM schedulers and x_vp =
+    x / sqrt(sigma_0^2 + 1) for the others; call after ``set_timesteps``."""
+    s0 = float(scheduler_sigmas(scheduler)[0])
+    x = latents * float(scheduler.init_noise_sigma)
+    if type(scheduler).__name__ not in _VE_STATE:
+        x = x * float(np.sqrt(s0 ** 2 + 1.0))
+    return x / s0
+
+
+# ----------------------------------------------------------------------------- networks
+
+def _timesteps(c_noise: torch.Tensor, batch: int) -> torch.Tensor:
+    """c_noise, (B,) or (B, 1, ..., 1), as diffusers' float32 timestep vector (B,)."""
+    t = c_noise.reshape(-1).to(torch.float32)
+    return t.expand(batch) if t.numel() == 1 and batch > 1 else t
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _cast(cond: dict, dtype: torch.dtype) -> dict:
+    """Floating-point conditioning in the network's dtype; integer inputs (class labels) as they are."""
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
+
+
+def _first_channels(out: torch.Tensor, channels: int) -> torch.Tensor:
+    """A learned-variance network (2C output channels: DiT, IF) keeps its first C, as DiTPipeline does."""
+    return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+
+class UNetNetwork(nn.Module):
+    """``UNet2DModel`` as ``network(x_in, c_noise[, class_labels]) -> F`` (``unet(x_in, t, class_labels).sample``)."""
+
+    def __init__(self, unet: nn.Module, cond_inputs: tuple = ()):
+        super().__init__()
+        self.unet, self.cond_inputs = unet, tuple(cond_inputs)
+        self.channels = int(unet.config.in_channels)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
+        out = self.unet(x_in.to(_dtype(self.unet)), _timesteps(c_noise, x_in.shape[0]), class_labels=class_labels,
+                        return_dict=False)[0]
+        return _first_channels(out, self.channels).to(x_in.dtype)
+
+
+class ConditionalUNetNetwork(nn.Module):
+    """``UNet2DConditionModel`` as ``network(x_in, c_noise, encoder_hidden_states, **cond) -> F``.
+
+    ``text_embeds`` and ``time_ids`` (SDXL) and ``image_embeds`` / ``image_embeds_<i>`` (IP-Adapters, one tensor
+    per adapter, in order) go into ``added_cond_kwargs``; ``timestep_cond`` (LCM's guidance embedding) and
+    ``class_labels`` are passed as the UNet's own keywords."""
+
+    def __init__(self, unet: nn.Module, cond_inputs: tuple, image_inputs: tuple = ()):
+        super().__init__()
+        self.unet, self.cond_inputs, self.image_inputs = unet, tuple(cond_inputs), tuple(image_inputs)
+        self.channels = int(unet.config.in_channels)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, **cond):
+        dtype = _dtype(self.unet)
+        cond = _cast(cond, dtype)
+        added = {k: cond.pop(k) for k in ("text_embeds", "time_ids") if k in cond}
+        if self.image_inputs:
+            added["image_embeds"] = [cond.pop(k) for k in self.image_inputs]
+        out = self.unet(x_in.to(dtype), _timesteps(c_noise, x_in.shape[0]),
+                        encoder_hidden_states=cond.pop("encoder_hidden_states", None),
+                        class_labels=cond.pop("class_labels", None), timestep_cond=cond.pop("timestep_cond", None),
+                        added_cond_kwargs=added or None, return_dict=False)[0]
+        return _first_channels(out, self.channels).to(x_in.dtype)
+
+
+class DiTNetwork(nn.Module):
+    """``DiTTransformer2DModel`` as ``network(x_in, c_noise, class_labels) -> F``: the first C of its 2C output
+    channels (the noise prediction; the rest is the learned variance, unused by DiTPipeline's samplers)."""
+
+    def __init__(self, transformer: nn.Module, cond_inputs: tuple):
+        super().__init__()
+        self.transformer, self.cond_inputs = transformer, tuple(cond_inputs)
+        self.channels = int(transformer.config.in_channels)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor):
+        out = self.transformer(x_in.to(_dtype(self.transformer)), timestep=_timesteps(c_noise, x_in.shape[0]),
+                               class_labels=class_labels, return_dict=False)[0]
+        return _first_channels(out, self.channels).to(x_in.dtype)
+
+
+# ----------------------------------------------------------------------------- conditioning inputs
+
+def _shape(config, key) -> tuple:
+    """A per-sample shape from the config: an int (or a list of one repeated int: per-block cross_attention_dim)."""
+    v = config.get(key) if hasattr(config, "get") else getattr(config, key)
+    if isinstance(v, (list, tuple)):
+        if len(set(v)) != 1:
+            raise ValueError(f"the UNet's {key} differs per block ({list(v)}): not supported")
+        v = v[0]
+    return int(v)
+
+
+def _image_inputs(unet, shapes: dict) -> tuple[list, tuple]:
+    """IP-Adapter inputs of a UNet whose ``encoder_hid_proj`` is image-typed ("ip_image_proj"): one per adapter
+    (``image_embeds``, or ``image_embeds_<i>`` for several).  A plain adapter (``ImageProjection``) takes one image
+    embedding per sample, (1, D), and zeros as its unconditional row, as the pipelines'
+    ``prepare_ip_adapter_image_embeds`` does; the others take image-encoder hidden states, whose per-sample shape
+    (``cond_shapes``) and negative (``uncond``) the caller gives."""
+    layers = list(getattr(unet.encoder_hid_proj, "image_projection_layers", []))
+    names = ["image_embeds"] if len(layers) == 1 else [f"image_embeds_{i}" for i in range(len(layers))]
+    out = []
+    for name, layer in zip(names, layers):
+        plain = type(layer).__name__ == "ImageProjection"
+        if name in shapes:
+            shape = shapes[name]
+        elif plain:
+            shape = (1, layer.image_embeds.in_features)
+        else:
+            raise ValueError(f"cond_shapes[{name!r}] is required for {type(layer).__name__} (image-encoder hidden "
+                             "states: (num_images, tokens, features) per sample)")
+        out.append(CondInput(name, shape, null=0.0 if plain else None))
+    return out, tuple(names)
+
+
+def _text_inputs(config, shapes: dict) -> list:
+    """encoder_hidden_states (77 tokens unless cond_shapes says otherwise), SDXL's added conditions and LCM's
+    timestep_cond, from a ``UNet2DConditionModel`` config; ValueError naming what is not supported."""
+    dim = _shape(config, "encoder_hid_dim" if config.get("encoder_hid_dim_type") == "text_proj"
+                 else "cross_attention_dim")
+    out = [CondInput("encoder_hidden_states", shapes.get("encoder_hidden_states", (77, dim)))]
+    add = config.get("addition_embed_type")
+    if add == "text_time":
+        ids = CondInput("time_ids", shapes.get("time_ids", (6,)), null="cond")  # SDXL base: size, crop, target
+        per_id = int(config["addition_time_embed_dim"])
+        pooled = int(config["projection_class_embeddings_input_dim"]) - ids.shape[0] * per_id
+        out += [CondInput("text_embeds", shapes.get("text_embeds", (pooled,))), ids]
+    elif add is not None:
+        raise ValueError(f"the UNet's addition_embed_type {add!r} is not supported (None or 'text_time')")
+    if config.get("time_cond_proj_dim") is not None:
+        out.append(CondInput("timestep_cond", (int(config["time_cond_proj_dim"]),), null="cond"))
+    return out
+
+
+def _class_inputs(config) -> list:
+    """Class labels of a UNet with ``num_class_embeds`` (an embedding table without a null row: CFG needs the
+    caller's unconditional labels)."""
+    kind, n = config.get("class_embed_type"), config.get("num_class_embeds")
+    if kind is not None:
+        raise ValueError(f"the UNet's class_embed_type {kind!r} is not supported (None with num_class_embeds)")
+    return [CondInput("class_labels", (), torch.int64, null=None, num_classes=int(n))] if n else []
+
+
+def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
+    """(wrapped network, num_classes for the Model, sample shape) of a diffusers model; ValueError for others."""
+    name = type(net).__name__
+    if name not in _NETWORKS:
+        raise ValueError(f"network must be a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel, "
+                         f"got {name}")
+    cfg = net.config
+    size = cfg.get("sample_size")
+    hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    shape = (int(cfg["in_channels"]),) + hw
+    if name == "UNet2DModel":
+        return UNetNetwork(net, _class_inputs(cfg)), 0, shape
+    if name == "UNet2DConditionModel":
+        hid = cfg.get("encoder_hid_dim_type")
+        if hid not in (None, "text_proj", "ip_image_proj"):
+            raise ValueError(f"the UNet's encoder_hid_dim_type {hid!r} is not supported (None, 'text_proj' or "
+                             "'ip_image_proj')")
+        images, names = _image_inputs(net, shapes) if hid == "ip_image_proj" else ([], ())
+        return ConditionalUNetNetwork(net, _text_inputs(cfg, shapes) + _class_inputs(cfg) + images, names), 0, shape
+    n = int(cfg["num_embeds_ada_norm"])  # DiT: its label embedding has a null row n (class dropout), DiTPipeline's 1000
+    labels = CondInput("class_labels", (), torch.int64, null=n, num_classes=n)
+    return DiTNetwork(net, (labels,)), n, shape
+
+
+# ----------------------------------------------------------------------------- the model
+
+def from_diffusers(network, scheduler_config=None, vae=None, *, timestep: str | None = None,
+                   cond_shapes: dict | None = None, **kw) -> Model:
+    """An ``edmrt.Model`` from a diffusers network, its scheduler's config and an optional VAE (module docstring).
+
+    ``scheduler_config``: a dict / FrozenDict with ``_class_name`` (or a scheduler); None means DDPM's defaults
+    (linear betas 1e-4 .. 0.02, epsilon: DiT's and the unconditional UNets' training schedule).  ``timestep``
+    overrides the sigma -> t map ("interpolate" / "nearest").  ``cond_shapes``: per-sample shapes by input name
+    where the config does not say (``{"encoder_hidden_states": (77, 768)}`` is the default for text; SDXL's
+    refiner has ``{"time_ids": (5,)}``).  ``kw``: ``sample_shape``, ``sigma_min``, ``sigma_max``, ``metadata``
+    (merged into the card) for ``Model``.  The sigma range is the scheduler's discrete levels (EDM: its config)."""
+    unknown = sorted(set(kw) - set(_MODEL_KW))
+    if unknown:
+        raise ValueError(f"unknown keyword(s) {unknown} for from_diffusers; expected {list(_MODEL_KW)}, timestep, "
+                         "cond_shapes")
+    shapes = dict(cond_shapes or {})
+    wrapped, num_classes, shape = _network(network, shapes)
+    unused = sorted(set(shapes) - {c.name for c in wrapped.cond_inputs})
+    if unused:
+        raise ValueError(f"cond_shapes names {unused}, which are not inputs of this network "
+                         f"({[c.name for c in wrapped.cond_inputs]})")
+    sched = _scheduler(scheduler_config)
+    precond, lo, hi = precond_from_scheduler(sched, timestep)
+    name = type(sched).__name__
+    solver = _solver(name, sched.config)
+    card = {"name": type(network).__name__, "source": "diffusers",
+            "diffusers": {"network": type(network).__name__, "scheduler": name,
+                          "prediction_type": sched.config.get("prediction_type", "epsilon")}}
+    if solver is not None:
+        card["sampling"] = {"solver": solver, "steps": _DEFAULT_STEPS.get(solver, 25)}
+    card.update(kw.pop("metadata", None) or {})
+    decoder = VAEDecoder(vae) if vae is not None else None
+    args = {"sample_shape": shape, "sigma_min": lo, "sigma_max": hi, **kw}
+    return Model(wrapped.eval(), precond, num_classes=num_classes, metadata=card, decoder=decoder, **args)
+
+
+class VAEDecoder(nn.Module):
+    """A diffusers VAE's decoder as ``decoder(latents) -> images`` in [-1, 1], ``batch`` latents at a time.
+
+    Latents are unscaled as diffusers' pipelines do before ``vae.decode``: ``latents * latents_std / scaling_factor
+    + latents_mean`` when the VAE's config has ``latents_mean`` and ``latents_std`` (Playground v2.5; the SDXL
+    pipeline's rule), else ``latents / scaling_factor`` (+ ``shift_factor`` when set: SD3).  The decoded images are
+    clamped to [-1, 1], the range the pipelines' postprocessing maps to [0, 1] (``(x / 2 + 0.5).clamp(0, 1)``)."""
+
+    def __init__(self, vae: nn.Module, batch: int = 8):
+        super().__init__()
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        if not callable(getattr(vae, "decode", None)) or not hasattr(vae, "config"):
+            raise ValueError(f"vae must be a diffusers autoencoder (with .decode and .config), "
+                             f"got {type(vae).__name__}")
+        self.vae, self.batch = vae, batch
+        cfg = vae.config
+        self.scaling_factor = float(cfg.get("scaling_factor", 1.0) or 1.0)
+        self.shift_factor = cfg.get("shift_factor")
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        both = mean is not None and std is not None
+        self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32) if both else None)
+        self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32) if both else None)
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's own latent z from the sampler's (scaled) latents (class docstring)."""
+        if self.latents_mean is not None:
+            view = (1, -1) + (1,) * (latents.ndim - 2)
+            return latents * self.latents_std.view(view) / self.scaling_factor + self.latents_mean.view(view)
+        z = latents / self.scaling_factor
+        return z + float(self.shift_factor) if self.shift_factor is not None else z
+
+    @torch.no_grad()
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = _dtype(self.vae)
+        z = self.unscale(latents.to(torch.float32)).to(dtype)
+        out = []
+        for chunk in z.split(self.batch):
+            dec = self.vae.decode(chunk)
+            out.append(dec.sample if hasattr(dec, "sample") else dec[0])
+        return torch.cat(out).to(torch.float32).clamp(-1.0, 1.0)
+
+
+def guidance_embedding(w, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """LCM's guidance-scale embedding (``timestep_cond``), the sinusoidal embedding of VDM (Kingma et al. 2021)
+    that diffusers' ``get_guidance_scale_embedding`` computes: for u = 1000 w and f_k = exp(-k ln(10^4) / (h - 1)),
+    k < h = dim // 2, [sin(u f_k), cos(u f_k)] (zero-padded to an odd dim).  ``w``: one value per sample (or a
+    number); LCM pipelines pass w = guidance_scale - 1 (the paper's omega).  Returns (len(w), dim)."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4:
+        raise ValueError(f"dim must be an int >= 4 (the UNet's time_cond_proj_dim), got {dim!r}")
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"w must be finite, got {w.tolist()}")
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -step)
+    angles = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+# ----------------------------------------------------------------------------- local folders
+
+def _folder(path) -> Path:
+    """``path`` as a local diffusers folder (model_index.json inside), or ValueError saying what it is not."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a local diffusers folder (str or Path), got {type(path).__name__}")
+    p = Path(path).expanduser()
+    try:
+        exists = p.exists()
+    except (OSError, ValueError):  # too long for a path, or a NUL byte
+        exists = False
+    if not exists:
+        raise ValueError(f"{str(path)!r} is not an existing folder: edmrt loads local diffusers folders only "
+                         "(model_index.json, unet/ or transformer/, scheduler/); it downloads nothing, and there is "
+                         "no network here to fetch a Hugging Face Hub id from")
+    if not p.is_dir():
+        raise ValueError(f"{str(path)!r} is a file, not a diffusers folder (with model_index.json); single-file "
+                         "checkpoints are not supported")
+    if not (p / "model_index.json").is_file():
+        raise ValueError(f"{str(path)!r} has no model_index.json: not a diffusers pipeline folder")
+    return p
+
+
+def _index(folder: Path) -> dict:
+    """model_index.json: component name -> class name (entries [library, class]; absent ones are [null, null])."""
+    try:
+        raw = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(folder / 'model_index.json')!r} cannot be read as JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{str(folder / 'model_index.json')!r} must be a JSON object")
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], str):
+            out[k] = v[1]
+    return out
+
+
+def _check_safetensors(folder: Path, component: str) -> None:
+    """The component's weights must include safetensors; a folder with only pickled (.bin / .pt / .ckpt)
+    weights is refused before anything is read."""
+    sub = folder / component
+    names = [f.name for f in sub.iterdir()] if sub.is_dir() else []
+    if any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickled:
+        raise ValueError(f"{str(sub)!r} holds only pickled PyTorch weights ({', '.join(pickled)}): edmrt reads "
+                         "safetensors only (nothing is unpickled); convert them, e.g. save_pretrained("
+                         "safe_serialization=True) where you trust the file")
+    raise ValueError(f"{str(sub)!r} holds no weights (*.safetensors)")
+
+
+def _from_pretrained(cls_name: str, folder: Path, component: str, dtype: torch.dtype, variant: str | None):
+    diffusers = _diffusers()
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"{component}: class {cls_name!r} (model_index.json) is not in diffusers "
+                         f"{diffusers.__version__}")
+    _check_safetensors(folder, component)
+    # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints a warning.
+    lean = importlib.util.find_spec("accelerate") is not None
+    return cls.from_pretrained(str(folder), subfolder=component, torch_dtype=dtype, use_safetensors=True,
+                               local_files_only=True, variant=variant, low_cpu_mem_usage=lean)
+
+
+def load_diffusers(path, device=None, dtype: torch.dtype = torch.float32, variant: str | None = None,
+                   **kw) -> Model:
+    """An ``edmrt.Model`` from a local diffusers pipeline folder (``pipe.save_pretrained(folder)``): its ``unet``
+    or ``transformer``, ``scheduler`` and optional ``vae`` (the Model's decoder), weights from safetensors only
+    (``use_safetensors=True``, ``local_files_only=True``: nothing is downloaded).  ``kw`` go to ``from_diffusers``.
+
+    ValueError: a path that is not an existing folder (a Hub id: edmrt loads local folders only), no
+    model_index.json, an unsupported network class, or weights only in pickled .bin files."""
+    from ..checks import check_device
+
+    folder = _folder(path)
+    index = _index(folder)
+    key = next((k for k in ("unet", "transformer") if k in index), None)
+    if key is None or "scheduler" not in index:
+        raise ValueError(f"{str(folder)!r}: model_index.json must name a unet or transformer and a scheduler, "
+                         f"got {sorted(index)}")
+    if index[key] not in _NETWORKS:
+        raise ValueError(f"{key}: {index[key]!r} is not supported; expected one of {list(_NETWORKS)}")
+    dev = check_device(device) if device is not None else torch.device("cpu")
+    net = _from_pretrained(index[key], folder, key, dtype, variant).eval().requires_grad_(False).to(dev)
+    vae = None
+    if index.get("vae"):
+        vae = _from_pretrained(index["vae"], folder, "vae", dtype, variant).eval().requires_grad_(False).to(dev)
+    sched_cls = getattr(_diffusers(), index["scheduler"], None)
+    if sched_cls is None:
+        raise ValueError(f"scheduler: class {index['scheduler']!r} (model_index.json) is not in diffusers")
+    config = sched_cls.load_config(str(folder), subfolder="scheduler", local_files_only=True)
+    meta = {"path": str(folder), **(kw.pop("metadata", None) or {})}
+    if kw.get("cond_shapes") is None and index.get("text_encoder") and type(net).__name__ == "UNet2DConditionModel":
+        kw["cond_shapes"] = _text_shape(folder, net.config)
+    return from_diffusers(net, config, vae, metadata=meta, **kw)
+
+
+def _text_shape(folder: Path, unet_config) -> dict:
+    """encoder_hidden_states' per-sample shape from the folder's text encoder: (max_position_embeddings, the UNet's
+    cross-attention width); {} (77 tokens) when its config does not say."""
+    try:
+        cfg = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+        tokens = int(cfg.get("text_config", cfg)["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    dim = _text_inputs(unet_config, {})[0].shape[1]
+    return {"encoder_hidden_states": (tokens, dim)}

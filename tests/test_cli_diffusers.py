@@ -1,0 +1,131 @@
+"""``edmrt sample --model DIR``: a diffusers folder written by ``save_pretrained``, text in (embeddings or a prompt
+through the folder's own tokenizer and text encoder), PNGs out."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
+transformers = pytest.importorskip("transformers", reason="the diffusers extra is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["a", "cat", "dog", "photo", "of"]
+
+
+def _tokenizer(folder: Path):
+    """A tiny CLIP BPE tokenizer written from scratch (whole words as tokens: no merges needed)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = {}, []
+
+    def add(token):
+        vocab.setdefault(token, len(vocab))
+    for token in ["<|startoftext|>", "<|endoftext|>"] + sorted({c for w in WORDS for c in w}):
+        add(token)
+        if len(token) == 1:
+            add(token + "</w>")
+    for w in WORDS:  # merge a word's characters left to right, ending in the whole word
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            add(parts[0])
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Stable Diffusion folder: UNet2DConditionModel, AutoencoderKL, Euler scheduler, CLIP text encoder."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), cross_attention_dim=16, attention_head_dim=4,
+                                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    tok = _tokenizer(root / "tok_src")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=EulerDiscreteScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe", safe_serialization=True)
+    return root / "pipe", pipe
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "edmrt.cli", "sample", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_prompt_embeds_file_to_pngs_equal_to_the_api(folder, tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import edmrt
+
+    path, _ = folder
+    emb, neg = torch.randn(8, 16), torch.randn(8, 16)
+    save_file({"prompt_embeds": emb, "negative_prompt_embeds": neg}, str(tmp_path / "emb.safetensors"))
+    r = _cli("--model", path, "--prompt-embeds", tmp_path / "emb.safetensors", "--seeds", "3-4", "--steps", "3",
+             "--solver", "euler", "--guidance", "5", "-o", tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 2 PNGs" in r.stdout
+    png = [tmp_path / "out" / f"sample_{s:06d}.png" for s in (3, 4)]
+    got = torch.stack([torch.from_numpy(__import__("numpy").asarray(Image.open(p))).permute(2, 0, 1) for p in png])
+    s = edmrt.Sampler(edmrt.load(str(path)), solver="euler", steps=3, backend="auto")
+    want = s.sample([3, 4], cond={"encoder_hidden_states": emb}, uncond={"encoder_hidden_states": neg}, guidance=5.0)
+    assert got.shape == want.shape == (2, 3, 16, 16)
+    assert (got.int() - want.int()).abs().max().item() <= 1  # ONNX Runtime vs torch: a rounding step at most
+
+
+def test_a_prompt_goes_through_the_folders_own_text_encoder(folder, tmp_path):
+    path, pipe = folder
+    r = _cli("--model", path, "--prompt", "a photo of a cat", "--negative-prompt", "dog", "--guidance", "3",
+             "--seeds", "0", "--steps", "2", "--solver", "euler", "--backend", "torch", "-o", tmp_path / "o",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "sample_000000.png").stat().st_size > 100
+
+
+@pytest.mark.parametrize("args,match", [
+    ([], "needs --prompt TEXT or --prompt-embeds"),
+    (["--prompt", "a", "--prompt-embeds", "x.safetensors"], "not both"),
+    (["--prompt-embeds", "missing.safetensors"], "does not exist"), (["--prompt-embeds", "."], "not a file"),
+    (["--negative-prompt", "dog", "--prompt-embeds", "x.safetensors"], "goes with --prompt"),
+])
+def test_folder_errors_are_one_line(folder, tmp_path, args, match):
+    r = _cli("--model", folder[0], *args, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and match in r.stderr, r.stderr
+
+
+def test_a_file_with_an_unknown_tensor_is_refused_by_name(folder, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"clip_embeds": torch.zeros(8, 16)}, str(tmp_path / "e.safetensors"))
+    r = _cli("--model", folder[0], "--prompt-embeds", tmp_path / "e.safetensors", cwd=tmp_path)
+    assert r.returncode == 2 and "'clip_embeds' is none of the model's inputs" in r.stderr, r.stderr
+
+
+def test_prompt_flags_without_a_folder_are_refused(tmp_path):
+    r = _cli("--prompt", "a cat", cwd=tmp_path)
+    assert r.returncode == 2 and "need --model DIR" in r.stderr, r.stderr
+
+
+def test_a_hub_id_is_refused_naming_the_offline_cause():
+    import edmrt
+
+    with pytest.raises(ValueError, match="local diffusers folders only.*no network"):
+        edmrt.load("stabilityai/stable-diffusion-xl-base-1.0")
