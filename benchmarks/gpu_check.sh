@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The project's one GPU check (run it once on a lent GPU, then commit what it wrote):
-#   bash benchmarks/gpu_check.sh
-# Needs only the machine's torch, triton and numpy.  Installs edmrt with
+#   bash benchmarks/fetch_gpu_wheels.sh     # first, here (networked): diffusers' wheels into benchmarks/wheels/
+#   bash benchmarks/gpu_check.sh            # on the GPU machine: the device tool with carry=["benchmarks/wheels"]
+# Needs the machine's torch, triton and numpy.  Installs edmrt with
 # `pip install --no-deps --no-build-isolation -e .` (builds the C++ core if pybind11 is there);
 # otherwise runs from the tree through a link farm.  Runs the GPU tests (if pytest is there),
-# then benchmarks/gpu_check.py; writes JSON and a log to $OUT, or to benchmarks/results/.
+# then benchmarks/gpu_check.py, then the SD-1.5-shaped case benchmarks/gpu_sd.py (diffusers installed offline from
+# the carried benchmarks/wheels when the image lacks it; without diffusers gpu_sd.py runs its stated fallback);
+# writes JSON and a log to $OUT, or to benchmarks/results/.  The whole run stays within ~9 minutes: gpu_sd.py gets
+# at most 240 s, less when the steps before it ran long.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -34,5 +38,24 @@ else
   echo "pytest is not installed here: the checks below cover the GPU tests' content"
 fi
 timeout 300 python3 benchmarks/gpu_check.py || status=1
+
+# The SD-1.5-shaped case: diffusers' pipeline vs edmrt's whole-loop CUDA graph (benchmarks/gpu_sd.py).
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  if [ -d benchmarks/wheels ]; then
+    echo "installing diffusers from benchmarks/wheels (offline)"
+    python3 -m pip install -q --no-index --find-links benchmarks/wheels diffusers==0.42.1 2>"$OUT/pip_diffusers.err" \
+      || echo "diffusers install failed (see pip_diffusers.err): gpu_sd.py runs its fallback"
+  else
+    echo "no diffusers and no benchmarks/wheels (bash benchmarks/fetch_gpu_wheels.sh, carry it): gpu_sd.py falls back"
+  fi
+fi
+left=$((540 - SECONDS))                       # the ~9-minute budget of the whole run
+sd_limit=$(( left < 240 ? left : 240 ))
+if (( sd_limit < 90 )); then
+  echo "gpu_sd.py SKIPPED: only ${left} s left of the 9-minute budget"
+  status=1
+else
+  timeout "$sd_limit" python3 benchmarks/gpu_sd.py --budget-s $(( sd_limit * 5 / 8 )) || status=1
+fi
 echo "== gpu_check done, status $status"
 exit $status
