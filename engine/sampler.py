@@ -313,6 +313,46 @@ class Sampler:
                 self.backend, self.plan, batch, self.model.sample_shape, self.device, guidance, graph=self.graph,
                 null_label=self.model.null_label, cond_inputs=self.model.cond), self.max_engines)
 
+    def set_adapters(self, weights=None, combination: str = "linear", **merge_kw) -> None:
+        """Fuse the model's loaded LoRA / DoRA adapters (``edmrt.adapters.lora.load_adapter``) with ``weights``
+        {name: weight} into the network's weights, in place: no engine, CUDA graph or backend is rebuilt.
+
+        The fused weights (``AdapterSet.fused_weights``: one adapter scaled by its weight; several combined by peft's
+        ``add_weighted_adapter`` with ``combination`` and ``merge_kw``: density, majority_sign_method, seed) are
+        copied into the same parameter tensors (same data_ptr), under every engine's lock, so no request sees half
+        a swap.  ``weights`` {} or None restores the base weights bit for bit.  Backends that run the network's own
+        parameters ("torch", "torch-compile", "custom") see the change at once; another backend must offer
+        ``update_weights({param_name: tensor})`` (e.g. an ONNX session taking ``AdapterSet.targets`` as inputs).
+
+        ValueError: no adapters loaded, an unknown adapter name, a weight that is not finite, an unknown
+        combination, or a backend that baked the weights in."""
+        from .adapters.lora import adapters_of
+
+        adapters = adapters_of(self.model)
+        if adapters is None:
+            raise ValueError("this model has no adapters loaded (edmrt.adapters.lora.load_adapter(model, ...))")
+        update = getattr(self.backend, "update_weights", None)
+        if self.backend_name not in ("torch", "torch-compile", "custom") and not callable(update):
+            raise ValueError(f"backend {self.backend_name!r} holds its own copy of the weights: set_adapters needs "
+                             "backend 'torch' (or a backend with update_weights); or fuse before building it")
+        fused = adapters.fused_weights(weights, combination, **merge_kw)  # validates names, weights, combination
+        with self._lock:
+            engines = list(self._engines.values())
+            for e in engines:
+                e.lock.acquire()
+            try:
+                with torch.no_grad():
+                    for n, t in fused.items():
+                        adapters._live[n].copy_(t)
+                adapters.active = adapters.check_weights(weights)
+                if callable(update) and self.backend_name not in ("torch", "torch-compile"):
+                    update(fused)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            finally:
+                for e in reversed(engines):
+                    e.lock.release()
+
     def _cond_value(self, c: CondInput, value, N: int, what: str) -> torch.Tensor:
         """One input's value for N samples: (N, *shape), or (*shape) / (1, *shape) for all; integers only for integer
         inputs (floats and bools refused, never truncated), finite reals for float inputs; ValueError naming it."""

@@ -19,6 +19,13 @@ the TorchScript-based legacy exporter is deprecated.  It is slower (~7 s for the
 cifar10 on 2 cores, against ~1 s for the legacy one on tiny), which an export done once can afford.
 The exported batch symbol is checked by running the file at batch sizes other than the export batch.
 
+Weight inputs (``weight_inputs=``): chosen parameters (those an adapter swap rewrites) are graph inputs instead of
+initializers, float32 of fixed shape after the conditioning inputs, named ``w__<name>`` and listed in
+``edmrt.weight_inputs`` (JSON {input name: parameter name}).  The traced module calls the network through
+``torch.func.functional_call`` with those inputs in place of the parameters, which the dynamo exporter traces like any
+other input (``dynamic_shapes`` ``{}``: every dim fixed).  ``OnnxRuntimeBackend(weights=...)`` binds the live
+parameters by address, so an in-place copy into them changes the next run, with no new session and no new binding.
+
 External data: a network over ``EXTERNAL_DATA_BYTES`` (protobuf's 2 GB limit, with room for the graph) is written
 as the model file plus one data file beside it, ``<name>.<random>.data``, named anew by every export.
 
@@ -45,6 +52,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -96,18 +104,28 @@ class OnnxReport:
     files: dict = field(default_factory=dict)   # file name -> sha256 of every file written (the model, external data)
     cond_inputs: tuple = field(default_factory=tuple)   # the CondInputs exported, in the file's order
     external_data: bool = False
+    weight_inputs: dict = field(default_factory=dict)   # ONNX input name -> parameter name (``weight_inputs``)
 
 
 class _Signature(nn.Module):
-    """Fixes the exported argument names and order: (x_in, c_noise, *cond) -> F, ``cond`` in ``names``' order,
-    passed to the network by keyword (an unconditional network is called ``net(x_in, c_noise)``)."""
+    """Fixes the exported argument names and order: (x_in, c_noise, *cond, *weights) -> F, ``cond`` in ``names``'
+    order, passed to the network by keyword (an unconditional network is called ``net(x_in, c_noise)``); ``weights``
+    (float32 graph inputs) replace the network's parameters ``params`` (names in ``net``) through
+    ``torch.func.functional_call``, each cast to that parameter's dtype inside (float16 in an fp16 export)."""
 
-    def __init__(self, net: nn.Module, names: tuple):
+    def __init__(self, net: nn.Module, names: tuple, params: tuple = ()):
         super().__init__()
-        self.net, self.names = net, tuple(names)
+        self.net, self.names, self.params = net, tuple(names), tuple(params)
+        state = {**dict(net.named_buffers()), **dict(net.named_parameters())}
+        self.dtypes = tuple(state[p].dtype for p in self.params)
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, *cond: torch.Tensor):
-        return self.net(x_in, c_noise, **dict(zip(self.names, cond)))
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, *rest: torch.Tensor):
+        n = len(self.names)
+        cond = dict(zip(self.names, rest[:n]))
+        if not self.params:
+            return self.net(x_in, c_noise, **cond)
+        weights = {p: w if w.dtype == d else w.to(d) for p, w, d in zip(self.params, rest[n:], self.dtypes)}
+        return torch.func.functional_call(self.net, weights, (x_in, c_noise), cond)
 
 
 class _HalfInside(nn.Module):
@@ -157,7 +175,7 @@ def _check_sample_shape(sample_shape) -> tuple[int, int, int]:
 def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None = None, dtype: str = "fp32",
                 opset: int | None = None, batch: int = 2, verify: bool = True, simplify: bool = True,
                 verify_batches: tuple = (1, 5), seed: int = 0, metadata: dict | None = None, cond_inputs=None,
-                external_data: bool | None = None) -> OnnxReport:
+                external_data: bool | None = None, weight_inputs: Sequence[str] = ()) -> OnnxReport:
     """Export ``net(x_in, c_noise, **cond) -> F`` to ONNX with a dynamic batch, then check it in ONNX Runtime.
 
     ==============  ==============================================================================
@@ -186,6 +204,17 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
     external_data   write the weights to a data file beside the model (``<name>.<random>.data``, listed
                     in ``OnnxReport.files``): True, False, or None (default) for networks over
                     ``EXTERNAL_DATA_BYTES``, which a single protobuf file cannot hold
+    weight_inputs   names of the net's parameters (keys of ``net.named_parameters()``; floating-point
+                    buffers too) exported as graph INPUTS instead of initializers, so that a caller
+                    binds the live tensors by address (``OnnxRuntimeBackend(weights=...)``) and an in-place
+                    update (an adapter swap: ``p.data.copy_(new)``) takes effect on the next run, with no
+                    new session.  Each is an input of its fixed shape (no batch axis), float32, after the
+                    conditioning inputs, named ``w__`` + the name with every non-identifier character
+                    replaced by ``_`` (made unique); metadata ``edmrt.weight_inputs`` maps the input names
+                    to the parameter names (JSON).  With ``dtype="fp16"`` the inputs stay float32 and are
+                    cast inside to the parameter's dtype in the float16 network (float16 for convolutions
+                    and linear maps): one cast per run of each such weight.  Verification feeds the
+                    parameters' current values.  ValueError names an unknown or non-floating one
     ==============  ==============================================================================
     """
     t0 = time.perf_counter()
@@ -195,10 +224,13 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
         raise ValueError(f"external_data must be True, False or None (automatic), got {external_data!r}")
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in net.parameters()) > EXTERNAL_DATA_BYTES
+    weights = _check_weight_inputs(net, weight_inputs, cond)
     path = _check_target(Path(path))
     entries = {**{k: str(v) for k, v in (metadata or {}).items()}, "num_classes": str(num_classes),
                "cond": json.dumps([c.to_dict() for c in cond]),
                "sample_shape": ",".join(map(str, sample_shape)), "dtype": dtype, "weights_sha256": weights_sha256(net)}
+    if weights:
+        entries["weight_inputs"] = json.dumps(weights)
     gen = torch.Generator().manual_seed(seed)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # private (0700)
     location = f"{path.name}.{uuid.uuid4().hex[:12]}.data" if external_data else None
@@ -206,7 +238,7 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
     net.eval()
     try:
         staged = staging / path.name
-        _trace(net, staged, sample_shape, cond, dtype, batch, opset, gen, location)
+        _trace(net, staged, sample_shape, cond, dtype, batch, opset, gen, location, weights)
         if simplify:
             _simplify(staged, location)
         opset_used = _write_metadata(staged, entries)
@@ -215,7 +247,7 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
         max_err = tol = None
         if verify:
             try:
-                max_err, tol = _verify(session, net, sample_shape, cond, dtype, verify_batches, gen)
+                max_err, tol = _verify(session, net, sample_shape, cond, dtype, verify_batches, gen, weights)
             except ExportVerificationError as exc:  # nothing reaches the target: a cache or engine cannot pick it up
                 raise ExportVerificationError(f"{exc}; nothing written to {path}") from None
         del session
@@ -226,9 +258,40 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
     report = OnnxReport(path=str(path), inputs=inputs, outputs=outputs, max_abs_err=max_err, tolerance=tol,
                         seconds=time.perf_counter() - t0, opset=opset_used, dtype=dtype,
                         verified_batches=verify_batches if verify else (), files=files, cond_inputs=cond,
-                        external_data=len(files) > 1)
+                        external_data=len(files) > 1, weight_inputs=dict(weights))
     log.info("exported %s (%s, opset %d) in %.1f s, max abs err %s", path, dtype, opset_used, report.seconds, max_err)
     return report
+
+
+def _weight_values(net: nn.Module, weights: dict) -> dict:
+    """{ONNX input name: the parameter's current value as a contiguous float32 CPU tensor} for ``weights``."""
+    state = {**dict(net.named_buffers()), **dict(net.named_parameters())}
+    return {k: state[p].detach().to("cpu", torch.float32).contiguous() for k, p in weights.items()}
+
+
+def _check_weight_inputs(net: nn.Module, weight_inputs, cond: tuple) -> dict:
+    """{ONNX input name: parameter name} for ``weight_inputs``, in their order; ValueError naming an unknown,
+    repeated or non-floating-point one."""
+    if isinstance(weight_inputs, str) or not isinstance(weight_inputs, (tuple, list)):
+        raise ValueError(f"weight_inputs must be a sequence of parameter names, got {weight_inputs!r:.200}")
+    state = {**dict(net.named_buffers()), **dict(net.named_parameters())}
+    taken = {*INPUT_NAMES, OUTPUT_NAME, *(c.name for c in cond)}
+    out = {}
+    for name in weight_inputs:
+        if not isinstance(name, str) or name not in state:
+            raise ValueError(f"weight_inputs: {name!r} is not a parameter of the {type(net).__name__} (its "
+                             f"parameters: {', '.join(list(state)[:20])}{', ...' if len(state) > 20 else ''})")
+        if name in out.values():
+            raise ValueError(f"weight_inputs: {name!r} is listed twice")
+        if not state[name].is_floating_point():
+            raise ValueError(f"weight_inputs: {name!r} has dtype {state[name].dtype}; a weight input is floating-point")
+        base = "w__" + re.sub(r"\W", "_", name)
+        onnx_name, i = base, 2
+        while onnx_name in taken:
+            onnx_name, i = f"{base}_{i}", i + 1
+        taken.add(onnx_name)
+        out[onnx_name] = name
+    return out
 
 
 def _check_target(path: Path) -> Path:
@@ -353,20 +416,24 @@ def _check_args(net, sample_shape, num_classes, cond_inputs, dtype, batch, opset
 
 
 def _trace(net: nn.Module, path: Path, sample_shape, cond: tuple, dtype: str, batch: int, opset, gen,
-           location: str | None) -> None:
+           location: str | None, weights: dict | None = None) -> None:
     """torch.onnx.export(dynamo=True) of the net (float32, or a float16 copy with the same I/O), batch symbolic on
-    every input; with ``location``, the weights are then moved to that external data file."""
+    every input; ``weights`` ({ONNX input name: parameter name}) become float32 inputs of fixed shape after the
+    conditioning inputs; with ``location``, the weights are then moved to that external data file."""
+    weights = dict(weights or {})
     if dtype == "fp16":
         half = copy.deepcopy(net)
         traced = half.to_fp16() if hasattr(half, "to_fp16") else _HalfInside(half)
     else:
         traced = net
     names = tuple(c.name for c in cond)
-    module = _Signature(traced, names).eval()
+    prefix = "net." if isinstance(traced, _HalfInside) else ""   # the parameter names inside the traced module
+    module = _Signature(traced, names, tuple(prefix + p for p in weights.values())).eval()
     x_in, c_noise, values = _inputs(batch, sample_shape, cond, gen)
-    args = (x_in, c_noise) + tuple(values[n] for n in names)
+    args = (x_in, c_noise) + tuple(values[n] for n in names) + tuple(_weight_values(net, weights).values())
     B = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = ({0: B}, {0: B}) + ((tuple({0: B} for _ in names),) if names else ())  # *cond: one nested tuple
+    rest = tuple({0: B} for _ in names) + tuple({} for _ in weights)   # a weight input: every dim fixed
+    dynamic = ({0: B}, {0: B}) + ((rest,) if rest else ())  # *cond, *weights: one nested tuple
     # The exporter warns about every torchvision op it cannot register (torchvision is not installed, by
     # design) and about deprecations of its own: neither concerns this model.
     noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -375,7 +442,7 @@ def _trace(net: nn.Module, path: Path, sample_shape, cond: tuple, dtype: str, ba
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(path), dynamo=True, input_names=[*INPUT_NAMES, *names],
+            torch.onnx.export(module, args, str(path), dynamo=True, input_names=[*INPUT_NAMES, *names, *weights],
                               output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, opset_version=opset, verbose=False,
                               external_data=location is not None, optimize=True)
     finally:
@@ -419,15 +486,18 @@ def _describe(args) -> dict:
     return {a.name: (tuple(d if isinstance(d, int) else "batch" for d in a.shape), a.type) for a in args}
 
 
-def _verify(session, net: nn.Module, sample_shape, cond: tuple, dtype: str, batches, gen) -> tuple[float, float]:
-    """(max abs error, bound) of the file against the float32 torch net on fresh inputs at ``batches``;
-    ExportVerificationError beyond ``TOLERANCE[dtype]`` x max(1, max|F|) or on a wrong shape or NaN."""
+def _verify(session, net: nn.Module, sample_shape, cond: tuple, dtype: str, batches, gen,
+            weights: dict | None = None) -> tuple[float, float]:
+    """(max abs error, bound) of the file against the float32 torch net on fresh inputs at ``batches`` (weight inputs
+    fed the parameters' current values); ExportVerificationError beyond ``TOLERANCE[dtype]`` x max(1, max|F|) or on
+    a wrong shape or NaN."""
     max_err, scale = 0.0, 0.0
+    wfeed = {k: v.numpy() for k, v in _weight_values(net, weights or {}).items()}
     for b in batches:
         x_in, c_noise, values = _inputs(b, sample_shape, cond, gen)
         with torch.no_grad():
             ref = _call(net, x_in, c_noise, values)
-        feed = {"x_in": x_in.numpy(), "c_noise": c_noise.numpy(), **{k: v.numpy() for k, v in values.items()}}
+        feed = {"x_in": x_in.numpy(), "c_noise": c_noise.numpy(), **{k: v.numpy() for k, v in values.items()}, **wfeed}
         got = session.run([OUTPUT_NAME], feed)[0]
         if got.shape != tuple(ref.shape):
             raise ExportVerificationError(f"ONNX output at batch {b} has shape {got.shape}, torch {tuple(ref.shape)}")

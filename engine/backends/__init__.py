@@ -76,9 +76,16 @@ def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str,
                          "NVIDIA GPU); use 'onnxruntime' or 'torch' here")
     from .onnx_cache import cached_onnx
 
-    path, session = cached_onnx(model, device)
+    adapters = getattr(model, "adapters", None)
+    targets = tuple(adapters.targets) if adapters is not None else ()
+    path, session = cached_onnx(model, device, weight_inputs=targets if name == "onnxruntime" else ())
     if name == "onnxruntime":
-        return name, OnnxRuntimeBackend(session if session is not None else path, cond_inputs=model.cond)
+        # A model with adapters: their target weights are graph inputs bound to the live parameters (after the
+        # export, which may move the network), so Sampler.set_adapters' in-place copy reaches the live session.
+        params = dict(net.named_parameters())
+        weights = {t: params[t] for t in targets} or None
+        return name, OnnxRuntimeBackend(session if session is not None else path, cond_inputs=model.cond,
+                                        weights=weights)
     from edmrt.export.tensorrt import EngineCache, Profile
 
     shapes = tuple(sorted((c.name, c.shape) for c in model.cond))

@@ -3,7 +3,8 @@
 ``$EDMRT_CACHE/onnx/<key>-<dtype>.onnx`` (default ``~/.cache/edmrt``) with ``<key>-<dtype>.manifest.json`` beside it.
 The key is a sha256 of its fields (``onnx_cache_fields``): the cache format, the network's ``weights_sha256``, its
 class and config, the sample shape, the classes, the conditioning inputs (``Model.cond``, each ``to_dict()``: name,
-per-sample shape, dtype, null, classes), the precision and the torch version.  The manifest holds those
+per-sample shape, dtype, null, classes), the precision, the torch version and, when any, the parameters exported as
+weight inputs (``weight_inputs``, in their order; absent when there are none, so entries without them keep their key).  The manifest holds those
 fields and the sha256 of every file the export wrote.  An entry is used only when it is a regular file (not a
 symbolic link), its manifest's fields are the expected ones, every file matches its recorded sha256 (the external
 data file too, for a network over 2 GB), the file passes ``load_onnx_session``'s checks (its inputs are the model's
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..model import Model
-from .ort import load_onnx_session, sha256_file, weights_sha256
+from .ort import load_onnx_session, onnx_weight_inputs, sha256_file, weights_sha256
 
 __all__ = ["onnx_cache_root", "onnx_cache_fields", "onnx_cache_path", "onnx_manifest_path", "cached_onnx",
            "ONNX_CACHE_FORMAT"]
@@ -43,19 +44,29 @@ def onnx_cache_root() -> Path:
     return Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "onnx"
 
 
-def onnx_cache_fields(model: Model, dtype: str = "fp32") -> dict:
+def onnx_cache_fields(model: Model, dtype: str = "fp32", weight_inputs=()) -> dict:
     """What the key hashes and the manifest records: everything that changes the exported file."""
     net = model.network
     fields = dict(format=ONNX_CACHE_FORMAT, weights_sha256=weights_sha256(net), network=type(net).__name__,
                   config=repr(getattr(net, "config", None)), sample_shape=list(model.sample_shape),
                   num_classes=model.num_classes, cond=[c.to_dict() for c in model.cond], dtype=dtype,
                   torch=torch.__version__)
+    weight_inputs = _check_weight_names(weight_inputs)
+    if weight_inputs:
+        fields["weight_inputs"] = list(weight_inputs)
     return json.loads(json.dumps(fields))  # as the manifest will hold them
 
 
-def onnx_cache_path(model: Model, dtype: str = "fp32", fields: dict | None = None) -> Path:
+def _check_weight_names(weight_inputs) -> tuple:
+    if isinstance(weight_inputs, str) or not isinstance(weight_inputs, (tuple, list)) \
+            or not all(isinstance(n, str) for n in weight_inputs):
+        raise ValueError(f"weight_inputs must be a sequence of parameter names, got {weight_inputs!r:.200}")
+    return tuple(weight_inputs)
+
+
+def onnx_cache_path(model: Model, dtype: str = "fp32", fields: dict | None = None, weight_inputs=()) -> Path:
     """Where ``model``'s network is exported for ONNX Runtime / TensorRT (the key in the module docstring)."""
-    fields = onnx_cache_fields(model, dtype) if fields is None else fields
+    fields = onnx_cache_fields(model, dtype, weight_inputs) if fields is None else fields
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
     return onnx_cache_root() / f"{key}-{dtype}.onnx"
 
@@ -65,12 +76,16 @@ def onnx_manifest_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.manifest.json")
 
 
-def cached_onnx(model: Model, device: torch.device):
+def cached_onnx(model: Model, device: torch.device, weight_inputs=()):
     """(path, session or None): the model's cached ONNX file, loaded and checked when it is usable; otherwise
-    exported again (from the CPU, the network then returned to ``device``) and the session left to the caller."""
+    exported again (from the CPU, the network then returned to ``device``) and the session left to the caller.
+
+    ``weight_inputs``: parameter names exported as graph inputs (``export_onnx(weight_inputs=...)``; part of the key);
+    the caller binds them (``OnnxRuntimeBackend(path_or_session, weights=...)``)."""
     if not isinstance(model.network, torch.nn.Module):
         raise ValueError("exporting to ONNX needs the network to be a torch.nn.Module")
-    fields = onnx_cache_fields(model)
+    weight_inputs = _check_weight_names(weight_inputs)
+    fields = onnx_cache_fields(model, weight_inputs=weight_inputs)
     path = onnx_cache_path(model, fields=fields)
     problem = _check_entry(path, fields)
     if problem is None:
@@ -79,15 +94,20 @@ def cached_onnx(model: Model, device: torch.device):
         except ValueError as exc:
             problem = str(exc)
         else:
-            stored = session.get_modelmeta().custom_metadata_map.get("edmrt.weights_sha256")
-            if stored == fields["weights_sha256"]:
+            meta = session.get_modelmeta().custom_metadata_map
+            stored = meta.get("edmrt.weights_sha256")
+            stored_inputs = tuple(onnx_weight_inputs(meta).values())
+            if stored != fields["weights_sha256"]:
+                problem = f"the file holds the weights {stored!r}, not the network's {fields['weights_sha256']!r}"
+            elif stored_inputs != weight_inputs:
+                problem = f"the file's weight inputs are {list(stored_inputs)}, not {list(weight_inputs)}"
+            else:
                 return path, session
-            problem = f"the file holds the weights {stored!r}, not the network's {fields['weights_sha256']!r}"
     if problem != "missing":
         log.warning("ONNX cache entry %s is not usable (%s): exporting again", path, problem)
     for p in (path, onnx_manifest_path(path)):
         _clear_directory(p)
-    _export(model, path, fields)
+    _export(model, path, fields, weight_inputs)
     model.network.to(device)
     return path, None
 
@@ -131,7 +151,7 @@ def _clear_directory(path: Path) -> None:
                              f"(expected the cache's file there)") from None
 
 
-def _export(model: Model, path: Path, fields: dict) -> None:
+def _export(model: Model, path: Path, fields: dict, weight_inputs: tuple = ()) -> None:
     """Export the network to ``path`` (atomically), then write its manifest (atomically, after the file)."""
     from edmrt.export.onnx import export_onnx
 
@@ -139,7 +159,8 @@ def _export(model: Model, path: Path, fields: dict) -> None:
     name = model.metadata.get("name")
     named = {"model": name} if isinstance(name, str) and name else None  # edmrt sample --onnx checks it
     report = export_onnx(model.network.cpu().eval(), path, sample_shape=model.sample_shape,
-                         num_classes=model.num_classes, cond_inputs=model.cond, metadata=named)
+                         num_classes=model.num_classes, cond_inputs=model.cond, metadata=named,
+                         weight_inputs=weight_inputs)
     manifest = dict(fields, files=report.files, opset=report.opset, max_abs_err=report.max_abs_err,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)

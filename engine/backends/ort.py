@@ -15,7 +15,10 @@ F               (B, C, H, W)  (output)         x_in's dtype
 
 Every input has the batch B as its first axis (symbolic in edmrt exports); a conditioning input's per-sample
 dims are fixed.  Inputs after c_noise are conditioning inputs (``edmrt.CondInput``), bound by name; the class
-labels are the one named ``class_labels`` (int64, rank 1).
+labels are the one named ``class_labels`` (int64, rank 1).  Except weight inputs: the inputs the file's
+``edmrt.weight_inputs`` metadata names (JSON {input name: parameter name}; ``export_onnx(weight_inputs=...)``) are
+network parameters exported as inputs (fixed shape, no batch axis, float32), which ``OnnxRuntimeBackend(weights=)``
+binds to the live parameter tensors by address, so an in-place update of them (an adapter swap) needs no new session.
 
 The declared metadata (``edmrt.KEY`` entries; ``edmrt.export.onnx`` writes them): ``num_classes``, ``cond`` (the
 conditioning inputs, a JSON list of ``CondInput.to_dict()``: name, shape, dtype, null, num_classes),
@@ -40,7 +43,8 @@ import torch
 
 from .base import as_cond, check_backend_args
 
-__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_signature", "onnx_cond_inputs", "default_providers",
+__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_signature", "onnx_cond_inputs", "onnx_weight_inputs",
+           "default_providers",
            "weights_sha256", "sha256_file", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES", "MAX_BINDINGS"]
 
 INPUT_NAMES = ("x_in", "c_noise")   # the leading inputs; conditioning inputs follow, by name
@@ -93,11 +97,20 @@ class OnnxRuntimeBackend:
 
     ``cond_inputs`` (optional): the conditioning inputs the caller's model declares (``Model.cond``); the file's
     must be the same (names, shapes, dtypes), else ValueError.
+
+    ``weights``: for a file with weight inputs (``weight_inputs``: {ONNX input name: parameter name}, from its
+    ``edmrt.weight_inputs`` metadata), {parameter name: tensor} for every one of them, no other: the live parameter
+    tensors (e.g. ``dict(net.named_parameters())`` restricted to those names), each of the input's shape and dtype
+    (float32), contiguous, all on one device (the device x_in will be on), else ValueError naming the parameter.  They
+    are bound by ``data_ptr`` in every binding (their addresses are part of its key), so ``p.data.copy_(new)`` changes
+    the next run's output with the same session and the same binding; replacing a parameter's storage
+    (``p.data = t``) makes the next call bind anew.  The tensors must outlive the backend and must not be written while
+    a call runs.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, path_or_session, providers=None, cond_inputs=None):
+    def __init__(self, path_or_session, providers=None, cond_inputs=None, weights: dict | None = None):
         import onnxruntime as ort
 
         if isinstance(path_or_session, ort.InferenceSession):
@@ -116,6 +129,9 @@ class OnnxRuntimeBackend:
         self.cond_names = tuple(c.name for c in self.cond_inputs)
         self.conditional = "class_labels" in self.cond_names   # class labels (``edmrt sample --onnx`` checks it)
         ins = {i.name: i for i in self.session.get_inputs()}
+        self.weight_inputs = onnx_weight_inputs(meta)   # ONNX input name -> parameter name
+        self._weights = _check_weights(weights, self.weight_inputs, ins)   # ((input name, tensor, shape), ...)
+        self._wtypes = {name: ins[name].type for name in self.weight_inputs}
         out = self.session.get_outputs()[0]
         self.in_dtype = ORT_TYPES[ins["x_in"].type]
         self.out_dtype = ORT_TYPES[out.type]
@@ -156,6 +172,16 @@ class OnnxRuntimeBackend:
         bind_input("c_noise", c_noise, (B,))
         for c in self.cond_inputs:   # dtype and shape checked against the session's above
             bind_input(c.name, cond[c.name], (B,) + c.shape)
+        for name, t, shape in self._weights:
+            param = self.weight_inputs[name]
+            if t.device != dev:
+                raise ValueError(f"weight {param!r} is on {t.device}, but x_in is on {dev}: bind the weights on the "
+                                 f"device the network runs on")
+            if tuple(t.shape) != shape or _ORT_NAMES.get(t.dtype) != self._wtypes[name] or not t.is_contiguous():
+                raise ValueError(f"weight {param!r} is now {t.dtype} of shape {list(t.shape)}"
+                                 f"{'' if t.is_contiguous() else ', not contiguous'}; the file's input {name!r} takes "
+                                 f"{self._wtypes[name]} of shape {list(shape)}, contiguous (was its storage replaced?)")
+            bind_input(name, t, shape)
         b.bind_output(OUTPUT_NAME, device_type, device_id, _NP[out.dtype], list(out.shape), out.data_ptr())
         return b
 
@@ -184,14 +210,25 @@ class OnnxRuntimeBackend:
                 if not idle:
                     del self._idle[oldest]
 
-    @staticmethod
-    def _key(x_in, c_noise, cond, out):
-        """What a binding depends on: every buffer's address, shape, dtype, device and layout (cond by name)."""
+    def _key(self, x_in, c_noise, cond, out):
+        """What a binding depends on: every buffer's address, shape, dtype, device and layout (cond by name), and
+        the weight tensors' (their addresses are read on every call: replacing a parameter's storage rebinds)."""
         def k(t):
             return t.data_ptr(), t.shape, t.dtype, t.device, t.is_contiguous()
 
         return (k(x_in), k(c_noise), k(out),
-                tuple(sorted(((str(n), k(t)) for n, t in as_cond(cond).items()), key=lambda e: e[0])))
+                tuple(sorted(((str(n), k(t)) for n, t in as_cond(cond).items()), key=lambda e: e[0])),
+                tuple(k(t) for _, t, _ in self._weights))
+
+    def update_weights(self, fused: dict) -> None:
+        """``Sampler.set_adapters``' hook: the weight inputs are bound to the live parameters by address, so the
+        in-place copy of ``fused`` ({parameter name: tensor}) is what the next run reads; check that every updated
+        parameter is one of this file's weight inputs (a parameter baked into the graph would silently not change)."""
+        bound = set(self.weight_inputs.values())
+        missing = sorted(set(fused) - bound)
+        if missing:
+            raise ValueError(f"the ONNX file bakes in {missing[:3]}{'...' if len(missing) > 3 else ''}: they are not "
+                             "weight inputs, so a swap cannot reach them (rebuild the backend after loading adapters)")
 
     def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
         try:
@@ -204,6 +241,75 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(binding)  # releases the GIL; concurrent runs on one session are safe
         if key is not None:
             self._checkin(key, binding)
+
+
+def _check_weights(weights, weight_inputs: dict, ins: dict) -> tuple:
+    """((ONNX input name, tensor, shape), ...) for the file's weight inputs, from ``weights`` ({parameter name:
+    tensor}); ValueError naming a missing, extra, non-tensor, wrong-shape, wrong-dtype, non-contiguous or
+    wrong-device one."""
+    if weights is None:
+        weights = {}
+    if not isinstance(weights, dict):
+        raise ValueError(f"weights must be a dict {{parameter name: tensor}}, got {type(weights).__name__}")
+    params = {p: name for name, p in weight_inputs.items()}
+    missing = [p for p in params if p not in weights]
+    if missing:
+        raise ValueError(f"the ONNX file takes the weights {list(params)} as inputs; weights lacks "
+                         f"{', '.join(map(repr, missing))} (pass the live parameter tensors: weights={{name: tensor}})")
+    extra = [p for p in weights if p not in params]
+    if extra:
+        raise ValueError(f"weights names {', '.join(map(repr, extra))}, which the ONNX file does not take as an "
+                         f"input (its weight inputs: {list(params)})")
+    out, devices = [], set()
+    for p, name in params.items():
+        t = weights[p]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"weight {p!r} must be a torch.Tensor, got {type(t).__name__}")
+        arg = ins[name]
+        shape = tuple(arg.shape)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"weight {p!r} has shape {list(t.shape)}; the file's input {name!r} takes {list(shape)}")
+        if _ORT_NAMES.get(t.dtype) != arg.type:
+            raise ValueError(f"weight {p!r} has dtype {t.dtype}; the file's input {name!r} takes {arg.type}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"weight {p!r} is on {t.device}; ONNX Runtime binds CPU or CUDA tensors")
+        if not t.is_contiguous():
+            raise ValueError(f"weight {p!r} is not contiguous; it is bound by address (pass a contiguous tensor)")
+        devices.add(t.device)
+        out.append((name, t, shape))
+    if len(devices) > 1:
+        raise ValueError(f"the weights must all be on one device, got {sorted(map(str, devices))}")
+    return tuple(out)
+
+
+def onnx_weight_inputs(meta: dict | None) -> dict:
+    """{ONNX input name: parameter name} of the file's weight inputs (its ``edmrt.weight_inputs`` metadata); {} without
+    that entry; ValueError when it is not a JSON object of strings."""
+    if not meta or "edmrt.weight_inputs" not in meta:
+        return {}
+    import json
+
+    try:
+        entries = json.loads(meta["edmrt.weight_inputs"])
+    except ValueError as exc:
+        raise ValueError(f"the ONNX file's edmrt.weight_inputs metadata is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
+        raise ValueError(f"the ONNX file's edmrt.weight_inputs metadata is not a JSON object {{input name: parameter "
+                         f"name}}: {meta['edmrt.weight_inputs'][:200]!r}")
+    return entries
+
+
+def _check_weight_args(ins: dict, weights: dict) -> None:
+    """Every weight input the metadata names is a graph input after c_noise, floating-point, of fixed shape."""
+    for name, param in weights.items():
+        if name not in ins or name in INPUT_NAMES:
+            raise ValueError(f"the ONNX file's edmrt.weight_inputs metadata names the input {name!r} (parameter "
+                             f"{param!r}), which is not a weight input of the graph (inputs: {list(ins)})")
+        arg = ins[name]
+        if arg.type not in _FLOAT_TYPES:
+            raise ValueError(f"ONNX weight input {name!r} must have type {' or '.join(_FLOAT_TYPES)}, got {arg.type}")
+        if not all(isinstance(d, int) and d >= 0 for d in arg.shape):
+            raise ValueError(f"ONNX weight input {name!r} must have a fixed shape, got {list(arg.shape)}")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -284,7 +390,8 @@ def check_onnx_signature(inputs, outputs, conditional: bool | None = None, cond_
     ``conditional``: True/False also requires/forbids ``class_labels``.  ``cond_inputs``: the conditioning inputs the
     caller's model declares (``Model.cond``): the file must have exactly these (names, per-sample shapes, dtypes), and
     they are returned.  ``meta``: the file's metadata map (``edmrt.cond`` and ``edmrt.num_classes`` give the inputs'
-    null rows and class counts, and fill symbolic per-sample dims).
+    null rows and class counts, and fill symbolic per-sample dims; the inputs ``edmrt.weight_inputs`` names are
+    weight inputs, checked as such (floating-point, fixed shape) and not returned: ``onnx_weight_inputs(meta)``).
     """
     from ..model import CondInput
 
@@ -297,7 +404,9 @@ def check_onnx_signature(inputs, outputs, conditional: bool | None = None, cond_
     if list(outs) != [OUTPUT_NAME]:
         raise ValueError(f"ONNX outputs must be [{OUTPUT_NAME!r}], got {list(outs)}")
     batch = _check_image_args(ins, outs)
-    found = _graph_cond(ins, names, batch)
+    weights = onnx_weight_inputs(meta)   # inputs that are network parameters, not conditioning inputs
+    _check_weight_args(ins, weights)
+    found = _graph_cond(ins, [n for n in names if n not in weights], batch)
     has_labels = "class_labels" in found
     if conditional is not None and bool(conditional) != has_labels:
         raise ValueError(f"expected a {'conditional' if conditional else 'unconditional'} model, but the ONNX file "
