@@ -66,6 +66,15 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+def _in_threads(worker, n: int) -> None:
+    """worker(0) ... worker(n - 1), each in its own thread, all started before any is joined."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_one_sampler_from_threads_equals_single_threaded_bit_for_bit(tmp_path):
     """4 threads share one Sampler (digits, ONNX Runtime): batch sizes 5-8, guidance on and off in turn, every
     result equal to the single-threaded one.  In a child process, so that a segfault fails this test."""
@@ -142,11 +151,7 @@ def test_no_two_calls_in_flight_share_a_binding(small_onnx):
             if not torch.allclose(outs[k], want, rtol=1e-5, atol=1e-5):
                 errors.append(k)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(buffers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(worker, len(buffers))
     assert not spy.shared, f"{len(spy.shared)} runs used a binding another run held"
     assert not errors, errors
     assert backend.cached_bindings <= len(buffers)
@@ -209,11 +214,7 @@ def test_threads_with_cond_inputs_each_get_their_own_binding(tmp_path, one_threa
             if not torch.allclose(out, want, rtol=1e-5, atol=1e-5):
                 errors.append(k)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(worker, len(jobs))
     assert not spy.shared, f"{len(spy.shared)} runs used a binding another run held"
     assert not errors, errors
     assert backend.cached_bindings <= len(jobs)

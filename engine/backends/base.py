@@ -86,8 +86,6 @@ def check_backend_args(x_in, c_noise, cond, out, cond_inputs: tuple = (), in_dty
         raise ValueError(f"c_noise must be a contiguous {x_in.dtype} tensor of shape ({B},) or ({B}, 1, ..., 1) on {dev}, "
                          f"got {describe(c_noise)}")
     cond = as_cond(cond)
-    if isinstance(cond_inputs, bool):  # the older "conditional" flag: class labels or nothing
-        cond_inputs = cond_inputs_of(None, cond_inputs)
     names = [c.name for c in cond_inputs]
     if set(cond) != set(names):
         raise ValueError(f"cond must hold exactly the model's conditioning inputs {names}, got {sorted(cond)}")

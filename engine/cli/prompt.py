@@ -17,8 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("edmrt")
 
-ALIASES = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "text_embeds",
-           "add_time_ids": "time_ids", "image_embeds": "image_embeds"}
+ALIASES = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "text_embeds", "add_time_ids": "time_ids"}
 LCM_DEFAULT_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default guidance_scale
 
 

@@ -47,16 +47,21 @@ def register(sub) -> None:
     p.set_defaults(fn=run)
 
 
+def seed_list(args, default: str) -> list[int]:
+    """``--seeds`` (or ``default``) as integers >= 0."""
+    seeds = int_list(args.seeds if args.seeds is not None else default, "--seeds")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be integers >= 0, got {args.seeds!r}")
+    return seeds
+
+
 def run(args) -> int:
     if args.model == "gmm":
         return run_gmm(args)
     if Path(args.model).is_dir():
         from .prompt import run_folder
 
-        seeds = int_list(args.seeds if args.seeds is not None else "0-3", "--seeds")
-        if any(s < 0 for s in seeds):
-            raise ValueError(f"--seeds must be integers >= 0, got {args.seeds!r}")
-        return run_folder(args, seeds)
+        return run_folder(args, seed_list(args, "0-3"))
     if args.prompt is not None or args.prompt_embeds is not None or args.negative_prompt is not None:
         raise ValueError(f"--prompt, --negative-prompt and --prompt-embeds need --model DIR, a diffusers folder; "
                          f"{args.model!r} is not a folder")
@@ -117,9 +122,7 @@ def _checked(args, model) -> tuple[list[int], list[int]]:
     """(seeds, labels) of a bundled-model run, and every argument checked before any work starts."""
     from edmrt.sampler import check_guidance
 
-    seeds = int_list(args.seeds if args.seeds is not None else "0-39", "--seeds")
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"--seeds must be integers >= 0, got {args.seeds!r}")
+    seeds = seed_list(args, "0-39")
     if args.class_ is not None:
         classes = int_list(args.class_, "--class")
         bad = [c for c in classes if not 0 <= c < model.num_classes]
