@@ -73,8 +73,11 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_engine(onnx_path: Path, profile: Profile, precision: str, timing_cache: Path | None = None) -> bytes:
-    """Build a serialised TensorRT engine from an ONNX file (through the API, never a shell command)."""
+def build_engine(onnx_path: Path, profile: Profile, precision: str, timing_cache: Path | None = None,
+                 refit: bool = False) -> bytes:
+    """Build a serialised TensorRT engine from an ONNX file (through the API, never a shell command).
+    ``refit``: a refittable engine (``BuilderFlag.REFIT``), whose weights ``trt.Refitter`` replaces in place
+    (``TensorRTBackend.update_weights``: an adapter swap without a rebuild)."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -88,6 +91,8 @@ def build_engine(onnx_path: Path, profile: Profile, precision: str, timing_cache
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
     cache = None
     if timing_cache is not None:
         data = timing_cache.read_bytes() if timing_cache.exists() else b""
@@ -142,22 +147,25 @@ class EngineCache:
             self._cc = f"{major}.{minor}"
         return self._cc
 
-    def key_fields(self, onnx_path: Path, profile: Profile, precision: str) -> dict:
+    def key_fields(self, onnx_path: Path, profile: Profile, precision: str, refit: bool = False) -> dict:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         fields = dict(format=CACHE_FORMAT, onnx_sha256=_sha256_file(onnx_path), profile=asdict(profile),
                       precision=precision, tensorrt=self.trt_version, compute_capability=self.compute_capability)
+        if refit:
+            fields["refit"] = True
         return json.loads(json.dumps(fields))  # as the manifest will hold them (tuples become lists)
 
     def key(self, fields: dict) -> str:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
-    def get(self, onnx_path: str | os.PathLike, profile: Profile, precision: str = "fp16") -> Path:
-        """The engine file for these inputs: verified from the cache, or (re)built and recorded."""
+    def get(self, onnx_path: str | os.PathLike, profile: Profile, precision: str = "fp16", refit: bool = False) -> Path:
+        """The engine file for these inputs: verified from the cache, or (re)built and recorded.  ``refit``: a
+        refittable engine (part of the key)."""
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise ValueError(f"ONNX file not found: {onnx_path}")
-        fields = self.key_fields(onnx_path, profile, precision)
+        fields = self.key_fields(onnx_path, profile, precision, refit)
         entry = self.root / self.key(fields)
         engine, manifest = entry / "engine.plan", entry / "manifest.json"
         problem = self._verify(engine, manifest, fields)
@@ -168,7 +176,9 @@ class EngineCache:
             log.warning("TensorRT engine cache entry %s is not usable (%s): rebuilding", entry, problem)
         entry.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        blob = self.builder(onnx_path, profile, precision, self.root / "timing.cache")
+        timing = self.root / "timing.cache"
+        blob = self.builder(onnx_path, profile, precision, timing, refit=True) if refit else \
+            self.builder(onnx_path, profile, precision, timing)
         tmp = engine.with_suffix(".tmp")
         tmp.write_bytes(blob)
         os.replace(tmp, engine)

@@ -2,6 +2,7 @@
 without TensorRT), and the real build, which skips here: TensorRT cannot be installed on these machines."""
 import json
 
+import numpy as np
 import pytest
 
 from edmrt.backends.trt import tensorrt_available
@@ -161,7 +162,11 @@ class _FakeTRT:
         INPUT, OUTPUT = "in", "out"
 
     class BuilderFlag:
-        FP16, BF16 = "fp16", "bf16"
+        FP16, BF16, REFIT = "fp16", "bf16", "refit"
+
+    class Weights:
+        def __init__(self, arr):
+            self.arr = arr
 
     class Logger:
         WARNING = 2
@@ -171,7 +176,10 @@ class _FakeTRT:
 
     def __init__(self, tensors):
         self.tensors = tensors  # name -> (mode, shape with -1 for dynamic dims, dtype)
-        self.profile, self.calls = {}, []
+        self.profile, self.calls, self.flags = {}, [], []
+        self.engine_weights = {}     # the engine's weight name -> array (refittable engines)
+        self.fused_with = {}         # name -> names TensorRT fused with it (reported missing until set)
+        self.refittable = False
         fake = self
 
         class Input:
@@ -190,7 +198,7 @@ class _FakeTRT:
 
         class Config:
             def set_flag(self, flag):
-                pass
+                fake.flags.append(flag)
 
             def add_optimization_profile(self, p):
                 pass
@@ -249,6 +257,34 @@ class _FakeTRT:
             def create_execution_context(self):
                 return Context()
 
+            @property
+            def refittable(self):
+                return fake.refittable
+
+        class Refitter:
+            def __init__(self, engine, logger):
+                self.pending = {}
+
+            def get_all_weights(self):
+                return list(fake.engine_weights)
+
+            def set_named_weights(self, name, w):
+                if name not in fake.engine_weights or w.arr.shape != fake.engine_weights[name].shape:
+                    return False
+                self.pending[name] = w.arr.copy()
+                return True
+
+            def get_missing_weights(self):
+                return sorted({m for n in self.pending for m in fake.fused_with.get(n, ())} - set(self.pending))
+
+            def refit_cuda_engine(self):
+                if self.get_missing_weights():
+                    return False
+                fake.engine_weights.update(self.pending)
+                fake.calls.append(("refit", sorted(self.pending)))
+                self.pending = {}
+                return True
+
         class Runtime:
             def __init__(self, logger):
                 pass
@@ -256,7 +292,7 @@ class _FakeTRT:
             def deserialize_cuda_engine(self, blob):
                 return Engine()
 
-        self.Builder, self.OnnxParser, self.Runtime = Builder, Parser, Runtime
+        self.Builder, self.OnnxParser, self.Runtime, self.Refitter = Builder, Parser, Runtime, Refitter
 
 
 TENSORS = {"x_in": ("in", (-1, 2, 4, 4), "float"), "c_noise": ("in", (-1,), "float"),
@@ -317,3 +353,46 @@ def test_tensorrt_backend_binds_every_cond_input_by_name(tmp_path, monkeypatch):
                           ("shape", "encoder_hidden_states", (3, 5, 7)),
                           ("address", "encoder_hidden_states", cond["encoder_hidden_states"].data_ptr()),
                           ("address", "F", out.data_ptr()), ("run", 7)]
+
+
+def test_refittable_engine_takes_new_weights_by_parameter_name(tmp_path, onnx_file, monkeypatch):
+    """The refit logic with a fake TensorRT (trt.Refitter itself is unverified: no GPU here): build_engine sets
+    BuilderFlag.REFIT and the cache keys on it; update_weights maps parameter names onto the engine's "net.<name>"
+    weights, supplies the weights TensorRT fused with a changed one, and refuses an engine built without REFIT or a
+    parameter the engine does not hold."""
+    import torch
+
+    import edmrt.backends.trt as trt_backend
+    import edmrt.export.tensorrt as trt_mod
+
+    fake = _FakeTRT(TENSORS)
+    monkeypatch.setattr(trt_mod, "import_tensorrt", lambda: fake)
+    trt_mod.build_engine(onnx_file, Profile((2, 4, 4)), "fp16", refit=True)
+    assert fake.flags == ["fp16", "refit"]
+    builds = []
+    cache = _cache(tmp_path, lambda *a, **kw: builds.append(kw) or b"plan")
+    plain, refit = cache.get(onnx_file, Profile((2, 4, 4))), cache.get(onnx_file, Profile((2, 4, 4)), refit=True)
+    assert plain != refit and builds == [{}, {"refit": True}]
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    (tmp_path / "e.plan").write_bytes(b"plan")
+    params = {"conv.weight": torch.randn(4, 2, 3, 3), "conv.bias": torch.randn(4), "norm.weight": torch.randn(4)}
+    fake.engine_weights = {"net.conv.weight": np.zeros((4, 2, 3, 3), np.float32), "net.conv.bias": np.zeros(4, np.float32)}
+    fake.fused_with = {"net.conv.weight": ("net.conv.bias",)}
+    with pytest.raises(ValueError, match="not refittable"):
+        trt_backend.TensorRTBackend(tmp_path / "e.plan", weights=params)
+    fake.refittable = True
+    be = trt_backend.TensorRTBackend(tmp_path / "e.plan", weights=params)
+    assert be._engine_names == {"conv.weight": "net.conv.weight", "conv.bias": "net.conv.bias"}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    new = torch.randn(4, 2, 3, 3)
+    be.update_weights({"conv.weight": new})
+    assert fake.calls[-1] == ("refit", ["net.conv.bias", "net.conv.weight"])
+    np.testing.assert_array_equal(fake.engine_weights["net.conv.weight"], new.numpy())
+    np.testing.assert_array_equal(fake.engine_weights["net.conv.bias"], params["conv.bias"].numpy())
+    with pytest.raises(ValueError, match="norm.weight"):
+        be.update_weights({"norm.weight": torch.randn(4)})
+    with pytest.raises(RuntimeError, match="refused"):
+        be.update_weights({"conv.weight": torch.randn(5, 2, 3, 3)})
+    with pytest.raises(ValueError, match="without weights"):
+        trt_backend.TensorRTBackend(tmp_path / "e.plan").update_weights({"conv.weight": new})

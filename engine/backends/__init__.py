@@ -89,5 +89,8 @@ def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str,
     from edmrt.export.tensorrt import EngineCache, Profile
 
     shapes = tuple(sorted((c.name, c.shape) for c in model.cond))
-    engine = EngineCache().get(path, Profile(model.sample_shape, 1, 8, 128, cond_shapes=shapes), "fp16")
-    return name, TensorRTBackend(engine, cond_inputs=model.cond)
+    # A model with adapters: a refittable engine, so Sampler.set_adapters refits it in place (trt.Refitter).
+    engine = EngineCache().get(path, Profile(model.sample_shape, 1, 8, 128, cond_shapes=shapes), "fp16",
+                               refit=bool(targets))
+    return name, TensorRTBackend(engine, cond_inputs=model.cond,
+                                 weights=dict(net.named_parameters()) if targets else None)

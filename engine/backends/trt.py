@@ -47,16 +47,33 @@ def _torch_dtype(trt, dt) -> torch.dtype:
     return table[dt]
 
 
+def _match_weight_names(engine_names: list, params: list) -> dict:
+    """{parameter name: engine weight name} for the parameters the engine holds: the engine's name is the parameter's
+    or ends with "." + it (the export's wrapper prefixes ``net.``); the shortest such name wins."""
+    out = {}
+    for p in params:
+        hits = [e for e in engine_names if e == p or e.endswith("." + p)]
+        if hits:
+            out[p] = min(hits, key=len)
+    return out
+
+
 class TensorRTBackend:
     """Runs a serialised engine on torch's current CUDA stream; ``backend(x_in, c_noise, cond, out)`` with ``cond``
     {name: (B, *shape) tensor} for every conditioning input of the engine (``cond_inputs``), None when it has none.
 
     ``cond_inputs`` (optional): the conditioning inputs the caller's model declares (``Model.cond``); the engine's
-    must be the same (names, per-sample shapes, dtypes), else ValueError."""
+    must be the same (names, per-sample shapes, dtypes), else ValueError.
+
+    ``weights`` (optional, a refittable engine: ``build_engine(refit=True)``): the network's named parameters
+    {name: tensor}.  ``update_weights({name: tensor})`` then writes new values into the engine with
+    ``trt.Refitter`` (an adapter swap without a rebuild); the engine's weights are the ONNX file's initializers,
+    named as the export names the parameters (``net.<name>``), matched by that suffix.  Weights TensorRT fused
+    with a changed one (``Refitter.get_missing_weights``) are supplied from ``weights`` too."""
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: str | os.PathLike, cond_inputs=None):
+    def __init__(self, engine_path: str | os.PathLike, cond_inputs=None, weights: dict | None = None):
         from ..model import CondInput
 
         trt = import_tensorrt()
@@ -92,6 +109,52 @@ class TensorRTBackend:
         self.in_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype("x_in"))
         self.out_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype("F"))
         self._lock = threading.Lock()  # one execution context: engines of several threads take turns
+        self._weights = dict(weights) if weights else {}
+        self._refitter = None
+        self._engine_names: dict = {}   # parameter name -> the engine's weight name
+        if self._weights:
+            if not getattr(self.engine, "refittable", False):
+                raise ValueError(f"engine {engine_path} is not refittable: build it with refit=True "
+                                 "(EngineCache.get(..., refit=True)) to swap adapters into it")
+            self._refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
+            self._engine_names = _match_weight_names(list(self._refitter.get_all_weights()), list(self._weights))
+
+    def update_weights(self, new: dict) -> None:
+        """Write ``new`` {parameter name: tensor} into the engine in place (``trt.Refitter``), with every weight
+        TensorRT needs alongside them from the parameters given at construction; ValueError for a name the engine
+        does not hold, RuntimeError when TensorRT refuses the refit.  Waits for the work queued on the engine."""
+        if self._refitter is None:
+            raise ValueError("this TensorRT backend was built without weights=...: its engine cannot be refitted")
+        unknown = [n for n in new if n not in self._engine_names]
+        if unknown:
+            raise ValueError(f"the engine holds no weight for the parameters {unknown[:3]} (constant-folded away by "
+                             "the export, or not parameters of this network)")
+        trt = import_tensorrt()
+        keep = []  # host copies alive until the refit has read them
+
+        def put(param: str, value: torch.Tensor) -> None:
+            engine_name = self._engine_names[param]
+            proto = self._refitter.get_weights_prototype(engine_name) if hasattr(
+                self._refitter, "get_weights_prototype") else None
+            dtype = torch.float16 if proto is not None and proto.dtype == trt.DataType.HALF else torch.float32
+            arr = value.detach().to("cpu", dtype).contiguous().numpy()
+            keep.append(arr)
+            if not self._refitter.set_named_weights(engine_name, trt.Weights(arr)):
+                raise RuntimeError(f"TensorRT refused the weights of {param!r} ({engine_name!r}, shape {arr.shape})")
+
+        by_engine_name = {v: k for k, v in self._engine_names.items()}
+        with self._lock:
+            torch.cuda.synchronize()
+            for param, value in new.items():
+                put(param, value)
+            missing = [by_engine_name.get(n) for n in self._refitter.get_missing_weights()]
+            if None in missing:
+                raise RuntimeError("TensorRT needs weights edmrt cannot map to the network's parameters: "
+                                   f"{list(self._refitter.get_missing_weights())[:3]}")
+            for param in missing:
+                put(param, self._weights[param])
+            if not self._refitter.refit_cuda_engine():
+                raise RuntimeError("TensorRT could not refit the engine (Refitter.refit_cuda_engine returned False)")
 
     def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
         check_backend_args(x_in, c_noise, cond, out, self.cond_inputs, self.in_dtype, self.out_dtype)
