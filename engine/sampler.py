@@ -336,15 +336,19 @@ class Sampler:
             raise ValueError(f"backend {self.backend_name!r} holds its own copy of the weights: set_adapters needs "
                              "backend 'torch' (or a backend with update_weights); or fuse before building it")
         fused = adapters.fused_weights(weights, combination, **merge_kw)  # validates names, weights, combination
+        few = adapters.few_step_card(weights)
+        current = self.model.precond.to_dict()
+        needed = few[1]["precond"] if few else self.model.metadata.get("base_precond", current)
+        if needed != current:
+            raise ValueError(f"adapters {dict(weights or {})} need the preconditioning {needed}, this sampler's plan is "
+                             f"built for {current} (a few-step adapter changes it): load the model with "
+                             "edmrt.load(name, adapters=...) and build a new Sampler")
         with self._lock:
             engines = list(self._engines.values())
             for e in engines:
                 e.lock.acquire()
             try:
-                with torch.no_grad():
-                    for n, t in fused.items():
-                        adapters._live[n].copy_(t)
-                adapters.active = adapters.check_weights(weights)
+                adapters.write(fused, adapters.check_weights(weights))
                 if callable(update) and self.backend_name not in ("torch", "torch-compile"):
                     update(fused)
                 if self.device.type == "cuda":

@@ -78,3 +78,24 @@ def test_bundled_models_on_cuda_graph_equal_the_cpu_engine(name, kw):
     assert gpu.engine(12, w is not None)._graphs, "the CUDA engine must have captured a graph"
     assert torch.equal(a, a2)
     assert (a.cpu() - b).abs().max().item() <= 5e-3 * max(1.0, b.abs().max().item())
+
+
+def test_adapter_swap_replays_in_the_captured_graph_without_recapture():
+    """Sampler.set_adapters copies the fused weights into the same parameter storage, so the whole-loop CUDA graph
+    captured before the swap replays with the new weights: the same graph objects, and the CPU engine's images for
+    a model loaded with the new weights (issue 13, item 4)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("peft")
+    seeds, labels = list(range(12)), [i % 10 for i in range(12)]
+    gpu = edmrt.Sampler(edmrt.load("digits", device="cuda", adapters={"digits-cd-lora": 1.0}), backend="torch",
+                        device="cuda", graph=True)
+    a = gpu.sample(seeds, cond=labels)
+    graphs = dict(gpu.engine(12, False)._graphs)
+    assert graphs, "the CUDA engine must have captured a graph"
+    gpu.set_adapters({"digits-cd-lora": 0.5})
+    b = gpu.sample(seeds, cond=labels)
+    assert {k: id(v) for k, v in gpu.engine(12, False)._graphs.items()} == {k: id(v) for k, v in graphs.items()}
+    ref = edmrt.Sampler(edmrt.load("digits", adapters={"digits-cd-lora": 0.5}), backend="torch", device="cpu")
+    want = ref.sample(seeds, cond=labels)
+    assert not torch.allclose(a.cpu(), want, atol=1e-3)
+    assert (b.cpu() - want).abs().max().item() <= 5e-3 * max(1.0, want.abs().max().item())

@@ -99,8 +99,9 @@ def test_fused_equals_peft_merge_and_unload(setup, name):
     out, want = _run_unet(model.network.unet, x, t, e), _run_unet(ref, x, t, e)
     assert _rel(out, want) <= RTOL
     assert _rel(_run_unet(base, x, t, e), want) > 1e-2  # the adapter does change the output
-    # peft's unmerged forward (LoRA / DoRA layers) agrees too
-    assert _rel(out, _run_unet(pms[name], x, t, e)) <= 1e-5
+    # peft's unmerged forward (LoRA / DoRA layers) agrees too, to float32 rounding through the UNet (W x + s B(A x)
+    # against (W + s B A) x; measured 1.2e-5 with peft 0.21.2, torch 2.13)
+    assert _rel(out, _run_unet(pms[name], x, t, e)) <= 5e-5
 
 
 @pytest.mark.parametrize("combination,kw", [("linear", {}), ("ties", {"density": 0.5}),

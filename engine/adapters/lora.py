@@ -25,6 +25,11 @@ same as the base.
 
 ``AdapterSet.targets``: the live parameter names adapters touch (the names to export as ONNX inputs so a swap
 also reaches a live ONNX Runtime session).
+
+An adapter folder may also hold ``edmrt.json``, edmrt's adapter card (``ADAPTER_CARD``, written by
+``edmrt distill --lora``): the base model it was trained on and, for a few-step adapter, the preconditioning and
+sampling defaults the adapted model needs (a consistency adapter turns the teacher into a consistency model, as an
+LCM-LoRA needs the LCM scheduler).  ``AdapterSet.cards`` holds it; ``edmrt.load(name, adapters=...)`` applies it.
 """
 from __future__ import annotations
 
@@ -38,7 +43,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["COMBINATIONS", "AdapterSet", "adapters_of", "load_adapter"]
+__all__ = ["COMBINATIONS", "ADAPTER_CARD", "AdapterSet", "adapters_of", "import_peft", "load_adapter",
+           "read_adapter_card"]
+
+ADAPTER_CARD = "edmrt.json"
+_CARD_BYTES_MAX = 1 << 20
 
 COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd", "ties_svd",
                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -46,11 +55,12 @@ _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MIX = "_edmrt_mix"
 
 
-def _peft():
+def import_peft():
     try:
         import peft
     except ImportError:
-        raise ImportError("edmrt.adapters.lora needs peft: pip install peft") from None
+        raise ImportError("LoRA / DoRA adapters need peft: pip install 'edmrt[adapters]' (or pip install peft)") \
+            from None
     return peft
 
 
@@ -108,6 +118,7 @@ class AdapterSet:
         self._layers: dict[str, nn.Module] = {}    # live name -> the shadow's LoRA layer owning it
         self.names: list[str] = []
         self.configs: dict = {}
+        self.cards: dict = {}            # name -> the adapter folder's edmrt card (dict) or None
         self.active: dict = {}
         self.lock = threading.RLock()
 
@@ -122,10 +133,10 @@ class AdapterSet:
         memo.update({id(t): t for t in self.root.buffers()})
         return copy.deepcopy(self.root, memo)
 
-    def add(self, name: str, config, state_dict: Mapping) -> AdapterSet:
+    def add(self, name: str, config, state_dict: Mapping, card: dict | None = None) -> AdapterSet:
         """Add adapter ``name``: a peft ``LoraConfig`` and its peft-format state dict (keys as peft's
-        ``get_peft_model_state_dict`` / ``save_pretrained`` write them)."""
-        peft = _peft()
+        ``get_peft_model_state_dict`` / ``save_pretrained`` write them); ``card``: its edmrt card, if any."""
+        peft = import_peft()
         from peft.tuners.lora import LoraLayer
 
         _check_name(name)
@@ -168,6 +179,7 @@ class AdapterSet:
                 raise
             self.names.append(name)
             self.configs[name] = config
+            self.cards[name] = card
         return self
 
     def _separate(self, name: str, lora_layer, bias: bool) -> list[str]:
@@ -285,11 +297,28 @@ class AdapterSet:
 
     def apply(self, weights, combination: str = "linear", **kw) -> None:
         """Fuse ``weights`` into the live parameters in place (``copy_``: same tensors, same data_ptr)."""
-        fused = self.fused_weights(weights, combination, **kw)
+        self.write(self.fused_weights(weights, combination, **kw), self.check_weights(weights))
+
+    def write(self, fused: Mapping, active: dict) -> None:
+        """Copy ``fused`` ({live parameter name: tensor}, from ``fused_weights``) into the live parameters in place
+        and record ``active`` (the weights they came from).  The caller holds any engine locks it needs."""
+        unknown = [n for n in fused if n not in self._base]
+        if unknown:
+            raise ValueError(f"not adapter targets of this network: {unknown[:3]}")
         with self.lock, torch.no_grad():
             for n, t in fused.items():
                 self._live[n].copy_(t)
-            self.active = self.check_weights(weights)
+            self.active = dict(active)
+
+    def few_step_card(self, weights) -> tuple[str, dict] | None:
+        """(name, card) of the one adapter with a non-zero weight in ``weights`` whose edmrt card sets a
+        preconditioning (a few-step adapter), or None; ValueError if two such adapters are mixed."""
+        found = [(n, self.cards[n]) for n, w in self.check_weights(weights).items()
+                 if w != 0 and isinstance(self.cards.get(n), dict) and "precond" in self.cards[n]]
+        if len(found) > 1:
+            raise ValueError(f"adapters {[n for n, _ in found]} each set the model's preconditioning (few-step "
+                             "adapters): mix at most one of them with other adapters")
+        return found[0] if found else None
 
     def restore(self) -> None:
         """The base values back into the live parameters, bit for bit (in place)."""
@@ -325,7 +354,7 @@ def _peft_folder(folder: Path, weight_name: str | None):
     """(LoraConfig, state dict) of a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.torch import load_file
 
-    peft = _peft()
+    peft = import_peft()
     weights = folder / (weight_name or "adapter_model.safetensors")
     if weights.suffix in _PICKLED:
         _refuse_pickled(weights)
@@ -343,13 +372,30 @@ def _peft_folder(folder: Path, weight_name: str | None):
         raise ValueError(f"{str(folder)!r}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only, "
                          "with use_dora for DoRA)")
     config = peft.LoraConfig.from_pretrained(str(folder))
-    return config, load_file(str(weights))
+    return config, load_file(str(weights)), read_adapter_card(folder)
+
+
+def read_adapter_card(folder: Path) -> dict | None:
+    """The edmrt card (``ADAPTER_CARD``) of an adapter folder, or None if it has none; ValueError if it is not a
+    regular file holding a JSON object with a supported format."""
+    path = Path(folder) / ADAPTER_CARD
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > _CARD_BYTES_MAX:
+        raise ValueError(f"{str(path)!r}: an adapter card must be a regular file under {_CARD_BYTES_MAX} bytes")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r} is not readable JSON ({exc})") from None
+    if not isinstance(card, dict) or card.get("format") != "edmrt-adapter-card-1":
+        raise ValueError(f"{str(path)!r}: expected an object with format 'edmrt-adapter-card-1'")
+    return card
 
 
 def _diffusers_lora(root: nn.Module, source, name: str, weight_name: str | None):
     """(LoraConfig, peft state dict) of a diffusers-format LoRA, by diffusers' own conversion
     (``lora_state_dict`` then ``load_lora_adapter`` on a parameter-sharing copy of the UNet)."""
-    peft = _peft()
+    peft = import_peft()
     if not hasattr(root, "load_lora_adapter"):
         raise ValueError(f"diffusers-format LoRA files load onto diffusers networks only (this one is "
                          f"{type(root).__name__}); give a peft adapter folder instead")
@@ -396,6 +442,7 @@ def load_adapter(target, source, name: str, weight_name: str | None = None) -> A
     _check_name(name)
     if name in adapters.names:
         raise ValueError(f"adapter {name!r} is already loaded (loaded: {adapters.names})")
+    card = None
     if isinstance(source, Mapping):
         config, sd = _diffusers_lora(adapters.root, source, name, None)
     else:
@@ -405,7 +452,7 @@ def load_adapter(target, source, name: str, weight_name: str | None = None) -> A
         if not path.exists():
             raise ValueError(f"{str(path)!r} does not exist")
         if path.is_dir() and (path / "adapter_config.json").is_file():
-            config, sd = _peft_folder(path, weight_name)
+            config, sd, card = _peft_folder(path, weight_name)
         else:
             if path.is_dir():
                 files = sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors")
@@ -425,7 +472,7 @@ def load_adapter(target, source, name: str, weight_name: str | None = None) -> A
             else:
                 raise ValueError(f"{str(path)!r}: expected a peft adapter folder or a .safetensors LoRA file")
             config, sd = _diffusers_lora(adapters.root, src, name, weight_name)
-    adapters.add(name, config, sd)
+    adapters.add(name, config, sd, card)
     from ..model import Model
 
     if isinstance(target, Model):

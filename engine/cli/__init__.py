@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FloatingPointError, OSError) as exc:
         print(f"edmrt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # an optional extra is missing: its message says what to install
+        print(f"edmrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"edmrt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,18 +14,20 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", metavar="OUT.safetensors", help="classifier weights (default: the shipped file)")
-    p.add_argument("--evaluate", metavar="NAME", help="a bundled model: write its metrics into its card")
+    p.add_argument("--evaluate", metavar="NAME", help="a bundled model or adapter: write its metrics into its card")
     p.set_defaults(fn=run)
 
 
 def run(args) -> int:
     from edmrt.lab.metrics import CLASSIFIER, record_card_metrics, write_classifier
-    from edmrt.models.bundled import WEIGHTS_DIR
+    from edmrt.models.bundled import BUNDLED_ADAPTERS, WEIGHTS_DIR
 
     if args.evaluate:
         for r in record_card_metrics(args.evaluate):
             print(json.dumps(r))
-        print(f"wrote metrics into {WEIGHTS_DIR / (args.evaluate + '.json')}")
+        card = WEIGHTS_DIR / args.evaluate / "edmrt.json" if args.evaluate in BUNDLED_ADAPTERS else \
+            WEIGHTS_DIR / (args.evaluate + ".json")
+        print(f"wrote metrics into {card}")
         return 0
     out = str(output_path(args.output or WEIGHTS_DIR / f"{CLASSIFIER}.safetensors"))
     card = write_classifier(out, epochs=args.epochs, seed=args.seed, command=command_line(args))

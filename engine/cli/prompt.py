@@ -131,7 +131,11 @@ def run_folder(args, seeds: list[int]) -> int:
     outdir = Path(args.output or f"{Path(args.model).name}_samples")
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"-o {str(outdir)!r} must be a folder for a diffusers model's PNGs")
-    model = edmrt.load(args.model)
+    from .sample import adapter_weights
+
+    adapters = adapter_weights(args)
+    model = edmrt.load(args.model, adapters=adapters, combination=args.combination) if adapters else \
+        edmrt.load(args.model)
     if model.decoder is None:
         raise ValueError(f"--model {args.model!r} has no VAE (no vae in model_index.json): there would be only latents")
     names = [c.name for c in model.cond]

@@ -13,7 +13,9 @@ HELP = ("quality per NFE: every solver on the exact Gaussian mixture (default), 
 def register(sub) -> None:
     p = sub.add_parser("quality", help=HELP)
     p.add_argument("--model", default="gmm", help="gmm (exact mixture, default) or digits (the bundled models)")
-    p.add_argument("--student", default="digits-cd", help="digits: the distilled student run at 1-4 steps")
+    p.add_argument("--student", nargs="+", default=["digits-cd"],
+                   help="digits: the distilled student(s) run at 1-4 steps (a bundled model, or a bundled few-step "
+                        "adapter such as digits-cd-lora, fused into the teacher)")
     p.add_argument("--no-student", action="store_true", help="digits: teacher solvers only")
     p.add_argument("--blocks", type=positive_int, default=5, help="digits: blocks of 197 samples per configuration")
     p.add_argument("--dims", type=positive_int, nargs="+", default=[64, 2])

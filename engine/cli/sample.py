@@ -37,6 +37,12 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", metavar="OUT.png", help=f"bundled models: PNG grid of the first {GRID_MAX} "
                                                              "samples (default MODEL_samples.png); diffusers folder: "
                                                              "a folder for one PNG per seed (default NAME_samples/)")
+    p.add_argument("--adapter", action="append", metavar="NAME_OR_PATH[=WEIGHT]",
+                   help="fuse a LoRA / DoRA adapter into the model (repeatable): a bundled adapter (digits-cd-lora), a "
+                        "peft adapter folder or a diffusers-format LoRA .safetensors; WEIGHT default 1.0")
+    p.add_argument("--combination", default="linear",
+                   help="with several --adapter: how peft combines them (linear, ties, dare_linear, dare_ties, "
+                        "magnitude_prune, ...; default linear)")
     p.add_argument("--max-batch", type=positive_int, default=256,
                    help="bundled models: seeds sampled per batch (default 256); more seeds run in several batches")
     p.set_defaults(solver=None, steps=None, schedule=None)  # bundled models: the model card's (heun, 18, karras)
@@ -53,6 +59,27 @@ def seed_list(args, default: str) -> list[int]:
     if any(s < 0 for s in seeds):
         raise ValueError(f"--seeds must be integers >= 0, got {args.seeds!r}")
     return seeds
+
+
+def adapter_weights(args) -> dict | None:
+    """``--adapter`` values as {source: weight}, or None without any."""
+    import math
+
+    if not args.adapter:
+        return None
+    out = {}
+    for item in args.adapter:
+        src, sep, w = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = float("nan")
+        if not src or not math.isfinite(weight):
+            raise ValueError(f"--adapter must be NAME_OR_PATH or NAME_OR_PATH=WEIGHT with a finite weight, got {item!r}")
+        if src in out:
+            raise ValueError(f"--adapter {src!r} is given twice")
+        out[src] = weight
+    return out
 
 
 def run(args) -> int:
@@ -144,7 +171,12 @@ def run_model(args) -> int:
 
     import edmrt
 
-    model = edmrt.load(args.model)
+    adapters = adapter_weights(args)
+    if adapters and args.onnx:
+        raise ValueError("--onnx runs a file exported from the base weights: export the adapted model instead of "
+                         "combining --onnx with --adapter")
+    model = edmrt.load(args.model, adapters=adapters, combination=args.combination) if adapters else \
+        edmrt.load(args.model)
     seeds, labels = _checked(args, model)
     out = output_path(args.output or f"{args.model}_samples.png")
     backend = onnx_backend(args.onnx, args.model, model) if args.onnx else args.backend
@@ -163,6 +195,8 @@ def run_model(args) -> int:
             f"{'' if args.guidance is None else f', guidance {args.guidance}'}, backend {backend_name}")
     shown = min(len(seeds), GRID_MAX)
     save_grid(x[:shown], labels[:shown], out, f"{args.model}: {what}")
+    if adapters:
+        what += ", adapters " + ", ".join(f"{k}={v:g}" for k, v in adapters.items())
     print(f"sampled {len(seeds)} images from {args.model!r} with {what}: {len(seeds) / dt:.1f} images/s ({dt:.3f} s)")
     print(f"wrote {out}" + (f" (the first {shown} of {len(seeds)} samples)" if shown < len(seeds) else ""))
     return 0
@@ -176,6 +210,8 @@ def run_gmm(args) -> int:
 
     if args.onnx:
         raise ValueError("--onnx runs a bundled model's exported network; the gmm oracle has none")
+    if args.adapter:
+        raise ValueError("--adapter needs a network to adapt; the gmm oracle has none")
     solver, steps, schedule = args.solver or "heun", args.steps or 18, args.schedule or "karras"
     g = GaussianMixture.random(K=args.components, D=args.dim, seed=args.seed)
     noise = torch.randn(args.batch, args.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed))

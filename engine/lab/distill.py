@@ -22,11 +22,21 @@ Labels are the same for teacher and student and are dropped to the null label wi
 so the student keeps the unconditional mode.
 
 Checkpoints and resume work as in ``edmrt.lab.train`` (safetensors + ``torch.load(weights_only=True)`` for Adam).
+
+A few-step *adapter* (``lora_rank`` > 0: the LCM-LoRA recipe, Luo et al. 2023, "LCM-LoRA: A Universal Stable-Diffusion
+Acceleration Module", arXiv 2311.05556): the teacher's weights stay frozen and only a LoRA (Hu et al. 2021, arXiv
+2106.09685: W + (alpha / r) B A, B = 0 at the start) or DoRA (Liu et al. 2024, arXiv 2402.09353: m (W + s B A) /
+||W + s B A|| per output channel, m initialised to ||W||) on every convolution and linear layer of the network is
+trained, with the same loss.  The adapters are peft's own layers (``peft.inject_adapter_in_model``); the student,
+the target and the shipped EMA are three injected copies whose base weights are the teacher's (the EMAs touch only
+the adapter's tensors).  ``export_adapter`` writes a peft adapter folder plus an edmrt card that switches the base
+model to the consistency parameterisation when the adapter is loaded (``edmrt.load("digits", adapters=...)``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,7 +50,7 @@ from ..precond import ConsistencyPrecond
 from .common import denoise
 
 __all__ = ["DistillOptions", "DistillResult", "distill", "heun_step", "karras_levels", "export_student", "student_model",
-           "select_levels", "self_consistency"]
+           "select_levels", "self_consistency", "lora_config", "export_adapter", "adapter_targets", "adapted_model"]
 
 
 def karras_levels(N: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -70,9 +80,12 @@ class DistillOptions:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     seed: int = 0
+    lora_rank: int = 0           # > 0: train a LoRA / DoRA adapter of this rank on the frozen teacher
+    dora: bool = False
+    lora_alpha: float | None = None  # LoRA's alpha (scale alpha / rank); default the rank (scale 1)
 
     def __post_init__(self):
-        for name, lo in (("iters", 0), ("batch", 1), ("seed", 0), ("warmup", 0), ("N", 2)):
+        for name, lo in (("iters", 0), ("batch", 1), ("seed", 0), ("warmup", 0), ("N", 2), ("lora_rank", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -85,6 +98,12 @@ class DistillOptions:
                              f"{self.p_uncond}")
         if not (self.lr > 0 and self.rho > 0 and 0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max)):
             raise ValueError(f"need lr > 0, rho > 0 and 0 < sigma_min < sigma_max < inf, got {self}")
+        if not isinstance(self.dora, bool) or (self.dora and not self.lora_rank):
+            raise ValueError(f"dora must be a bool and needs lora_rank > 0, got dora={self.dora!r}, "
+                             f"lora_rank={self.lora_rank}")
+        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0
+                                                 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number > 0 or None, got {self.lora_alpha!r}")
 
 
 @dataclass
@@ -97,6 +116,7 @@ class DistillResult:
     step: int
     losses: list = field(default_factory=list)
     seconds: float = 0.0
+    adapter_config: object = None  # the peft LoraConfig of an adapter run (lora_rank > 0), else None
 
 
 def _pair(teacher, y: torch.Tensor, labels, t: torch.Tensor, n: torch.Tensor, z: torch.Tensor):
@@ -148,15 +168,53 @@ def _state_json(opts: DistillOptions, step: int, losses: list, seconds: float) -
             "losses": [float(v) for v in losses], "seconds": seconds}
 
 
+def adapter_targets(network: torch.nn.Module) -> list[str]:
+    """The full names of every convolution and linear layer of ``network`` (a few-step adapter's targets)."""
+    return [n for n, m in network.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def lora_config(opts: DistillOptions, network: torch.nn.Module):
+    """peft's LoraConfig of an adapter run on ``network``: rank, alpha (default the rank), DoRA, every conv / linear
+    layer (``adapter_targets``)."""
+    from ..adapters.lora import import_peft
+
+    peft = import_peft()
+    return peft.LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank, use_dora=opts.dora,
+                           lora_dropout=0.0, target_modules=adapter_targets(network), init_lora_weights=True)
+
+
+def _networks(tnet: torch.nn.Module, opts: DistillOptions):
+    """(student, target, ema, LoraConfig or None): three copies of the teacher's network; for an adapter run each
+    carries peft's adapter layers and only the student's adapter tensors train."""
+    if not opts.lora_rank:
+        return copy.deepcopy(tnet).requires_grad_(True), copy.deepcopy(tnet), copy.deepcopy(tnet), None
+    from ..adapters.lora import import_peft
+
+    peft = import_peft()
+    config = lora_config(opts, tnet)
+    if not config.target_modules:
+        raise ValueError("the teacher's network has no convolution or linear layer to adapt")
+    with torch.random.fork_rng(devices=[]):  # peft draws A's initial values from torch's RNG: seed them
+        torch.manual_seed(opts.seed)
+        student = peft.inject_adapter_in_model(config, copy.deepcopy(tnet), adapter_name="default")
+    for n, p in student.named_parameters():
+        p.requires_grad_("lora_" in n)
+    target, ema = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(student).requires_grad_(False)
+    return student, target, ema, config
+
+
 def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tensor, torch.Tensor] | None = None,
             checkpoint: str | Path | None = None, resume: str | Path | None = None, progress: bool = True,
-            checkpoint_every: int = 500) -> DistillResult:
+            checkpoint_every: int = 500, callback=None, callback_every: int = 0) -> DistillResult:
     """Distil ``teacher`` (an ``edmrt.Model`` whose network is a class-conditional ``nn.Module`` and whose
-    preconditioning has a ``sigma_data``) into a consistency model; ``data``: (images, labels), default the digits
-    training split.  The teacher's network is put in eval mode and frozen (requires_grad False)."""
+    preconditioning has a ``sigma_data``) into a consistency model (``opts.lora_rank`` > 0: into a LoRA / DoRA
+    adapter on the frozen teacher); ``data``: (images, labels), default the digits training split.  The teacher's
+    network is put in eval mode and frozen (requires_grad False).  ``callback(result)`` runs every
+    ``callback_every`` iterations (and at the end) with the EMA network in eval mode, e.g. to record FD against
+    iterations."""
     from tqdm import tqdm
 
-    from .common import ema_update_, load_checkpoint_folder, record_loss, save_checkpoint_folder
+    from .common import load_checkpoint_folder, record_loss, save_checkpoint_folder
 
     opts = opts or DistillOptions()
     sigma_data, images, labels = _check_teacher(teacher, data)
@@ -166,10 +224,11 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
         opts = DistillOptions(**{**state["options"], "iters": opts.iters})
     precond = ConsistencyPrecond(float(sigma_data), opts.sigma_min)
     tnet = teacher.network.eval().requires_grad_(False)
-    nets = {"net": copy.deepcopy(tnet).requires_grad_(True), "target": copy.deepcopy(tnet), "ema": copy.deepcopy(tnet)}
-    student, target, ema = nets["net"], nets["target"], nets["ema"]
+    student, target, ema, adapter_config = _networks(tnet, opts)
+    nets = {"net": student, "target": target, "ema": ema}
     g = torch.Generator().manual_seed(opts.seed)
-    optimizer = torch.optim.Adam(student.parameters(), lr=opts.lr, betas=(0.9, 0.999), eps=1e-8)
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8)
     step, losses, seconds = 0, [], 0.0
     if state is not None:
         try:
@@ -182,7 +241,19 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
             raise ValueError(f"checkpoint {str(resume)!r} does not fit this teacher: {exc}") from None
         step, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
     t = karras_levels(opts.N, opts.sigma_min, opts.sigma_max, opts.rho)
-    result = DistillResult(opts, student, target, ema, precond, step, losses, seconds)
+    result = DistillResult(opts, student, target, ema, precond, step, losses, seconds, adapter_config)
+    pairs = [(dict(target.named_parameters())[n], dict(ema.named_parameters())[n], p)
+             for n, p in student.named_parameters() if p.requires_grad]
+
+    def ema_updates(step: int) -> None:  # the target (decay mu) and the shipped EMA, on the trained tensors only
+        with torch.no_grad():
+            for p_t, p_e, p in pairs:
+                p_t.lerp_(p.detach(), 1.0 - opts.mu)
+                p_e.lerp_(p.detach(), 1.0 - min(opts.ema_decay, (1 + step) / (10 + step)))
+
+    def report() -> None:
+        ema.eval()
+        callback(result)
 
     def save():
         save_checkpoint_folder(Path(checkpoint), nets, g, optimizer,
@@ -199,19 +270,24 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema_update_(target, student, opts.mu)
-        ema_update_(ema, student, min(opts.ema_decay, (1 + step) / (10 + step)))
+        ema_updates(step)
         step += 1
         record_loss(losses, loss, step, opts.iters, bar, "distillation")
         result.step, result.seconds = step, seconds + time.perf_counter() - t0
         if checkpoint is not None and step % checkpoint_every == 0 and step < opts.iters:
             save()
+        if callback is not None and callback_every and step % callback_every == 0 and step < opts.iters:
+            t_cb = time.perf_counter()
+            report()
+            t0 += time.perf_counter() - t_cb  # the callback's time is not training time
     bar.close()
     result.seconds = seconds + time.perf_counter() - t0
     if checkpoint is not None:
         save()
     for net in nets.values():
         net.eval()
+    if callback is not None:
+        report()
     return result
 
 
@@ -258,6 +334,19 @@ def student_model(result: DistillResult, teacher, metadata: dict | None = None):
                  sigma_max=result.options.sigma_max, metadata=dict(metadata or {}))
 
 
+def _run_card(result: DistillResult, levels: dict | None) -> dict:
+    """The card entries a student and an adapter share: the sampling defaults (``select_levels``' levels) and the
+    run's options, iterations, time and final loss."""
+    return {"sampling": {"solver": "consistency", "steps": 2, "solvers": ["consistency", "tcd"],
+                         **({"levels": levels["levels"], "fd_train": levels["fd_train"],
+                             "levels_note": "greedy choice by FD against the training split (edmrt.lab.distill."
+                                            "select_levels); the test split is not used"} if levels else {})},
+            "distillation": {**dataclasses.asdict(result.options), "iterations_done": result.step,
+                             "wall_time_s": round(result.seconds, 1),
+                             "final_loss_mean_last_100": float(np.mean(result.losses[-100:])) if result.losses
+                             else None}}
+
+
 def export_student(result: DistillResult, teacher, weights: str | Path, card: dict, levels: dict | None = None) -> dict:
     """Write the EMA student (safetensors) and its model card (JSON beside it, same stem); returns the card.
 
@@ -270,16 +359,74 @@ def export_student(result: DistillResult, teacher, weights: str | Path, card: di
             "num_classes": teacher.num_classes, "sigma_min": result.options.sigma_min,
             "sigma_max": result.options.sigma_max,
             "teacher": teacher.metadata.get("name"),
-            "sampling": {"solver": "consistency", "steps": 2, "solvers": ["consistency", "tcd"],
-                         **({"levels": levels["levels"], "fd_train": levels["fd_train"],
-                             "levels_note": "greedy choice by FD against the training split (edmrt.lab.distill."
-                                            "select_levels); the test split is not used"} if levels else {})},
-            "distillation": {**dataclasses.asdict(result.options), "iterations_done": result.step,
-                             "wall_time_s": round(result.seconds, 1),
-                             "final_loss_mean_last_100": float(np.mean(result.losses[-100:])) if result.losses
-                             else None},
-            **card}
+            **_run_card(result, levels), **card}
     return write_model(result.ema, weights, card)
+
+
+def export_adapter(result: DistillResult, teacher, folder: str | Path, card: dict, levels: dict | None = None) -> dict:
+    """Write the EMA adapter of an adapter run (``lora_rank`` > 0) as a peft adapter folder: adapter_config.json
+    (peft's ``LoraConfig.save_pretrained``), adapter_model.safetensors (peft's ``get_peft_model_state_dict``) and
+    edmrt's card ``edmrt.json`` (the base model, the consistency preconditioning and sampling levels the adapted
+    model needs, the run's options).  The folder is written beside its destination and moved into place.
+    Returns the card."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..adapters.lora import ADAPTER_CARD, import_peft
+
+    if result.adapter_config is None:
+        raise ValueError("export_adapter needs an adapter run (DistillOptions.lora_rank > 0); use export_student")
+    peft = import_peft()
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not (folder / "adapter_config.json").is_file()):
+        raise ValueError(f"{str(folder)!r} exists and is not an adapter folder: refusing to replace it")
+    sd = peft.get_peft_model_state_dict(result.ema, adapter_name="default")
+    card = {"format": "edmrt-adapter-card-1", "kind": "few-step adapter", "base": teacher.metadata.get("name"),
+            "adapter": "DoRA" if result.options.dora else "LoRA", "rank": result.options.lora_rank,
+            "parameters": int(sum(v.numel() for v in sd.values())),
+            "precond": result.precond.to_dict(), "sigma_min": result.options.sigma_min,
+            "sigma_max": result.options.sigma_max,
+            **_run_card(result, levels), **card}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        result.adapter_config.save_pretrained(str(tmp))
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's folder is private; the adapter is a plain folder of the user's
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
+
+
+def adapted_model(result: DistillResult, teacher):
+    """The teacher's network with the run's EMA adapter fused (a plain network, no peft layers) as an
+    ``edmrt.Model`` with the consistency preconditioning: what ``edmrt.load(teacher, adapters=...)`` gives."""
+    from ..adapters.lora import AdapterSet, import_peft
+
+    peft = import_peft()
+    net = copy.deepcopy(teacher.network)
+    adapters = AdapterSet(net)
+    adapters.add("default", result.adapter_config, peft.get_peft_model_state_dict(result.ema, adapter_name="default"))
+    adapters.apply({"default": 1.0})
+    return Model(net, result.precond, sample_shape=teacher.sample_shape, num_classes=teacher.num_classes,
+                 sigma_min=result.options.sigma_min, sigma_max=result.options.sigma_max, metadata={})
 
 
 def select_levels(model, max_steps: int = 4, grid: int = 24, samples: int = 400, solver: str = "consistency",

@@ -163,19 +163,24 @@ def evaluate_digits(model, solver: str = "heun", steps: int = 18, guidance: floa
 
 def record_card_metrics(name: str, root: str | Path | None = None) -> list[dict]:
     """Measure the bundled model ``name`` (``evaluate_digits``: the teacher's Heun 18 with and without guidance and
-    Euler 10; a distilled student's 1, 2 and 4 steps and TCD) and write the runs into its model card."""
-    from ..models.bundled import load
+    Euler 10; a distilled student's 1, 2 and 4 steps and TCD) and write the runs into its model card.  A bundled
+    adapter (``BUNDLED_ADAPTERS``) is measured fused into its base model, with its card's levels."""
+    from ..models.bundled import BUNDLED_ADAPTERS, load
     from .common import machine_name
 
     root = Path(root or WEIGHTS_DIR)
-    model = load(name, root=root)
+    if name in BUNDLED_ADAPTERS:  # a few-step adapter: its card is NAME/edmrt.json, measured on its base model
+        path = root / name / "edmrt.json"
+        model = load(json.loads(path.read_text())["base"], adapters={str(root / name): 1.0})
+    else:
+        path = root / f"{name}.json"
+        model = load(name, root=root)
     if model.precond.name == "cm":  # a distilled student: its card's levels for 1, 2 and 4 steps
         runs = [evaluate_digits(model, "consistency", k) for k in (1, 2, 4)]
         runs.append(evaluate_digits(model, "tcd", 2, gamma=0.3))
     else:
         runs = [evaluate_digits(model, "heun", 18), evaluate_digits(model, "heun", 18, guidance=2.0),
                 evaluate_digits(model, "euler", 10)]
-    path = root / f"{name}.json"
     card = json.loads(path.read_text())
     card["metrics"] = {"machine": machine_name(), "classifier": f"{CLASSIFIER}.safetensors", "runs": runs}
     path.write_text(json.dumps(card, indent=1) + "\n")

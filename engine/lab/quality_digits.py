@@ -31,7 +31,8 @@ NFES = (2, 3, 4, 5, 6, 8, 10, 16, 20, 35)
 STUDENT_RUNS = (("consistency", {}), ("tcd", {"gamma": 0.3}))
 
 
-def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd", nfes: Sequence[int] = NFES,
+def run_quality_digits(teacher: str = "digits", student: str | Sequence[str] | None = "digits-cd",
+                       nfes: Sequence[int] = NFES,
                        solvers: Sequence[str] = TEACHER_SOLVERS, student_steps: Sequence[int] = (1, 2, 3, 4),
                        blocks: int = 5, progress: bool = True) -> dict:
     from tqdm import tqdm
@@ -47,7 +48,8 @@ def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd
     (xa, _), (xb, _) = held_out_halves()
     ref, feats_a = digits_features(xb, clf), digits_features(xa, clf)
     ref_train = digits_features(load_digits_split("train")[0], clf)
-    jobs = _jobs(teacher, student, nfes, solvers, student_steps)
+    students = () if not student else (student,) if isinstance(student, str) else tuple(student)
+    jobs = _jobs(teacher, students, nfes, solvers, student_steps)
     rows = []
     t_start = time.perf_counter()
     bar = tqdm(total=len(jobs) * blocks, disable=not progress, desc="quality digits", unit="run", dynamic_ncols=True)
@@ -72,17 +74,19 @@ def run_quality_digits(teacher: str = "digits", student: str | None = "digits-cd
     bar.close()
     return {"benchmark": "quality_digits", "machine": machine_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - t_start, 1),
-            "teacher": teacher, "student": student, "blocks": blocks, "samples_per_block": n,
+            "teacher": teacher, "student": students[0] if students else None, "students": list(students),
+            "blocks": blocks, "samples_per_block": n,
             "protocol": "FD-digits (edmrt.lab.metrics) of each block of 197 class-conditional samples (test half A's "
                         "labels, seeds 197 b .. 197 b + 196) against test half B; mean and std over blocks",
             "fd_digits_floor": frechet_distance(feats_a, ref), "fd_train_floor": frechet_distance(feats_a, ref_train),
             "rows": rows}
 
 
-def _jobs(teacher: str, student: str | None, nfes, solvers, student_steps) -> list[tuple]:
+def _jobs(teacher: str, students: tuple, nfes, solvers, student_steps) -> list[tuple]:
     """(role, model name, solver, options, Sampler) for every teacher solver at each distinct NFE its step counts
-    reach within the budgets, then the student's runs at ``student_steps``."""
-    from ..models.bundled import load
+    reach within the budgets, then each student's runs at ``student_steps``.  A student that is a bundled adapter
+    (``BUNDLED_ADAPTERS``, e.g. digits-cd-lora) runs fused into the teacher."""
+    from ..models.bundled import BUNDLED_ADAPTERS, load
     from ..sampler import Sampler
     from .quality_gmm import Recipe, steps_for
 
@@ -99,8 +103,8 @@ def _jobs(teacher: str, student: str | None, nfes, solvers, student_steps) -> li
                 continue
             seen.add(s.plan.nfe)
             jobs.append(("teacher", teacher, solver, {}, s))
-    if student:
-        s_model = load(student)
+    for student in students:
+        s_model = load(teacher, adapters={student: 1.0}) if student in BUNDLED_ADAPTERS else load(student)
         for solver, opts in STUDENT_RUNS:
             for k in student_steps:
                 s = Sampler(s_model, solver=solver, steps=k, backend="torch", device="cpu", **opts)
@@ -124,7 +128,9 @@ def goals(result: dict) -> dict:
     """The issue's goals, read off the rows: teacher Heun at 35 NFE vs the floor, student 2-step vs 1.5x that."""
     rows = result["rows"]
     heun35 = next((r for r in rows if r["role"] == "teacher" and r["solver"] == "heun" and r["nfe"] == 35), None)
-    cm2 = next((r for r in rows if r["role"] == "student" and r["solver"] == "consistency" and r["steps"] == 2), None)
+    first = result.get("student")
+    cm2 = next((r for r in rows if r["role"] == "student" and r["model"] == first and r["solver"] == "consistency"
+                and r["steps"] == 2), None)
     out = {"fd_digits_floor": result["fd_digits_floor"]}
     if heun35:
         out["teacher_heun_35"] = heun35["fd_digits"]
@@ -139,6 +145,12 @@ def goals(result: dict) -> dict:
         out["student_2_step_over_teacher_35"] = cm2["fd_digits"] / heun35["fd_digits"]
         out["student_2_step_over_teacher_35_fd_train"] = cm2["fd_train"] / heun35["fd_train"]
         out["student_goal_met"] = cm2["fd_digits"] <= 1.5 * heun35["fd_digits"]
+    for other in result.get("students", [])[1:]:  # each further student's FD-train against the first's
+        for k in (1, 2, 4):
+            a = next((r for r in rows if r["model"] == other and r["solver"] == "consistency" and r["steps"] == k), None)
+            b = next((r for r in rows if r["model"] == first and r["solver"] == "consistency" and r["steps"] == k), None)
+            if a and b:
+                out[f"{other}_over_{first}_fd_train_{k}_steps"] = a["fd_train"] / b["fd_train"]
     cond = [r["class_accuracy"] for r in rows if (r["role"] == "teacher" and r["nfe"] >= 10) or r["role"] == "student"]
     if cond:
         out["min_class_accuracy_teacher_nfe_ge_10_and_student"] = min(cond)
@@ -152,12 +164,13 @@ def plot_digits(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 5))
     cmap = plt.get_cmap("tab10")
-    groups = list(dict.fromkeys((r["role"], r["solver"]) for r in result["rows"]))
-    for k, (role, solver) in enumerate(groups):
+    groups = list(dict.fromkeys((r["role"], r["model"], r["solver"]) for r in result["rows"]))
+    for k, (role, model, solver) in enumerate(groups):
         pts = sorted((r["nfe"], r["fd_digits"], r["fd_digits_std"], r["class_accuracy"], r["fd_train"],
-                      r["fd_train_std"]) for r in result["rows"] if r["role"] == role and r["solver"] == solver)
+                      r["fd_train_std"]) for r in result["rows"]
+                     if r["role"] == role and r["model"] == model and r["solver"] == solver)
         style = dict(ls="-", marker="o") if role == "teacher" else dict(ls="--", marker="s", lw=2)
-        label = f"{result['teacher'] if role == 'teacher' else result['student']}: {solver}"
+        label = f"{model}: {solver}"
         nfe = [p[0] for p in pts]
         axes[0].errorbar(nfe, [p[1] for p in pts], yerr=[p[2] for p in pts], color=cmap(k % 10), ms=4, capsize=2,
                          label=label, **style)
