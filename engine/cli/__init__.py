@@ -1,6 +1,7 @@
 """The ``edmrt`` command line: one module per command, one table of them (``COMMANDS``).
 
     edmrt sample     a bundled model to a PNG grid (the main job), or the exact mixture vs its ODE  (sample.py)
+    edmrt render     many samples to PNG / Parquet / WebDataset files on Ray Data, resumable      (render.py)
     edmrt plan       a solver's coefficient plan as a table, optionally as JSON                    (plan.py)
     edmrt solvers    the registered solvers, their options and references                          (solvers.py)
     edmrt quality    quality per NFE: the exact Gaussian mixture, or the bundled digits models      (quality.py)
@@ -21,12 +22,12 @@ import logging
 import os
 import sys
 
-from . import distill, export, metrics, plan, quality, sample, solvers, train
+from . import distill, export, metrics, plan, quality, render, sample, solvers, train
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = {"sample": sample, "plan": plan, "solvers": solvers, "quality": quality, "train": train,
-            "distill": distill, "metrics": metrics, "export": export}
+COMMANDS = {"sample": sample, "render": render, "plan": plan, "solvers": solvers, "quality": quality,
+            "train": train, "distill": distill, "metrics": metrics, "export": export}
 
 
 class Parser(argparse.ArgumentParser):

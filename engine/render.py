@@ -1,0 +1,584 @@
+"""Offline rendering at scale on Ray Data (``edmrt render``): deterministic, resumable, fault-tolerant.
+
+The work is a list of requests (index, seed, class label, guidance), from a seed range or a JSONL / CSV file, cut
+into chunks of ``batch`` consecutive requests (chunk k holds requests k*batch .. k*batch + batch - 1).  The chunks
+still to do form a Ray Data dataset, one chunk per block; ``map_batches`` runs them on an actor pool, each actor
+holding one ``Sampler`` built once (and its exported network); Ray Data's writer API (``write_datasink``) writes
+every chunk through ``ChunkSink``, in one of three formats:
+
+- ``png``: one file per image, ``images/NNNNN/IIIIIIIII.png`` (index I, folder I // 10000);
+- ``parquet``: one file per chunk, ``parquet/chunk-KKKKKKK.parquet``: index, seed, class_label, guidance, the PNG
+  bytes, and the job (model weights' sha256, solver, steps, sigmas) in the file's metadata;
+- ``webdataset``: one tar shard per chunk, ``webdataset/chunk-KKKKKKK.tar``: ``IIIIIIIII.png`` + ``IIIIIIIII.json``
+  per sample (deterministic tar headers: the same images give the same bytes).
+
+Safe and resumable: every file is written under a temporary name beside its destination and renamed into place
+(``os.replace``), then the chunk's record ``done/chunk-KKKKKKK.json`` (its files and their sha256) is written the
+same way.  ``manifest.json`` holds the job; a folder holding another job is refused.  A re-run skips each chunk
+whose record is there and whose files have the recorded sha256 (a run with nothing left to do only verifies), and
+renders the rest: a killed run leaves at most temporary files (removed) and chunks without records (redone).
+
+Deterministic: image i depends only on (model, plan, seed_i, condition_i), never on the actor or batch that drew it:
+the Sampler draws each sample's noise from its own seed (Philox), and ONNX Runtime on the CPU, the default
+backend there, is batch-independent bit for bit (measured: 0.0 between batches of 1, 7 and 100; torch's CPU
+convolutions differ by ~1e-6 between batch sizes, which 8-bit PNGs hide nearly always, not always).
+
+Fault-tolerant: Ray Data restarts an actor that dies and retries its task (an actor pool's ``max_restarts`` and
+``max_task_retries`` are -1 by default): its chunk is redone and the output is the same.  For tests, ``EDMRT_RENDER_TEST_EXIT_AFTER=N``
+with ``EDMRT_RENDER_TEST_MARKER=PATH`` makes the first actor that reaches N calls create PATH and exit.
+
+Ray is imported inside the functions that need it (``pip install 'edmrt[render]'``).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["FORMATS", "RenderJob", "Requests", "read_requests", "render", "verify_output", "to_png"]
+
+FORMATS = ("png", "parquet", "webdataset")
+MANIFEST_FORMAT = "edmrt-render-1"
+_EXIT_AFTER, _MARKER = "EDMRT_RENDER_TEST_EXIT_AFTER", "EDMRT_RENDER_TEST_MARKER"
+
+
+@dataclass
+class Requests:
+    """Per-request columns (index i is the request's position): seed, class label (-1: none), guidance (NaN:
+    none)."""
+
+    seed: np.ndarray
+    class_label: np.ndarray
+    guidance: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.seed)
+
+    @classmethod
+    def from_seeds(cls, seeds: Sequence[int], num_classes: int = 0, classes: Sequence[int] | None = None,
+                   guidance: float | None = None) -> Requests:
+        """Requests for ``seeds``: class ``classes[i % len(classes)]`` (default i % num_classes) for a
+        class-conditional model, none otherwise; one guidance weight for all (None: plain conditional)."""
+        seeds = np.asarray(list(seeds), dtype=np.int64)
+        n = len(seeds)
+        if num_classes:
+            pool = np.asarray(list(classes) if classes else range(num_classes), dtype=np.int64)
+            labels = pool[np.arange(n) % len(pool)]
+        else:
+            labels = np.full(n, -1, dtype=np.int64)
+        g = np.full(n, np.nan if guidance is None else float(guidance))
+        return cls(seeds, labels, g).checked(num_classes)
+
+    def checked(self, num_classes: int) -> Requests:
+        """ValueError naming the first bad request: seeds >= 0 and < 2**63, labels in [0, num_classes) (or -1 for
+        an unconditional model), guidance NaN (none) or finite >= 0."""
+        if not len(self.seed):
+            raise ValueError("requests: there is nothing to render (no seeds)")
+        bad = np.flatnonzero(self.seed < 0)
+        if bad.size:
+            raise ValueError(f"requests: seeds must be >= 0, request {bad[0]} has {self.seed[bad[0]]}")
+        lab = self.class_label
+        bad = np.flatnonzero((lab < 0) | (lab >= num_classes)) if num_classes else np.flatnonzero(lab != -1)
+        if bad.size:
+            want = f"a class in [0, {num_classes})" if num_classes else "no class (the model is unconditional)"
+            raise ValueError(f"requests: each request needs {want}; request {bad[0]} has {lab[bad[0]]}")
+        g = self.guidance
+        bad = np.flatnonzero(~np.isnan(g) & (~np.isfinite(g) | (g < 0)))
+        if bad.size:
+            raise ValueError(f"requests: guidance must be a finite number >= 0, request {bad[0]} has {g[bad[0]]}")
+        if (~np.isnan(g)).any() and not num_classes:
+            raise ValueError("requests: guidance needs a class-conditional model")
+        return self
+
+
+def read_requests(path: str | os.PathLike, num_classes: int = 0) -> Requests:
+    """Requests from a JSONL file (one object per line: "seed", optional "class", optional "guidance") or a CSV file
+    with a header naming the same columns; a class-conditional model's missing class is the request's index modulo
+    its classes.  ValueError naming the file, line and field for anything malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--requests {str(path)!r} cannot be read: {exc}") from None
+    rows: list[dict] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "seed" not in reader.fieldnames:
+            raise ValueError(f"{path}: a CSV of requests needs a header with 'seed' (and optional 'class', 'guidance')")
+        rows = [{k: v for k, v in r.items() if v not in (None, "")} for r in reader]
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({exc})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{n}: each line must be a JSON object with 'seed'")
+                rows.append(obj)
+    seeds, labels, guidance = [], [], []
+    for i, r in enumerate(rows):
+        unknown = set(r) - {"seed", "class", "guidance"}
+        if unknown or "seed" not in r:
+            raise ValueError(f"{path}: request {i} must have 'seed' and may have 'class' and 'guidance', got "
+                             f"{sorted(r)}")
+        try:
+            seeds.append(_integer(r["seed"]))
+            labels.append(_integer(r["class"]) if "class" in r else (i % num_classes if num_classes else -1))
+            guidance.append(float(r["guidance"]) if "guidance" in r else math.nan)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: request {i}: seed and class must be integers, guidance a number; got {r}") \
+                from None
+    return Requests(np.asarray(seeds, dtype=np.int64), np.asarray(labels, dtype=np.int64),
+                    np.asarray(guidance, dtype=np.float64)).checked(num_classes)
+
+
+def _integer(v) -> int:
+    if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
+        raise ValueError(v)
+    return int(v)
+
+
+@dataclass
+class RenderJob:
+    """What is rendered and how: the model (a bundled name, a diffusers folder, optional adapters {name: weight}
+    and an ONNX file to run it), the sampler (solver, steps, schedule, solver options; None: the model card's),
+    the backend ("auto": ONNX Runtime on the CPU), the output format and the chunk size."""
+
+    model: str = "digits"
+    solver: str | None = None
+    steps: int | None = None
+    schedule: object = None
+    options: dict = field(default_factory=dict)
+    backend: str = "auto"
+    onnx: str | None = None
+    adapters: dict | None = None
+    format: str = "png"
+    batch: int = 64
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {list(FORMATS)}, got {self.format!r}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {self.batch!r}")
+
+
+# ---------------------------------------------------------------------------------------------- building a sampler
+def load_model(job: RenderJob):
+    from .models.bundled import load
+
+    return load(job.model, adapters=job.adapters) if job.adapters else load(job.model)
+
+
+def build_sampler(job: RenderJob, threads: int = 1):
+    """The job's Sampler: on the CPU with backend "auto" / "onnxruntime", an ONNX Runtime session with ``threads``
+    intra-op threads over the cached export (adapters fused and baked in), else ``resolve_backend``'s."""
+    from .backends import OnnxRuntimeBackend
+    from .sampler import Sampler
+
+    model = load_model(job)
+    backend = job.backend
+    if job.onnx is not None or (job.device == "cpu" and backend in ("auto", "onnxruntime")):
+        import onnxruntime as ort
+
+        from .backends.onnx_cache import cached_onnx
+        from .backends.ort import load_onnx_session
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = max(1, int(threads))
+        path = job.onnx if job.onnx is not None else cached_onnx(model, torch.device("cpu"))[0]
+        backend = OnnxRuntimeBackend(load_onnx_session(path, sess_options=opts, cond_inputs=model.cond),
+                                     cond_inputs=model.cond)
+    return model, Sampler(model, solver=job.solver, steps=job.steps, schedule=job.schedule, backend=backend,
+                          device=job.device, **job.options)
+
+
+class _Timed:
+    """A backend that adds the seconds spent in it (the network) to ``seconds``; forwards everything else."""
+
+    def __init__(self, inner):
+        self._inner, self.seconds = inner, 0.0
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return self._inner(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def to_png(image: torch.Tensor) -> bytes:
+    """One image (C, H, W) in [-1, 1] as PNG bytes (8 bits, "L" for one channel, "RGB" for three): round((x + 1)
+    127.5), clipped; deterministic for one Pillow version."""
+    from PIL import Image
+
+    x = image.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).numpy()
+    if x.shape[0] == 1:
+        pic = Image.fromarray(x[0], mode="L")
+    elif x.shape[0] == 3:
+        pic = Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)), mode="RGB")
+    else:
+        raise ValueError(f"to_png needs 1 or 3 channels, got {x.shape[0]}")
+    buf = io.BytesIO()
+    pic.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Renderer:
+    """The actor of ``map_batches``: one Sampler built once; each call renders its chunks (columns chunk, index,
+    seed, class_label, guidance: one row per chunk) and returns one row per image with its PNG bytes and the
+    chunk's timings (network, the rest of sampling, encoding, the wall time it ended) on the chunk's first row."""
+
+    def __init__(self, job: dict, threads: int = 1):
+        torch.set_num_threads(max(1, int(threads)))
+        self.job = RenderJob(**job)
+        self.model, self.sampler = build_sampler(self.job, threads)
+        self.timed = _Timed(self.sampler.backend)
+        self.sampler.backend = self.timed  # engines are built on first use: every one times its network
+        self.calls, self.actor = 0, f"{os.uname().nodename}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        self.calls += 1
+        self._test_exit()
+        cols: dict[str, list] = {k: [] for k in ("chunk", "index", "seed", "class_label", "guidance", "png",
+                                                "actor", "network_s", "sample_s", "encode_s", "done_at")}
+        for c in range(len(batch["chunk"])):
+            idx, seeds = np.asarray(batch["index"][c]), np.asarray(batch["seed"][c])
+            labels, guid = np.asarray(batch["class_label"][c]), np.asarray(batch["guidance"][c], dtype=np.float64)
+            net0, t0 = self.timed.seconds, time.perf_counter()
+            images = self._sample(seeds, labels, guid)
+            t1 = time.perf_counter()
+            pngs = [to_png(im) for im in images]
+            t2 = time.perf_counter()
+            n = len(idx)
+            net = self.timed.seconds - net0
+            cols["chunk"] += [int(batch["chunk"][c])] * n
+            cols["index"] += idx.tolist()
+            cols["seed"] += seeds.tolist()
+            cols["class_label"] += labels.tolist()
+            cols["guidance"] += guid.tolist()
+            cols["png"] += pngs
+            cols["actor"] += [self.actor] * n
+            cols["network_s"] += [net] + [0.0] * (n - 1)
+            cols["sample_s"] += [t1 - t0 - net] + [0.0] * (n - 1)
+            cols["encode_s"] += [t2 - t1] + [0.0] * (n - 1)
+            cols["done_at"] += [time.time()] + [0.0] * (n - 1)
+        return {k: np.asarray(v, dtype=object) if k in ("png", "actor") else np.asarray(v) for k, v in cols.items()}
+
+    def _sample(self, seeds: np.ndarray, labels: np.ndarray, guid: np.ndarray) -> torch.Tensor:
+        """The chunk's images in request order; requests with different guidance run as separate calls."""
+        out = [None] * len(seeds)
+        keys = ["none" if np.isnan(g) else float(g) for g in guid]
+        for key in dict.fromkeys(keys):
+            pos = [i for i, k in enumerate(keys) if k == key]
+            cond = labels[pos].tolist() if self.model.num_classes else None
+            x = self.sampler.sample(seeds[pos].tolist(), cond=cond, guidance=None if key == "none" else key).cpu()
+            for j, i in enumerate(pos):
+                out[i] = x[j]
+        return torch.stack(out)
+
+    def _test_exit(self) -> None:
+        after, marker = os.environ.get(_EXIT_AFTER), os.environ.get(_MARKER)
+        if after and marker and self.calls > int(after):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os._exit(3)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """``data`` at ``path``: written to a temporary name beside it, then renamed into place, so that a killed
+    process never leaves a partial file under the final name; never through an existing symlink (the rename
+    replaces it).  No fsync: a power loss (not a killed run) may lose the last files, which the next run's sha256
+    check then redoes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}.{os.getpid()}.{time.monotonic_ns()}"
+    with open(tmp, "xb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _chunk_files(fmt: str, chunk: int, rows: list[dict], meta: dict) -> dict[str, bytes]:
+    """{relative path: bytes} of one chunk's output in ``fmt`` (rows sorted by index)."""
+    if fmt == "png":
+        return {f"images/{r['index'] // 10000:05d}/{r['index']:09d}.png": r["png"] for r in rows}
+    info = [{"index": r["index"], "seed": r["seed"], "class_label": r["class_label"],
+             "guidance": None if math.isnan(r["guidance"]) else r["guidance"]} for r in rows]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"index": [r["index"] for r in rows], "seed": [r["seed"] for r in rows],
+                          "class_label": [r["class_label"] for r in rows], "guidance": [i["guidance"] for i in info],
+                          "png": pa.array([r["png"] for r in rows], type=pa.binary())})
+        table = table.replace_schema_metadata({"edmrt": json.dumps(meta, sort_keys=True)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return {f"parquet/chunk-{chunk:07d}.parquet": buf.getvalue()}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for r, i in zip(rows, info):
+            for name, data in ((f"{r['index']:09d}.png", r["png"]),
+                               (f"{r['index']:09d}.json", json.dumps({**i, **meta}, sort_keys=True).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+                tar.addfile(ti, io.BytesIO(data))
+    return {f"webdataset/chunk-{chunk:07d}.tar": buf.getvalue()}
+
+
+def _record_path(out: Path, chunk: int) -> Path:
+    return out / "done" / f"chunk-{chunk:07d}.json"
+
+
+def write_chunk(out: Path, fmt: str, chunk: int, rows: list[dict], meta: dict, expected: int) -> dict:
+    """Write one chunk's files atomically, then its record; returns the record.  ValueError if the chunk's rows
+    are not all here (``expected``), so that no record ever covers a partial chunk."""
+    rows = sorted(rows, key=lambda r: r["index"])
+    if len(rows) != expected or len({r["index"] for r in rows}) != expected:
+        raise ValueError(f"chunk {chunk}: {len(rows)} rows reached the writer, expected {expected}")
+    t0 = time.perf_counter()
+    files = _chunk_files(fmt, chunk, rows, meta)
+    for rel, data in files.items():
+        _atomic_write(out / rel, data)
+    record = {"chunk": chunk, "first": rows[0]["index"], "count": len(rows),
+              "files": {rel: _sha256(data) for rel, data in files.items()}}
+    _atomic_write(_record_path(out, chunk), json.dumps(record, sort_keys=True).encode())
+    record["write_s"] = time.perf_counter() - t0
+    record["written_at"] = time.time()
+    return record
+
+
+def make_sink(out: Path, fmt: str, meta: dict, sizes: dict):
+    """A Ray Data ``Datasink`` writing each chunk with ``write_chunk``; ``sizes`` {chunk: rows}.  Its write tasks
+    return per-chunk records with the actors' timings; ``on_write_complete`` keeps them (``sink.records``)."""
+    from ray.data import Datasink
+
+    class ChunkSink(Datasink):
+        def __init__(self):
+            self.records: list[dict] = []
+
+        def get_name(self) -> str:
+            return "edmrt-render"
+
+        def write(self, blocks, ctx) -> list[dict]:
+            by_chunk: dict[int, list[dict]] = {}
+            for block in blocks:
+                table = block.to_pydict() if hasattr(block, "to_pydict") else block.to_dict("list")
+                for i in range(len(table["chunk"])):
+                    by_chunk.setdefault(int(table["chunk"][i]), []).append({k: table[k][i] for k in table})
+            out_records = []
+            for chunk, rows in sorted(by_chunk.items()):
+                rec = write_chunk(out, fmt, chunk, rows, meta, sizes[chunk])
+                rec.update(actor=rows[0]["actor"], **{k: float(sum(r[k] for r in rows))
+                                                      for k in ("network_s", "sample_s", "encode_s")},
+                           done_at=max(float(r["done_at"]) for r in rows))
+                out_records.append(rec)
+            return out_records
+
+        def on_write_complete(self, write_result) -> None:
+            self.records = [r for ret in write_result.write_returns for r in (ret or [])]
+
+    return ChunkSink()
+
+
+# ---------------------------------------------------------------------------------------------- the manifest
+def job_manifest(job: RenderJob, model, sampler, requests: Requests) -> dict:
+    """The job as recorded in manifest.json: everything an image depends on, and the requests' digest."""
+    from .backends.ort import weights_sha256
+
+    net = model.network
+    weights = weights_sha256(net) if isinstance(net, torch.nn.Module) else None
+    digest = hashlib.sha256()
+    for col in (requests.seed, requests.class_label, requests.guidance):
+        digest.update(np.ascontiguousarray(col).tobytes())
+    return {"format": MANIFEST_FORMAT, "model": job.model, "model_weights_sha256": weights,
+            "adapters": job.adapters or {}, "onnx": job.onnx, "solver": sampler.solver, "steps": sampler.steps,
+            "sigmas": [float(s) for s in sampler.plan.sigmas], "options": job.options, "backend": job.backend,
+            "image_format": job.format, "batch": job.batch, "requests": len(requests),
+            "requests_sha256": digest.hexdigest(), "sample_shape": list(model.sample_shape)}
+
+
+def _open_output(out: Path, manifest: dict) -> None:
+    """Create ``out`` with ``manifest.json``, or check that an existing one records the same job; remove temporary
+    files a killed run left behind."""
+    path = out / "manifest.json"
+    if path.exists() or path.is_symlink():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not a readable render manifest ({exc}): choose another --out") from None
+        if old != manifest:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            raise ValueError(f"{out} holds another render job (it differs in {diff}): choose another --out")
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} exists and is not an edmrt render folder (no manifest.json): choose another --out")
+        _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    for tmp in out.rglob(".tmp-*"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink()
+
+
+def verify_output(out: str | os.PathLike, chunks: int | None = None) -> tuple[set, set]:
+    """(complete chunks, chunks to redo) of a render folder: a chunk is complete when its record parses and each
+    of its files exists as a regular file with the recorded sha256."""
+    out = Path(out)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    total = chunks if chunks is not None else math.ceil(manifest["requests"] / manifest["batch"])
+    done, redo = set(), set()
+    for k in range(total):
+        rec_path = _record_path(out, k)
+        try:
+            rec = json.loads(rec_path.read_text(encoding="utf-8"))
+            ok = rec.get("chunk") == k and all(
+                (out / rel).is_file() and not (out / rel).is_symlink()
+                and _sha256((out / rel).read_bytes()) == sha for rel, sha in rec["files"].items())
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            ok = False
+        (done if ok else redo).add(k)
+    return done, redo
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _chunk_rows(requests: Requests, batch: int, todo: Sequence[int]) -> list[dict]:
+    rows = []
+    for k in todo:
+        lo, hi = k * batch, min(len(requests), (k + 1) * batch)
+        rows.append({"chunk": k, "index": np.arange(lo, hi, dtype=np.int64), "seed": requests.seed[lo:hi],
+                     "class_label": requests.class_label[lo:hi], "guidance": requests.guidance[lo:hi]})
+    return rows
+
+
+def render(job: RenderJob, requests: Requests, out: str | os.PathLike, actors: int = 1, cpus_per_actor: float = 1,
+           gpus_per_actor: float = 0, address: str | None = None, progress: bool = True) -> dict:
+    """Render ``requests`` with ``job`` into ``out`` on Ray (module docstring); returns the summary (also written
+    to ``out/summary.json``): images written and verified, seconds, images/s overall and per actor, NFE/s, and
+    where the actors' time went.  ``address``: an existing Ray cluster (default: a local Ray in this process)."""
+    import ray
+
+    out = Path(out)
+    if not isinstance(requests, Requests):
+        raise ValueError(f"requests must be an edmrt.render.Requests (Requests.from_seeds, read_requests), got "
+                         f"{type(requests).__name__}")
+    if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
+        raise ValueError(f"actors must be an int >= 1, got {actors!r}")
+    if not (cpus_per_actor > 0 and gpus_per_actor >= 0):
+        raise ValueError(f"cpus_per_actor must be > 0 and gpus_per_actor >= 0, got {cpus_per_actor}, {gpus_per_actor}")
+    t_start = time.perf_counter()
+    started = not ray.is_initialized()
+    try:
+        return _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address, progress, t_start)
+    finally:
+        if started and ray.is_initialized():  # a Ray this call started ends with it; the caller's stays
+            ray.shutdown()
+
+
+def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address, progress, t_start) -> dict:
+    model, sampler = build_sampler(job, threads=int(cpus_per_actor))  # checks the job, warms the ONNX cache
+    other = [c.name for c in model.cond if c.name != "class_labels"]
+    if other:
+        raise ValueError(f"render takes seeds, class labels and guidance; model {job.model!r} also needs {other} "
+                         "(per-request embeddings are not built yet: sample it with edmrt sample --prompt-embeds)")
+    requests.checked(model.num_classes)
+    manifest = job_manifest(job, model, sampler, requests)
+    out.mkdir(parents=True, exist_ok=True)
+    _open_output(out, manifest)
+    n_chunks = math.ceil(len(requests) / job.batch)
+    done, todo = verify_output(out, n_chunks)
+    summary = {"requests": len(requests), "chunks": n_chunks, "chunks_skipped": len(done), "chunks_rendered": 0,
+               "actors": actors, "batch": job.batch, "nfe_per_image": sampler.plan.nfe}
+    if todo:
+        sizes = {k: min(len(requests), (k + 1) * job.batch) - k * job.batch for k in todo}
+        t0 = time.perf_counter()
+        records = _run_pipeline(job, requests, out, sorted(todo), sizes, manifest, actors, cpus_per_actor,
+                                gpus_per_actor, address, progress)
+        wall = time.perf_counter() - t0
+        summary.update(_timings(records, sampler.plan.nfe))
+        summary.update(chunks_rendered=len(records), pipeline_s=round(wall, 3),
+                       images_per_s=summary["rendered_images"] / wall,
+                       nfe_per_s=summary["rendered_images"] * sampler.plan.nfe / wall)
+    done, redo = verify_output(out, n_chunks)
+    if redo:
+        raise RuntimeError(f"{len(redo)} chunks are not complete after the run (first {min(redo)}); run again")
+    summary.update(images=len(requests), verified_chunks=len(done), seconds=round(time.perf_counter() - t_start, 3))
+    if summary["chunks_rendered"]:
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+    return summary
+
+
+def _run_pipeline(job, requests, out, todo, sizes, manifest, actors, cpus, gpus, address, progress,
+                  writers: int = 1) -> list[dict]:
+    """The Ray Data pipeline over the chunks in ``todo``: from_items (one block each) -> map_batches on an actor
+    pool of Renderers -> write_datasink(ChunkSink)."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        env = {k: v for k, v in os.environ.items() if k in (_EXIT_AFTER, _MARKER)}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": env} if env else None)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = False
+    rows = _chunk_rows(requests, job.batch, todo)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    meta = {k: manifest[k] for k in ("model", "model_weights_sha256", "solver", "steps", "sigmas")}
+    # Ray Data restarts a dead actor and retries its task (max_restarts = max_task_retries = -1 by default for an
+    # actor pool); a constructor that fails (a bad model) is a user error and is not retried.
+    ds = ds.map_batches(Renderer, fn_constructor_kwargs={"job": dataclasses.asdict(job), "threads": int(cpus)},
+                        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=cpus, num_gpus=gpus)
+    sink = make_sink(out, job.format, meta, sizes)
+    # Writing is light next to sampling: its tasks take no CPU of the budget, so they run beside the actors that
+    # hold every CPU instead of waiting for them to finish; at most `writers` at a time (each task needs a worker
+    # process: unbounded zero-CPU tasks would start dozens).
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=writers)
+    return sink.records
+
+
+def _timings(records: list[dict], nfe: int) -> dict:
+    """Images/s overall and per actor, NFE/s, and where the actors' time went (network, the rest of sampling,
+    PNG encoding, writing), from the chunk records."""
+    images = sum(r["count"] for r in records)
+    parts = {k: sum(r[k] for r in records) for k in ("network_s", "sample_s", "encode_s", "write_s")}
+    busy = sum(parts.values())
+    per_actor: dict[str, dict] = {}
+    for r in records:
+        a = per_actor.setdefault(r["actor"], {"images": 0, "busy_s": 0.0})
+        a["images"] += r["count"]
+        a["busy_s"] += r["network_s"] + r["sample_s"] + r["encode_s"] + r["write_s"]
+    for a in per_actor.values():
+        a["images_per_s_busy"] = a["images"] / a["busy_s"] if a["busy_s"] else None
+    # Steady state: the images of every chunk after the first, over the time from the first chunk's end of encoding
+    # in its actor to the last chunk's record (the rate a long run tends to, without starting Ray and the actors).
+    stamps = sorted((r["done_at"], r["count"]) for r in records)
+    stamps[-1] = (max(r["written_at"] for r in records), stamps[-1][1])
+    span = stamps[-1][0] - stamps[0][0] if len(stamps) > 1 else 0.0
+    steady = sum(c for _, c in stamps[1:]) / span if span > 0 else None
+    return {"rendered_images": images, "steady_images_per_s": steady,
+            "time_split_s": {k: round(v, 3) for k, v in parts.items()},
+            "time_split_share": {k: round(v / busy, 4) if busy else None for k, v in parts.items()},
+            "per_actor": per_actor, "nfe": nfe}
