@@ -2,6 +2,7 @@
 
     edmrt sample     a bundled model to a PNG grid (the main job), or the exact mixture vs its ODE  (sample.py)
     edmrt render     many samples to PNG / Parquet / WebDataset files on Ray Data, resumable      (render.py)
+    edmrt serve      a model over HTTP on Ray Serve, dynamic batching, a bounded queue             (serve.py)
     edmrt plan       a solver's coefficient plan as a table, optionally as JSON                    (plan.py)
     edmrt solvers    the registered solvers, their options and references                          (solvers.py)
     edmrt quality    quality per NFE: the exact Gaussian mixture, or the bundled digits models      (quality.py)
@@ -22,11 +23,11 @@ import logging
 import os
 import sys
 
-from . import distill, export, metrics, plan, quality, render, sample, solvers, train
+from . import distill, export, metrics, plan, quality, render, sample, serve, solvers, train
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = {"sample": sample, "render": render, "plan": plan, "solvers": solvers, "quality": quality,
+COMMANDS = {"sample": sample, "render": render, "serve": serve, "plan": plan, "solvers": solvers, "quality": quality,
             "train": train, "distill": distill, "metrics": metrics, "export": export}
 
 

@@ -1,0 +1,277 @@
+"""Serving on Ray Serve (``edmrt serve``): one deployment, a Sampler per replica, dynamic batching, bounded queue.
+
+HTTP API (JSON in, PNG or JSON out):
+
+- ``POST /v1/samples``: ``{"seeds": [..]}`` or ``{"count": n, "seed": s}`` (seeds s .. s + n - 1); ``"class"``: one
+  label or one per seed (class-conditional models; default seed index % classes); ``"guidance"`` (optional);
+  ``"solver"`` / ``"steps"`` from the allowed ones; ``"format"``: ``"png"`` (one image, ``image/png``), ``"json"``
+  (base64 PNGs, the default) or ``"array"`` (the float samples as nested lists).
+- ``GET /healthz`` and ``GET /v1/models`` (the model, its shape and classes, the allowed solvers and limits).
+
+Every bad request is a 400 with ``{"error": ..., "field": ...}``; an unknown path 404; over the queue bound, 503 with
+``Retry-After``.  Concurrent requests are sampled together by ``@serve.batch`` (``max_batch_size``,
+``batch_wait_timeout_s``): the seeds of every request in a batch with the same (solver, steps, guidance) form one
+``Sampler.sample`` call.  Each sample depends only on its seed and condition (Philox per seed; ONNX Runtime on the
+CPU is batch-independent bit for bit), so a request's images are the same batched or alone.
+
+Each replica builds its Samplers (the ONNX export is cached, sessions opened) and samples once before it reports
+ready.  Ray is imported inside the functions (``pip install 'edmrt[serve]'``).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+__all__ = ["ServeOptions", "SampleRequest", "parse_request", "make_app"]
+
+
+@dataclass
+class ServeOptions:
+    """What a replica serves and its limits."""
+
+    model: str = "digits-cd"
+    adapters: dict | None = None
+    solvers: tuple = ()              # allowed solvers (default: the model card's)
+    max_steps: int = 64
+    max_seeds: int = 64              # seeds per request
+    max_batch_size: int = 64         # requests per dynamic batch
+    batch_wait_timeout_s: float = 0.005
+    max_queue: int = 256             # requests a replica holds at once (in flight + waiting); beyond: 503
+    retry_after_s: int = 1
+    threads: int = 1                 # intra-op threads per replica
+    dynamic_batching: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "max_seeds", "max_batch_size", "max_queue", "threads", "retry_after_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (0 <= self.batch_wait_timeout_s < 10):
+            raise ValueError(f"batch_wait_timeout_s must lie in [0, 10), got {self.batch_wait_timeout_s!r}")
+        self.solvers = tuple(self.solvers)
+
+
+@dataclass
+class SampleRequest:
+    seeds: list
+    classes: list | None
+    guidance: float | None
+    solver: str
+    steps: int
+    format: str = "json"
+    key: tuple = field(init=False)
+
+    def __post_init__(self):
+        self.key = (self.solver, self.steps, self.guidance)
+
+
+class BadRequest(ValueError):
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name
+
+
+def _int(v, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise BadRequest(name, f"{name} must be an integer in [{lo}, {hi}], got {v!r:.40}")
+    return v
+
+
+def parse_request(body, opts: ServeOptions, num_classes: int, default_solver: str, default_steps: int,
+                  solvers: tuple) -> SampleRequest:
+    """The request body (parsed JSON) as a SampleRequest; BadRequest naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise BadRequest("body", "the body must be a JSON object")
+    unknown = set(body) - {"seeds", "count", "seed", "class", "guidance", "solver", "steps", "format"}
+    if unknown:
+        raise BadRequest(sorted(unknown)[0], f"unknown field(s) {sorted(unknown)}")
+    if "seeds" in body:
+        if "count" in body or "seed" in body:
+            raise BadRequest("seeds", "give seeds, or count with seed, not both")
+        seeds = body["seeds"]
+        if not isinstance(seeds, list) or not 1 <= len(seeds) <= opts.max_seeds:
+            raise BadRequest("seeds", f"seeds must be a list of 1 to {opts.max_seeds} integers")
+        seeds = [_int(s, "seeds", 0, 2**63 - 1) for s in seeds]
+    else:
+        n = _int(body.get("count", 1), "count", 1, opts.max_seeds)
+        base = _int(body.get("seed", 0), "seed", 0, 2**63 - 1 - n)
+        seeds = list(range(base, base + n))
+    cls = body.get("class")
+    if num_classes:
+        if cls is None:
+            classes = [i % num_classes for i in range(len(seeds))]
+        elif isinstance(cls, list):
+            if len(cls) != len(seeds):
+                raise BadRequest("class", f"class must be one label or one per seed ({len(seeds)}), got {len(cls)}")
+            classes = [_int(c, "class", 0, num_classes - 1) for c in cls]
+        else:
+            classes = [_int(cls, "class", 0, num_classes - 1)] * len(seeds)
+    elif cls is not None:
+        raise BadRequest("class", "this model is unconditional: no class")
+    else:
+        classes = None
+    guidance = body.get("guidance")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+                or not 0 <= guidance <= 100:
+            raise BadRequest("guidance", f"guidance must be a number in [0, 100] or null, got {guidance!r:.40}")
+        if not num_classes:
+            raise BadRequest("guidance", "guidance needs a class-conditional model")
+        guidance = float(guidance)
+    solver = body.get("solver", default_solver)
+    if solver not in solvers:
+        raise BadRequest("solver", f"solver must be one of {list(solvers)}, got {solver!r:.40}")
+    steps = _int(body.get("steps", default_steps), "steps", 1, opts.max_steps)
+    fmt = body.get("format", "json")
+    if fmt not in ("png", "json", "array"):
+        raise BadRequest("format", f"format must be 'png', 'json' or 'array', got {fmt!r:.40}")
+    if fmt == "png" and len(seeds) != 1:
+        raise BadRequest("format", "format 'png' returns one image: ask for one seed, or use 'json'")
+    return SampleRequest(seeds, classes, guidance, solver, steps, fmt)
+
+
+class Replica:
+    """What one replica holds and does, independent of Ray: Samplers per (solver, steps), built on first use
+    (the default one before the replica is ready), and the sampling of a batch of requests."""
+
+    def __init__(self, opts: ServeOptions):
+        import torch
+
+        from .render import RenderJob, build_sampler
+
+        torch.set_num_threads(opts.threads)
+        self.opts = opts
+        self._job = RenderJob(model=opts.model, adapters=opts.adapters)
+        self.model, first = build_sampler(self._job, threads=opts.threads)
+        self.default = (first.solver, first.steps)
+        card = (self.model.metadata.get("sampling") or {}).get("solvers") or []
+        self.solvers = tuple(opts.solvers) or tuple(dict.fromkeys([first.solver, *card]))
+        self._samplers = {self.default: first}
+        self.stats = {"sample_calls": 0, "requests": 0, "largest_batch": 0}  # requests per sample_many call
+        first.sample([0], cond=[0] if self.model.num_classes else None)  # warm: sessions, first-call costs
+
+    def sampler(self, solver: str, steps: int):
+        from dataclasses import replace
+
+        from .render import build_sampler
+
+        key = (solver, steps)
+        if key not in self._samplers:
+            _, self._samplers[key] = build_sampler(replace(self._job, solver=solver, steps=steps),
+                                                   threads=self.opts.threads)
+        return self._samplers[key]
+
+    def sample_many(self, reqs: list[SampleRequest]) -> list:
+        """Each request's images (N, C, H, W), the requests with the same (solver, steps, guidance) in one call."""
+        import torch
+
+        out: list = [None] * len(reqs)
+        self.stats["sample_calls"] += 1
+        self.stats["requests"] += len(reqs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(reqs))
+        groups: dict = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault(r.key, []).append(i)
+        for (solver, steps, guidance), idx in groups.items():
+            seeds = [s for i in idx for s in reqs[i].seeds]
+            cond = [c for i in idx for c in reqs[i].classes] if self.model.num_classes else None
+            x = self.sampler(solver, steps).sample(seeds, cond=cond, guidance=guidance).cpu()
+            parts = torch.split(x, [len(reqs[i].seeds) for i in idx])
+            for i, part in zip(idx, parts):
+                out[i] = part
+        return out
+
+    def info(self) -> dict:
+        return {"model": self.opts.model, "adapters": self.opts.adapters or {},
+                "sample_shape": list(self.model.sample_shape), "num_classes": self.model.num_classes,
+                "solvers": list(self.solvers), "default": {"solver": self.default[0], "steps": self.default[1]},
+                "limits": {"max_seeds": self.opts.max_seeds, "max_steps": self.opts.max_steps,
+                           "max_queue": self.opts.max_queue, "max_batch_size": self.opts.max_batch_size},
+                "dynamic_batching": self.opts.dynamic_batching, "stats": dict(self.stats)}
+
+
+def encode(req: SampleRequest, x, replica: Replica):
+    """(body, media type) of the response."""
+    from .render import to_png
+
+    if req.format == "png":
+        return to_png(x[0]), "image/png"
+    meta = {"seeds": req.seeds, "class": req.classes, "guidance": req.guidance, "solver": req.solver,
+            "steps": req.steps, "model": replica.opts.model}
+    if req.format == "array":
+        return {**meta, "shape": list(x.shape), "data": x.numpy().astype(np.float64).tolist()}, "application/json"
+    return {**meta, "images": [base64.b64encode(to_png(im)).decode() for im in x]}, "application/json"
+
+
+def error(status: int, message: str, field_name: str | None = None, headers=None):
+    """A JSON error response: {"error": message, "field": the request field at fault, or None}."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message, "field": field_name}, status_code=status, headers=headers)
+
+
+def make_app(opts: ServeOptions, num_replicas: int = 1):
+    """The Ray Serve application: ``serve.run(make_app(opts))``."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    # The replica answers 503 + Retry-After itself beyond max_queue (fast: requests over the bound reach it and
+    # leave at once); Ray Serve's router queue is a bounded backstop (its own 503, without Retry-After).
+    @serve.deployment(num_replicas=num_replicas, max_ongoing_requests=opts.max_queue + opts.max_batch_size + 16,
+                      max_queued_requests=4 * opts.max_queue + 64, ray_actor_options={"num_cpus": opts.threads})
+    class EdmrtSampler:
+        def __init__(self, options: dict):
+            self.replica = Replica(ServeOptions(**options))
+            self.in_flight = 0
+
+        @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_timeout_s)
+        async def batched(self, reqs: list) -> list:
+            return await asyncio.get_running_loop().run_in_executor(None, self.replica.sample_many, reqs)
+
+        async def alone(self, req):
+            return (await asyncio.get_running_loop().run_in_executor(None, self.replica.sample_many, [req]))[0]
+
+        async def __call__(self, request: Request):
+            path, root = request.url.path, request.scope.get("root_path", "")
+            path = (path[len(root):] if root and path.startswith(root) else path).rstrip("/") or "/"
+            method = request.method
+            if path == "/healthz" and method == "GET":
+                return JSONResponse({"status": "ok"})
+            if path == "/v1/models" and method == "GET":
+                return JSONResponse({"models": [self.replica.info()]})
+            if path != "/v1/samples":
+                return error(404, f"no route {method} {path}; try POST /v1/samples, GET /v1/models, GET /healthz")
+            if method != "POST":
+                return error(405, "use POST /v1/samples")
+            if self.in_flight >= self.replica.opts.max_queue:
+                return error(503, f"the replica holds {self.in_flight} requests (max_queue): retry later",
+                             headers={"Retry-After": str(self.replica.opts.retry_after_s)})
+            self.in_flight += 1
+            try:
+                return await self._sample(request)
+            finally:
+                self.in_flight -= 1
+
+        async def _sample(self, request: Request):
+            try:
+                body = await request.json()
+            except ValueError:
+                return error(400, "the body must be JSON", "body")
+            r = self.replica
+            try:
+                req = parse_request(body, r.opts, r.model.num_classes, r.default[0], r.default[1], r.solvers)
+            except BadRequest as exc:
+                return error(400, str(exc), exc.field)
+            try:
+                x = await (self.batched(req) if r.opts.dynamic_batching else self.alone(req))
+            except ValueError as exc:  # a solver / steps combination the plan builder refuses
+                return error(400, str(exc), "steps")
+            payload, media = encode(req, x, r)
+            return Response(payload, media_type=media) if media == "image/png" else JSONResponse(payload)
+
+    return EdmrtSampler.bind(asdict(opts))
