@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["FORMATS", "RenderJob", "Requests", "read_requests", "render", "verify_output", "to_png"]
+__all__ = ["FORMATS", "RenderJob", "Requests", "TimedBackend", "read_requests", "render", "verify_output", "to_png"]
 
 FORMATS = ("png", "parquet", "webdataset")
 MANIFEST_FORMAT = "edmrt-render-1"
@@ -206,7 +206,7 @@ def build_sampler(job: RenderJob, threads: int = 1):
                           device=job.device, **job.options)
 
 
-class _Timed:
+class TimedBackend:
     """A backend that adds the seconds spent in it (the network) to ``seconds``; forwards everything else."""
 
     def __init__(self, inner):
@@ -249,7 +249,7 @@ class Renderer:
         torch.set_num_threads(max(1, int(threads)))
         self.job = RenderJob(**job)
         self.model, self.sampler = build_sampler(self.job, threads)
-        self.timed = _Timed(self.sampler.backend)
+        self.timed = TimedBackend(self.sampler.backend)
         self.sampler.backend = self.timed  # engines are built on first use: every one times its network
         self.calls, self.actor = 0, f"{os.uname().nodename}:{os.getpid()}"
 

@@ -3,6 +3,7 @@
     edmrt sample     a bundled model to a PNG grid (the main job), or the exact mixture vs its ODE  (sample.py)
     edmrt render     many samples to PNG / Parquet / WebDataset files on Ray Data, resumable      (render.py)
     edmrt serve      a model over HTTP on Ray Serve, dynamic batching, a bounded queue             (serve.py)
+    edmrt bench      solvers x steps x backends x batches of a model timed side by side; --peers    (bench.py)
     edmrt plan       a solver's coefficient plan as a table, optionally as JSON                    (plan.py)
     edmrt solvers    the registered solvers, their options and references                          (solvers.py)
     edmrt quality    quality per NFE: the exact Gaussian mixture, or the bundled digits models      (quality.py)
@@ -23,11 +24,11 @@ import logging
 import os
 import sys
 
-from . import distill, export, metrics, plan, quality, render, sample, serve, solvers, train
+from . import bench, distill, export, metrics, plan, quality, render, sample, serve, solvers, train
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = {"sample": sample, "render": render, "serve": serve, "plan": plan, "solvers": solvers, "quality": quality,
+COMMANDS = {"sample": sample, "render": render, "serve": serve, "bench": bench, "plan": plan, "solvers": solvers, "quality": quality,
             "train": train, "distill": distill, "metrics": metrics, "export": export}
 
 

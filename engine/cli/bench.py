@@ -1,0 +1,48 @@
+"""``edmrt bench``: solvers x steps x backends x batch sizes of one model, timed side by side (``edmrt.lab.bench``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import command_line, output_path, positive_int
+
+HELP = "measure solvers, steps, backends and batch sizes of a model (images/s, latency, NFE/s, overhead; --peers)"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help=HELP)
+    p.add_argument("--model", default="digits", help="a bundled model (default digits)")
+    p.add_argument("--solvers", nargs="+", default=["heun", "dpmpp_2m"])
+    p.add_argument("--steps", nargs="+", type=positive_int, default=[], help="step counts (default: the card's)")
+    p.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"])
+    p.add_argument("--batch", nargs="+", type=positive_int, default=[1, 8, 64])
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved timed rounds (after one warm-up)")
+    p.add_argument("--peers", action="store_true", help="also k-diffusion's and diffusers' loops of each solver")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--output", metavar="STEM", help="write STEM.json, STEM.md, STEM.png (default bench_MODEL)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    from edmrt.lab.bench import plot_bench, run_bench, table
+    from edmrt.solvers import get_solver
+
+    for name in args.solvers:
+        get_solver(name)
+    stem = Path(args.output or f"bench_{args.model}")
+    output_path(stem.with_suffix(".json"), create=True)
+    result = run_bench(args.model, args.solvers, args.steps, args.backends, args.batch, rounds=args.rounds,
+                       peers=args.peers, device=args.device, progress=not args.quiet)
+    result["command"] = command_line(args)
+    md = "\n".join([f"# edmrt bench --model {args.model} ({result['machine']}, torch {result['torch']}, "
+                    f"{result['date']})", "", f"`{result['command']}`: {result['rounds']} interleaved rounds after "
+                    "a warm-up; latency per call of the whole batch; 'vs bare network': each call's time over the "
+                    "time spent inside its network calls (median); peak MB: the process's peak RSS after the cell "
+                    "(CPU).", "", table(result), ""])
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(md)
+    plot_bench(result, stem.with_suffix(".png"))
+    print(table(result))
+    print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {stem.with_suffix('.png')}")
+    return 0
