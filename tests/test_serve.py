@@ -155,3 +155,25 @@ def test_overload_gives_clean_503s_with_retry_after_and_serves_the_rest(server):
             assert "retry-after" in {k.lower() for k in headers} and json.loads(raw)["error"]
         else:
             assert len(json.loads(raw)["images"]) == 1
+
+
+def test_a_killed_replica_is_replaced_and_its_request_answered_with_an_error(server):
+    """Kill the teacher's replica while it samples: the in-flight request gets an HTTP error (Ray Serve's proxy
+    answers 500, plain text: not our JSON error), never a hang; Ray Serve starts a new replica and the next request
+    is served."""
+    import time
+
+    url = server + "/small/v1/samples"
+    assert _call(url, {"seeds": [1]})[0] == 200
+    res = {}
+    t = threading.Thread(target=lambda: res.setdefault("r", _call(url, {"seeds": [0], "steps": 40}, timeout=120)))
+    t.start()
+    time.sleep(0.5)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::small#")]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    t.join(150)
+    assert not t.is_alive() and res["r"][0] in (200, 500, 503), res   # 200 if it finished before the kill
+    status, _, raw = _call(url, {"seeds": [3], "class": 3}, timeout=120)
+    assert status == 200 and len(json.loads(raw)["images"]) == 1
