@@ -199,9 +199,11 @@ def build_sampler(job: RenderJob, threads: int = 1):
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = max(1, int(threads))
-        path = job.onnx if job.onnx is not None else cached_onnx(model, torch.device("cpu"))[0]
-        backend = OnnxRuntimeBackend(load_onnx_session(path, sess_options=opts, cond_inputs=model.cond),
-                                     cond_inputs=model.cond)
+        path, session = (job.onnx, None) if job.onnx is not None else \
+            cached_onnx(model, torch.device("cpu"), sess_options=opts)  # the checked session, when the cache had one
+        if session is None:
+            session = load_onnx_session(path, sess_options=opts, cond_inputs=model.cond)
+        backend = OnnxRuntimeBackend(session, cond_inputs=model.cond)
     return model, Sampler(model, solver=job.solver, steps=job.steps, schedule=job.schedule, backend=backend,
                           device=job.device, **job.options)
 

@@ -76,12 +76,13 @@ def onnx_manifest_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.manifest.json")
 
 
-def cached_onnx(model: Model, device: torch.device, weight_inputs=()):
+def cached_onnx(model: Model, device: torch.device, weight_inputs=(), sess_options=None):
     """(path, session or None): the model's cached ONNX file, loaded and checked when it is usable; otherwise
     exported again (from the CPU, the network then returned to ``device``) and the session left to the caller.
 
     ``weight_inputs``: parameter names exported as graph inputs (``export_onnx(weight_inputs=...)``; part of the key);
-    the caller binds them (``OnnxRuntimeBackend(path_or_session, weights=...)``)."""
+    the caller binds them (``OnnxRuntimeBackend(path_or_session, weights=...)``).  ``sess_options``: the
+    ``onnxruntime.SessionOptions`` the checked session is opened with (threads), so a caller can keep it."""
     if not isinstance(model.network, torch.nn.Module):
         raise ValueError("exporting to ONNX needs the network to be a torch.nn.Module")
     weight_inputs = _check_weight_names(weight_inputs)
@@ -90,7 +91,7 @@ def cached_onnx(model: Model, device: torch.device, weight_inputs=()):
     problem = _check_entry(path, fields)
     if problem is None:
         try:
-            session = load_onnx_session(path, cond_inputs=model.cond)
+            session = load_onnx_session(path, cond_inputs=model.cond, sess_options=sess_options)
         except ValueError as exc:
             problem = str(exc)
         else:

@@ -242,8 +242,8 @@ def distill(teacher, opts: DistillOptions | None = None, data: tuple[torch.Tenso
         step, losses, seconds = int(state["step"]), list(state["losses"]), float(state["seconds"])
     t = karras_levels(opts.N, opts.sigma_min, opts.sigma_max, opts.rho)
     result = DistillResult(opts, student, target, ema, precond, step, losses, seconds, adapter_config)
-    pairs = [(dict(target.named_parameters())[n], dict(ema.named_parameters())[n], p)
-             for n, p in student.named_parameters() if p.requires_grad]
+    target_params, ema_params = dict(target.named_parameters()), dict(ema.named_parameters())
+    pairs = [(target_params[n], ema_params[n], p) for n, p in student.named_parameters() if p.requires_grad]
 
     def ema_updates(step: int) -> None:  # the target (decay mu) and the shipped EMA, on the trained tensors only
         with torch.no_grad():
