@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import types
 from pathlib import Path
 
 import numpy as np
@@ -55,17 +55,36 @@ def _client(call, n_requests: int, concurrency: int) -> dict:
             "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None}
 
 
-def _http(url: str):
+def _http(host: str, port: int, path: str, key: str = "images"):
+    """A call that POSTs one seed on its thread's own keep-alive connection (as an HTTP client library's pool
+    would), True for a 200 carrying ``key``, else the status or the error's name."""
+    local = threading.local()
+
     def call(i: int):
-        data = json.dumps({"seeds": [i], "class": i % 10}).encode()
+        data = json.dumps({"seeds": [i], "class": i % 10})
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=300) as r:
-                return True if r.status == 200 and json.loads(r.read())["images"] else r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError as e:
+            if getattr(local, "conn", None) is None:
+                local.conn = http.client.HTTPConnection(host, port, timeout=300)
+            local.conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+            r = local.conn.getresponse()
+            body = r.read()
+            return True if r.status == 200 and json.loads(body)[key] else r.status
+        except (OSError, http.client.HTTPException) as e:
+            local.conn = None
             return type(e).__name__
     return call
+
+
+def _empty_app():
+    """Ray Serve's own floor: one deployment that reads the JSON body and answers a small JSON, no sampling."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
+    class Empty:
+        async def __call__(self, request):
+            return JSONResponse({"seeds": (await request.json())["seeds"]})
+    return Empty.bind()
 
 
 def main(argv=None) -> int:
@@ -80,7 +99,7 @@ def main(argv=None) -> int:
 
     from edmrt.lab.common import machine_name
     from edmrt.render import RenderJob, build_sampler
-    from edmrt.serve import ServeOptions, make_app
+    from edmrt.serve import SampleRequest, ServeOptions, encode, make_app
 
     machine = machine_name()
     torch.set_num_threads(1)
@@ -91,25 +110,36 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cells = []
     t_all = time.perf_counter()
+    serve.run(_empty_app(), name="empty", route_prefix="/")
+    call = _http("127.0.0.1", port, "/", key="seeds")
+    _client(call, 8, 2)
+    for c in CONCURRENCY:
+        res = _client(call, max(args.requests, c), c)
+        cells.append({"model": "-", "mode": "Ray Serve, empty handler", "concurrency": c, **res})
+        print("empty", c, {k: res[k] for k in ("images_per_s", "p50_ms", "p99_ms", "errors")}, flush=True)
+    serve.delete("empty")
     for model, n in (("digits-cd", args.requests), ("digits", args.teacher_requests)):
         _, sampler = build_sampler(RenderJob(model=model), threads=1)
         lock = threading.Lock()
 
         def local(i, sampler=sampler, lock=lock):
+            req = SampleRequest([i], [i % 10], None, sampler.solver, sampler.steps)
             with lock:  # one session, one thread: what one replica has
-                sampler.sample([i], cond=[i % 10])
+                x = sampler.sample(req.seeds, cond=req.classes)
+            json.dumps(encode(req, x, replica)[0])  # the same response body the server builds
             return True
 
         for mode, batching in (("serve, no batching", False), ("serve, dynamic batching", True)):
             serve.run(make_app(ServeOptions(model=model, dynamic_batching=batching, max_batch_size=64,
                                             batch_wait_timeout_s=0.005)), name="load", route_prefix="/")
-            call = _http(f"http://127.0.0.1:{port}/v1/samples")
+            call = _http("127.0.0.1", port, "/v1/samples")
             _client(call, 8, 2)  # warm the proxy and the replica
             for c in CONCURRENCY:
                 res = _client(call, max(n, c), c)
                 cells.append({"model": model, "mode": mode, "concurrency": c, **res})
                 print(model, mode, c, {k: res[k] for k in ("images_per_s", "p50_ms", "p99_ms", "errors")}, flush=True)
             serve.delete("load")
+        replica = types.SimpleNamespace(opts=ServeOptions(model=model))
         for c in CONCURRENCY:
             res = _client(local, max(n, c), c)
             cells.append({"model": model, "mode": "in-process Sampler.sample", "concurrency": c, **res})
@@ -124,12 +154,19 @@ def main(argv=None) -> int:
     (out / "serve_load.json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"# `edmrt serve` under load ({result['machine']}, Ray {result['ray']}, torch {result['torch']}, "
           f"{result['date']})", "",
-          "One seed per request (JSON, base64 PNG) from a bounded client on the loopback address; one replica with "
-          "one ONNX Runtime thread; the in-process floor calls Sampler.sample of one seed from as many threads "
-          "(one session, taking turns). Ray and the client share the machine's 2 vCPUs.", "",
+          "One seed per request (JSON, base64 PNG) from a bounded client on the loopback address (one keep-alive "
+          "connection per client thread); one sampler replica with one ONNX Runtime thread, behind the ingress. "
+          "The in-process floor calls Sampler.sample of one seed and builds the same JSON body, from as many "
+          "threads (one session, taking turns). 'Ray Serve, empty handler' is one deployment that reads the body "
+          "and answers a small JSON: Ray Serve's own floor here. Ray and the client share the machine's 2 vCPUs.",
+          "",
           "| model | mode | concurrency | requests | images/s | p50 ms | p95 ms | p99 ms | errors |",
           "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
+        if not c["ok"]:
+            md.append(f"| {c['model']} | {c['mode']} | {c['concurrency']} | {c['requests']} | 0 | - | - | - | "
+                      f"{c['errors']} |")
+            continue
         md.append(f"| {c['model']} | {c['mode']} | {c['concurrency']} | {c['requests']} | {c['images_per_s']:.1f} | "
                   f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['errors']} |")
     (out / "serve_load.md").write_text("\n".join(md) + "\n")
@@ -155,6 +192,10 @@ def _plot(cells, path: Path, machine: str) -> None:
     for ax, label in zip(axes, ("images/s", "p50 latency (ms)")):
         ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
+    pts = sorted((c["concurrency"], c["images_per_s"], c["p50_ms"]) for c in cells if c["mode"].startswith("Ray"))
+    for ax, k in zip(axes, (1, 2)):
+        ax.plot([q[0] for q in pts], [q[k] for q in pts], ls=":", marker=".", color="grey",
+                label="Ray Serve, empty handler")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"edmrt serve under load ({machine})", fontsize=10)
     fig.tight_layout()

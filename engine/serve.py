@@ -14,8 +14,10 @@ Every bad request is a 400 with ``{"error": ..., "field": ...}``; an unknown pat
 ``Sampler.sample`` call.  Each sample depends only on its seed and condition (Philox per seed; ONNX Runtime on the
 CPU is batch-independent bit for bit), so a request's images are the same batched or alone.
 
-Each replica builds its Samplers (the ONNX export is cached, sessions opened) and samples once before it reports
-ready.  Ray is imported inside the functions (``pip install 'edmrt[serve]'``).
+Two deployments: an ingress (HTTP, request checks, no CPU reserved) and the samplers (``--replicas``).  Each sampler
+replica builds its Samplers (the ONNX export is cached, sessions opened) and samples once before it reports ready.
+A sampler replica that dies under a request is replaced by Ray Serve, and the ingress sends the request again
+(``retries``; the same seeds give the same images), so a client sees a 200, or a JSON 503 if every try died.  Ray is imported inside the functions (``pip install 'edmrt[serve]'``).
 """
 from __future__ import annotations
 
@@ -44,12 +46,15 @@ class ServeOptions:
     retry_after_s: int = 1
     threads: int = 1                 # intra-op threads per replica
     dynamic_batching: bool = True
+    retries: int = 2                 # times the ingress resends a request whose sampler replica died under it
 
     def __post_init__(self):
         for name in ("max_steps", "max_seeds", "max_batch_size", "max_queue", "threads", "retry_after_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
+            raise ValueError(f"retries must be an int in [0, 10], got {self.retries!r}")
         if not (0 <= self.batch_wait_timeout_s < 10):
             raise ValueError(f"batch_wait_timeout_s must lie in [0, 10), got {self.batch_wait_timeout_s!r}")
         self.solvers = tuple(self.solvers)
@@ -214,20 +219,27 @@ def error(status: int, message: str, field_name: str | None = None, headers=None
     return JSONResponse({"error": message, "field": field_name}, status_code=status, headers=headers)
 
 
-def make_app(opts: ServeOptions, num_replicas: int = 1):
-    """The Ray Serve application: ``serve.run(make_app(opts))``."""
-    from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+def _route(request) -> tuple[str, str]:
+    path, root = request.url.path, request.scope.get("root_path", "")
+    path = (path[len(root):] if root and path.startswith(root) else path).rstrip("/") or "/"
+    return path, request.method
 
-    # The replica answers 503 + Retry-After itself beyond max_queue (fast: requests over the bound reach it and
-    # leave at once); Ray Serve's router queue is a bounded backstop (its own 503, without Retry-After).
+
+def _sampler_deployment(opts: ServeOptions, num_replicas: int):
+    """The deployment that holds a Replica per Ray Serve replica and samples (``make_app``)."""
+    from ray import serve
+
+    # The sampler answers "busy" beyond max_queue (fast: requests over the bound reach it and leave at once); Ray
+    # Serve's router queue is a bounded backstop (its own 503, without Retry-After).
     @serve.deployment(num_replicas=num_replicas, max_ongoing_requests=opts.max_queue + opts.max_batch_size + 16,
                       max_queued_requests=4 * opts.max_queue + 64, ray_actor_options={"num_cpus": opts.threads})
     class EdmrtSampler:
         def __init__(self, options: dict):
             self.replica = Replica(ServeOptions(**options))
             self.in_flight = 0
+
+        def info(self) -> dict:
+            return self.replica.info()
 
         @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_timeout_s)
         async def batched(self, reqs: list) -> list:
@@ -236,42 +248,89 @@ def make_app(opts: ServeOptions, num_replicas: int = 1):
         async def alone(self, req):
             return (await asyncio.get_running_loop().run_in_executor(None, self.replica.sample_many, [req]))[0]
 
-        async def __call__(self, request: Request):
-            path, root = request.url.path, request.scope.get("root_path", "")
-            path = (path[len(root):] if root and path.startswith(root) else path).rstrip("/") or "/"
-            method = request.method
+        async def run(self, req: SampleRequest) -> tuple:
+            """("ok", body, media type), ("busy", message) or ("bad", message, field)."""
+            r = self.replica
+            if self.in_flight >= r.opts.max_queue:
+                return "busy", f"the replica holds {self.in_flight} requests (max_queue): retry later"
+            self.in_flight += 1
+            try:
+                x = await (self.batched(req) if r.opts.dynamic_batching else self.alone(req))
+            except ValueError as exc:  # a solver / steps combination the plan builder refuses
+                return "bad", str(exc), "steps"
+            finally:
+                self.in_flight -= 1
+            return ("ok", *encode(req, x, r))
+
+    return EdmrtSampler
+
+
+def _ingress_deployment(opts: ServeOptions, num_replicas: int):
+    """The deployment that answers HTTP and calls the samplers through a handle (``make_app``)."""
+    from ray import serve
+
+    ingress_queue = num_replicas * (opts.max_queue + opts.max_batch_size + 16)
+
+    @serve.deployment(max_ongoing_requests=ingress_queue, max_queued_requests=4 * ingress_queue,
+                      ray_actor_options={"num_cpus": 0})
+    class EdmrtIngress:
+        def __init__(self, sampler, options: dict):
+            self.sampler, self.opts, self.card = sampler, ServeOptions(**options), None
+
+        async def __call__(self, request):
+            from starlette.responses import JSONResponse
+
+            path, method = _route(request)
             if path == "/healthz" and method == "GET":
                 return JSONResponse({"status": "ok"})
             if path == "/v1/models" and method == "GET":
-                return JSONResponse({"models": [self.replica.info()]})
+                return JSONResponse({"models": [await self.sampler.info.remote()]})
             if path != "/v1/samples":
                 return error(404, f"no route {method} {path}; try POST /v1/samples, GET /v1/models, GET /healthz")
             if method != "POST":
                 return error(405, "use POST /v1/samples")
-            if self.in_flight >= self.replica.opts.max_queue:
-                return error(503, f"the replica holds {self.in_flight} requests (max_queue): retry later",
-                             headers={"Retry-After": str(self.replica.opts.retry_after_s)})
-            self.in_flight += 1
-            try:
-                return await self._sample(request)
-            finally:
-                self.in_flight -= 1
+            return await self._sample(request)
 
-        async def _sample(self, request: Request):
+        async def _sample(self, request):
+            from ray.exceptions import RayActorError
+            from starlette.responses import JSONResponse, Response
+
             try:
                 body = await request.json()
             except ValueError:
                 return error(400, "the body must be JSON", "body")
-            r = self.replica
+            if self.card is None:  # what parse_request needs, from the first sampler replica that answers
+                self.card = await self.sampler.info.remote()
+            c = self.card
             try:
-                req = parse_request(body, r.opts, r.model.num_classes, r.default[0], r.default[1], r.solvers)
+                req = parse_request(body, self.opts, c["num_classes"], c["default"]["solver"], c["default"]["steps"],
+                                    tuple(c["solvers"]))
             except BadRequest as exc:
                 return error(400, str(exc), exc.field)
-            try:
-                x = await (self.batched(req) if r.opts.dynamic_batching else self.alone(req))
-            except ValueError as exc:  # a solver / steps combination the plan builder refuses
-                return error(400, str(exc), "steps")
-            payload, media = encode(req, x, r)
-            return Response(payload, media_type=media) if media == "image/png" else JSONResponse(payload)
+            retry_after = {"Retry-After": str(self.opts.retry_after_s)}
+            for _ in range(self.opts.retries + 1):
+                try:
+                    out = await self.sampler.run.remote(req)
+                except RayActorError:  # the replica died under the request: Ray Serve replaces it; send it again
+                    continue
+                if out[0] == "busy":
+                    return error(503, out[1], headers=retry_after)
+                if out[0] == "bad":
+                    return error(400, out[1], out[2])
+                return Response(out[1], media_type=out[2]) if out[2] == "image/png" else JSONResponse(out[1])
+            return error(503, f"the sampler replica died under this request {self.opts.retries + 1} time(s): "
+                              "retry later", headers=retry_after)
 
-    return EdmrtSampler.bind(asdict(opts))
+    return EdmrtIngress
+
+
+def make_app(opts: ServeOptions, num_replicas: int = 1):
+    """The Ray Serve application: ``serve.run(make_app(opts))``.
+
+    Two deployments: ``EdmrtSampler`` (``num_replicas``, ``opts.threads`` CPUs each) holds a Replica and samples;
+    ``EdmrtIngress`` (no CPU reserved) answers HTTP, checks requests and calls a sampler through a handle.  A sampler
+    replica that dies under a request is replaced by Ray Serve; the ingress sends the request again (up to
+    ``opts.retries`` times: sampling is deterministic by seed, so a retry returns the same images), and answers a
+    JSON 503 with Retry-After if every try died."""
+    sampler = _sampler_deployment(opts, num_replicas).bind(asdict(opts))
+    return _ingress_deployment(opts, num_replicas).bind(sampler, asdict(opts))

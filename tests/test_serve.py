@@ -98,7 +98,7 @@ def test_parse_request_without_a_server():
     assert (r.seeds, r.classes, r.guidance, r.steps) == ([5, 6], [0, 1], 1.5, 2)
     with pytest.raises(BadRequest, match="unconditional"):
         parse_request({"seeds": [1], "class": 1}, opts, 0, "heun", 18, ("heun",))
-    for bad in (dict(max_queue=0), dict(batch_wait_timeout_s=-1), dict(threads=True)):
+    for bad in (dict(max_queue=0), dict(batch_wait_timeout_s=-1), dict(threads=True), dict(retries=-1)):
         with pytest.raises(ValueError):
             ServeOptions(**bad)
 
@@ -157,23 +157,38 @@ def test_overload_gives_clean_503s_with_retry_after_and_serves_the_rest(server):
             assert len(json.loads(raw)["images"]) == 1
 
 
-def test_a_killed_replica_is_replaced_and_its_request_answered_with_an_error(server):
-    """Kill the teacher's replica while it samples: the in-flight request gets an HTTP error (Ray Serve's proxy
-    answers 500, plain text: not our JSON error), never a hang; Ray Serve starts a new replica and the next request
-    is served."""
+def _sampler_replicas(app: str) -> list:
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#EdmrtSampler#")]
+
+
+def test_a_killed_replica_is_replaced_and_its_request_retried(server):
+    """Kill the teacher's sampler replica while it samples 64 seeds (seen from its stats): Ray Serve starts a new one
+    and the ingress sends the in-flight request again, so the client gets a 200 with the very images it would have
+    got (sampling is deterministic by seed), never a hang or a 500; the next request is served too."""
     import time
 
     url = server + "/small/v1/samples"
-    assert _call(url, {"seeds": [1]})[0] == 200
+    body = {"count": 64, "seed": 0, "steps": 40}
+    status, _, first = _call(url, body)
+    assert status == 200
+    stats = lambda: json.loads(_call(server + "/small/v1/models")[2])["models"][0]["stats"]  # noqa: E731
+    started = stats()["requests"]
     res = {}
-    t = threading.Thread(target=lambda: res.setdefault("r", _call(url, {"seeds": [0], "steps": 40}, timeout=120)))
+    t = threading.Thread(target=lambda: res.setdefault("r", _call(url, body, timeout=150)))
     t.start()
-    time.sleep(0.5)
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith("SERVE_REPLICA::small#")]
-    assert len(replicas) == 1, replicas
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-    t.join(150)
-    assert not t.is_alive() and res["r"][0] in (200, 500, 503), res   # 200 if it finished before the kill
+    deadline = time.monotonic() + 30
+    while stats()["requests"] == started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (victim,) = _sampler_replicas("small")
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    t.join(160)
+    assert not t.is_alive()
+    status, headers, raw = res["r"]
+    assert status == 200 and headers["content-type"] == "application/json", (status, raw[:300])
+    assert json.loads(raw)["images"] == json.loads(first)["images"]
+    (new,) = _sampler_replicas("small")
+    assert new["name"] != victim["name"]
+    assert stats()["requests"] == 1   # the new replica sampled the retried request, and nothing else yet
     status, _, raw = _call(url, {"seeds": [3], "class": 3}, timeout=120)
     assert status == 200 and len(json.loads(raw)["images"]) == 1

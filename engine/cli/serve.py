@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (ms)")
     p.add_argument("--no-batching", action="store_true", help="sample every request alone")
     p.add_argument("--max-queue", type=positive_int, default=256, help="requests per replica before 503s")
+    p.add_argument("--retries", type=int, default=2, help="times a request is sent again when its sampler replica "
+                   "died under it (default 2; 0: answer 503 at once)")
     p.add_argument("--address", help="an existing Ray cluster (default: a local Ray in this process)")
     p.set_defaults(fn=run)
 
@@ -41,7 +43,7 @@ def run(args) -> int:
     opts = ServeOptions(model=args.model, adapters=adapter_weights(args), solvers=tuple(args.solvers or ()),
                         max_steps=args.max_steps, max_seeds=args.max_seeds, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_ms / 1000, max_queue=args.max_queue,
-                        threads=args.threads, dynamic_batching=not args.no_batching)
+                        threads=args.threads, dynamic_batching=not args.no_batching, retries=args.retries)
     from edmrt.models.bundled import load
 
     load(args.model)  # a bad model name fails here, in one line, before Ray starts
