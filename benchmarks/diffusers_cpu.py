@@ -62,12 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (the values that differ from UNet2DConditionModel's defaults
 # are the same as the defaults except where written).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
-    downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0)
+from edmrt.lab.bench import SD15_UNET  # noqa: E402  (runwayml/stable-diffusion-v1-5 unet/config.json)
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (ldm transformer_depth [0, 2, 10]: the first level has
 # no attention; attention_head_dim is the number of heads per level, 64 channels each).
 SDXL_UNET = dict(

@@ -332,7 +332,7 @@ class Sampler:
         if adapters is None:
             raise ValueError("this model has no adapters loaded (edmrt.adapters.lora.load_adapter(model, ...))")
         update = getattr(self.backend, "update_weights", None)
-        if self.backend_name not in ("torch", "torch-compile", "custom") and not callable(update):
+        if self.backend_name not in ("torch", "torch-compile", "torch-bf16", "custom") and not callable(update):
             raise ValueError(f"backend {self.backend_name!r} holds its own copy of the weights: set_adapters needs "
                              "backend 'torch' (or a backend with update_weights); or fuse before building it")
         fused = adapters.fused_weights(weights, combination, **merge_kw)  # validates names, weights, combination
@@ -349,7 +349,7 @@ class Sampler:
                 e.lock.acquire()
             try:
                 adapters.write(fused, adapters.check_weights(weights))
-                if callable(update) and self.backend_name not in ("torch", "torch-compile"):
+                if callable(update) and self.backend_name not in ("torch", "torch-compile", "torch-bf16"):
                     update(fused)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)

@@ -5,6 +5,9 @@ import sys
 # @triton.jit decorator runs: set it here, first, unless a GPU is present (benchmarks/gpu_check.sh
 # exports TRITON_INTERPRET=0 there, so the kernels compile for the device).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend="auto" measures the installed backends at its first call per batch size (edmrt.backends.auto); pinned here
+# to ONNX Runtime so that tests keep one backend whatever the timing; tests/test_openvino.py unpins it to test "auto".
+os.environ.setdefault("EDMRT_AUTO_BACKEND", "onnxruntime")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import zlib  # noqa: E402

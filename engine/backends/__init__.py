@@ -5,13 +5,19 @@ name           constructor (what ``make_backend`` takes)  what ``resolve_backend
 =============  =========================================  ================================================
 torch          ``TorchBackend(net)``                      the network, moved to the device
 torch-compile  ``TorchBackend(net, compile=True)``        the same, compiled at the first call
+torch-bf16     ``TorchBackend(net, autocast=bfloat16)``   the same under torch's autocast to bfloat16
 onnxruntime    ``OnnxRuntimeBackend(path | session)``     the network exported once (``onnx_cache.py``)
 tensorrt       ``TensorRTBackend(engine_path)``           that ONNX file built into a cached engine
+openvino       ``OpenVinoBackend(path)``                  that ONNX file compiled by OpenVINO for the CPU (fp32)
+openvino-bf16  ``OpenVinoBackend(path, precision="bf16")``  the same in bfloat16 (CPUs with AVX512_BF16 / AMX)
 custom         ``CallableBackend(fn)``                    a network that is a plain callable
 =============  =========================================  ================================================
 
-"auto" picks the fastest verified backend for the device: ONNX Runtime on the CPU (1.1-1.5x torch eager
-on the CIFAR-sized UNet here), torch eager on CUDA (TensorRT is unverified).  Only ``torch`` and this
+"auto" on the CPU measures (``auto.py``): at the first call with each batch size it times torch eager, ONNX Runtime
+and OpenVINO (those installed) on that call's inputs and keeps the fastest whose F is within 1e-4 (relative RMS) of
+torch's; "auto-bf16" also tries torch's bf16 autocast and OpenVINO in bfloat16, within 5e-2.  The choice is cached on disk;
+``EDMRT_AUTO_BACKEND`` pins it.  A model with adapters (weights swapped in place) gets ONNX Runtime, a network that
+is not a torch module "custom", and CUDA torch eager (TensorRT is unverified).  Only ``torch`` and this
 package's own modules are imported by ``import edmrt``; onnx, onnxruntime and tensorrt where used.
 """
 from __future__ import annotations
@@ -24,18 +30,22 @@ import torch
 from ..model import Model
 from .base import Backend, check_backend_args
 from .custom import CallableBackend
-from .module import TorchBackend, torch_compile
+from .module import TorchBackend, torch_bf16, torch_compile
 from .ort import OnnxRuntimeBackend
+from .ov import OpenVinoBackend
 from .trt import TensorRTBackend, tensorrt_available
 
 __all__ = ["Backend", "BACKENDS", "make_backend", "resolve_backend", "check_backend_args", "TorchBackend",
-           "OnnxRuntimeBackend", "TensorRTBackend", "CallableBackend"]
+           "OnnxRuntimeBackend", "TensorRTBackend", "OpenVinoBackend", "CallableBackend"]
 
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "torch": TorchBackend,
     "torch-compile": torch_compile,
+    "torch-bf16": torch_bf16,
     "onnxruntime": OnnxRuntimeBackend,
     "tensorrt": TensorRTBackend,
+    "openvino": OpenVinoBackend,
+    "openvino-bf16": lambda path, **options: OpenVinoBackend(path, precision="bf16", **options),
     "custom": CallableBackend,
 }
 
@@ -55,19 +65,47 @@ def _auto(model: Model, device: torch.device) -> str:
     return "torch"
 
 
+def _measured_auto(mode: str, model: Model, device: torch.device):
+    """An AutoBackend over the backends installed here, or None where "auto" does not measure (not the CPU, not a
+    torch module, a model with adapters, or no exporter)."""
+    from .auto import AutoBackend
+    from .ort import weights_sha256
+
+    if (device.type != "cpu" or not isinstance(model.network, torch.nn.Module)
+            or getattr(model, "adapters", None) is not None or not importlib.util.find_spec("onnx")):
+        return None
+    names = ["torch"]
+    if importlib.util.find_spec("onnxruntime"):
+        names.append("onnxruntime")
+    if mode == "auto-bf16":
+        names.append("torch-bf16")
+    if importlib.util.find_spec("openvino"):
+        names.append("openvino")
+        if mode == "auto-bf16":
+            from .ov import bf16_supported
+
+            if bf16_supported():
+                names.append("openvino-bf16")
+    return AutoBackend(lambda n: resolve_backend(n, model, device)[1], names, mode, weights_sha256(model.network))
+
+
 def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str, Backend]:
-    """(name, backend) for ``model`` on ``device``: "auto" or a name in ``BACKENDS`` (table above).
+    """(name, backend) for ``model`` on ``device``: "auto", "auto-bf16" or a name in ``BACKENDS`` (table above).
 
     A network that is not a torch module runs as "custom" under "torch" too (as before exports existed);
     "onnxruntime" and "tensorrt" need a torch module, exported once into the ONNX cache."""
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {sorted(BACKENDS)}")
-    name = _auto(model, device) if name == "auto" else name
+    if name not in ("auto", "auto-bf16") and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto', 'auto-bf16' or one of {sorted(BACKENDS)}")
+    if name in ("auto", "auto-bf16"):
+        auto = _measured_auto(name, model, device)
+        if auto is not None:
+            return name, auto
+        name = _auto(model, device)
     net = model.network
     is_module = isinstance(net, torch.nn.Module)
     if name == "custom" or (name in ("torch", "torch-compile") and not is_module):
         return "custom", CallableBackend(net, cond_inputs=model.cond)
-    if name in ("torch", "torch-compile"):
+    if name in ("torch", "torch-compile", "torch-bf16"):
         return name, make_backend(name, net.to(device), cond_inputs=model.cond)
     if not is_module:
         raise ValueError(f"backend {name!r} exports the network to ONNX: it must be a torch.nn.Module")
@@ -76,6 +114,11 @@ def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str,
                          "NVIDIA GPU); use 'onnxruntime' or 'torch' here")
     from .onnx_cache import cached_onnx
 
+    if name.startswith("openvino"):
+        if device.type != "cpu":
+            raise ValueError(f"backend {name!r} runs on the CPU; the device is {device}")
+        path, _ = cached_onnx(model, device)
+        return name, make_backend(name, path, cond_inputs=model.cond)
     adapters = getattr(model, "adapters", None)
     targets = tuple(adapters.targets) if adapters is not None else ()
     path, session = cached_onnx(model, device, weight_inputs=targets if name == "onnxruntime" else ())

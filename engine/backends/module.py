@@ -6,7 +6,7 @@ from torch import nn
 
 from .base import as_cond, check_backend_args, cond_inputs_of
 
-__all__ = ["TorchBackend", "torch_compile"]
+__all__ = ["TorchBackend", "torch_compile", "torch_bf16"]
 
 
 class TorchBackend:
@@ -20,17 +20,23 @@ class TorchBackend:
     ``out.copy_(F)``: the one allocation per call is the network's own output.  ``compile=True`` compiles
     lazily, at the first call; a compiler failure there (no C++ toolchain, an unsupported op) raises
     RuntimeError saying so, rather than silently running eager.
+    ``autocast``: None, or torch.bfloat16 / torch.float16 to run the network under ``torch.autocast`` on its device
+    (the "torch-bf16" entry: bf16 matrix work on CPUs that have it), I/O and the sampler's state staying float32.
     """
 
     def __init__(self, net: nn.Module, compile: bool = False, dtype: torch.dtype = torch.float32, cond_inputs=None,
-                 **compile_options):
+                 autocast: torch.dtype | None = None, **compile_options):
         if not isinstance(net, nn.Module):
             raise ValueError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         self.net = net.eval()
         self.cond_inputs = cond_inputs_of(net, cond_inputs)
         self.conditional = bool(self.cond_inputs)
         self.compiled = bool(compile)
-        self.name = "torch-compile" if compile else "torch"
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        self.autocast = autocast
+        self.name = ("torch-compile" if compile else "torch") + ({torch.bfloat16: "-bf16", torch.float16: "-fp16"}
+                                                                  .get(autocast, ""))
         self._fn = torch.compile(net, **compile_options) if compile else net
         self._first = True
         p = next(net.parameters(), None)
@@ -44,7 +50,8 @@ class TorchBackend:
         cond = as_cond(cond)
         if self.device is not None and x_in.device != self.device:
             raise ValueError(f"x_in is on {x_in.device} but the network is on {self.device}")
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(x_in.device.type, dtype=self.autocast or torch.bfloat16,
+                                                    enabled=self.autocast is not None):
             if self.compiled and self._first:
                 try:
                     F = self._fn(x_in, c_noise, **cond)
@@ -58,7 +65,12 @@ class TorchBackend:
                 got = f"{F.dtype} {tuple(F.shape)}" if isinstance(F, torch.Tensor) else type(F).__name__
                 raise ValueError(f"the network must return a real floating-point tensor of shape {tuple(out.shape)}, "
                                  f"got {got}")
-            out.copy_(F)
+            out.copy_(F)   # cast back to out's dtype under autocast
+
+
+def torch_bf16(net: nn.Module, **options) -> TorchBackend:
+    """``TorchBackend(net, autocast=torch.bfloat16, **options)``: the "torch-bf16" entry of the registry."""
+    return TorchBackend(net, autocast=torch.bfloat16, **options)
 
 
 def torch_compile(net: nn.Module, **options) -> TorchBackend:

@@ -43,7 +43,7 @@ import torch
 
 from .base import as_cond, check_backend_args
 
-__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_signature", "onnx_cond_inputs", "onnx_weight_inputs",
+__all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_file", "check_onnx_signature", "onnx_cond_inputs", "onnx_weight_inputs",
            "default_providers",
            "weights_sha256", "sha256_file", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES", "MAX_BINDINGS"]
 
@@ -485,6 +485,27 @@ def _graph_args(values, skip) -> list[_Arg]:
     return args
 
 
+def check_onnx_file(path, conditional: bool | None = None, cond_inputs=None) -> tuple[tuple, dict]:
+    """(conditioning inputs, metadata map) of the ONNX file at ``path`` after ``onnx.checker`` and the declared
+    signature (``check_onnx_signature``); ValueError when it is missing, not a valid ONNX model or off-signature.
+    What every runtime that opens an edmrt file (ONNX Runtime, OpenVINO) checks first."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"ONNX file {str(path)!r} does not exist")
+    try:
+        onnx.checker.check_model(str(path))  # parses the file (protobuf), checks the graph; by path: > 2 GB works
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, ValidationError, ...: all mean "not a usable ONNX file"
+        raise ValueError(f"{str(path)!r} is not a valid ONNX model (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {str(exc).strip()[:300]}") from None
+    graph, meta = proto.graph, {p.key: p.value for p in proto.metadata_props}
+    cond = check_onnx_signature(_graph_args(graph.input, {t.name for t in graph.initializer}),
+                                _graph_args(graph.output, ()), conditional, cond_inputs, meta)
+    return cond, meta
+
+
 def default_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -502,23 +523,11 @@ def load_onnx_session(path, providers=None, conditional: bool | None = None, ses
     file must have (``Model.cond``: names, per-sample shapes, dtypes).  A file with external data (a network over
     2 GB) is read with its data file beside it.
     """
-    import onnx
     import onnxruntime as ort
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"ONNX file {str(path)!r} does not exist")
-    try:
-        onnx.checker.check_model(str(path))  # parses the file (protobuf), checks the graph; by path: > 2 GB works
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError, ValidationError, ...: all mean "not a usable ONNX file"
-        raise ValueError(f"{str(path)!r} is not a valid ONNX model (truncated or corrupt?): "
-                         f"{type(exc).__name__}: {str(exc).strip()[:300]}") from None
     # The signature first, from the file itself: a mismatch is named as such, not as a runtime load error.
-    graph, meta = proto.graph, {p.key: p.value for p in proto.metadata_props}
-    check_onnx_signature(_graph_args(graph.input, {t.name for t in graph.initializer}), _graph_args(graph.output, ()),
-                         conditional, cond_inputs, meta)
-    del proto, graph
+    _, meta = check_onnx_file(path, conditional, cond_inputs)
     avail = ort.get_available_providers()
     providers = default_providers() if providers is None else list(providers)
     for p in providers:

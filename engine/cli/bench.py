@@ -11,7 +11,8 @@ HELP = "measure solvers, steps, backends and batch sizes of a model (images/s, l
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help=HELP)
-    p.add_argument("--model", default="digits", help="a bundled model (default digits)")
+    p.add_argument("--model", default="digits", help="a bundled model (default digits), or a benchmark network with "
+                   "random weights: unet-cifar10, unet-sd15")
     p.add_argument("--solvers", nargs="+", default=["heun", "dpmpp_2m"])
     p.add_argument("--steps", nargs="+", type=positive_int, default=[], help="step counts (default: the card's)")
     p.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"])
@@ -35,10 +36,12 @@ def run(args) -> int:
     result = run_bench(args.model, args.solvers, args.steps, args.backends, args.batch, rounds=args.rounds,
                        peers=args.peers, device=args.device, progress=not args.quiet)
     result["command"] = command_line(args)
-    md = "\n".join([f"# edmrt bench --model {args.model} ({result['machine']}, torch {result['torch']}, "
-                    f"{result['date']})", "", f"`{result['command']}`: {result['rounds']} interleaved rounds after "
-                    "a warm-up; latency per call of the whole batch; 'vs bare network': each call's time over the "
-                    "time spent inside its network calls (median); peak MB: the process's peak RSS after the cell "
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    flags = ", ".join(result["cpu_flags"]) or "none of avx2 / avx512 / amx"
+    md = "\n".join([f"# edmrt bench --model {args.model} ({result['machine']}, {result['date']})", "",
+                    f"CPU flags: {flags}; {versions}.", "",
+                    f"`{result['command']}`: {result['rounds']} interleaved rounds after a warm-up; latency per call "
+                    "of the whole batch; 'vs bare network': each call's time over the time spent inside its network calls (median); peak MB: the process's peak RSS after the cell "
                     "(CPU).", "", table(result), ""])
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(md)

@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--class", dest="class_", metavar="CLASSES",
                    help="bundled models: class label(s), e.g. 3 or 0-9, cycled over the seeds (default: seed index %% 10)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: none, plain conditional)")
-    p.add_argument("--backend", default="auto", help="auto, torch, torch-compile, onnxruntime, tensorrt (default auto)")
+    p.add_argument("--backend", default="auto", help="auto (measured: the fastest that matches torch), auto-bf16, torch, torch-compile, onnxruntime, "
+                        "openvino, openvino-bf16, tensorrt (default auto)")
     p.add_argument("--onnx", metavar="FILE.onnx", help="bundled models: run this ONNX file (from `edmrt export onnx "
                                                        "--model NAME`) in ONNX Runtime as the network")
     p.add_argument("-o", "--output", metavar="OUT.png", help=f"bundled models: PNG grid of the first {GRID_MAX} "
@@ -182,7 +183,6 @@ def run_model(args) -> int:
     backend = onnx_backend(args.onnx, args.model, model) if args.onnx else args.backend
     sampler = edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=backend, schedule=args.schedule,
                             rho=args.rho, **solver_options(args.option))
-    backend_name = f"onnxruntime ({args.onnx})" if args.onnx else sampler.backend_name
     t0 = time.perf_counter()
     chunks, n = [], args.max_batch
     with tqdm(total=len(seeds), disable=len(seeds) <= n, desc="sample", unit="img", dynamic_ncols=True) as bar:
@@ -191,6 +191,7 @@ def run_model(args) -> int:
             bar.update(len(chunks[-1]))
     x = torch.cat(chunks)
     dt = time.perf_counter() - t0
+    backend_name = f"onnxruntime ({args.onnx})" if args.onnx else _backend_said(sampler)
     what = (f"{sampler.solver}, {sampler.steps} steps, NFE {sampler.plan.nfe}"
             f"{'' if args.guidance is None else f', guidance {args.guidance}'}, backend {backend_name}")
     shown = min(len(seeds), GRID_MAX)
@@ -200,6 +201,20 @@ def run_model(args) -> int:
     print(f"sampled {len(seeds)} images from {args.model!r} with {what}: {len(seeds) / dt:.1f} images/s ({dt:.3f} s)")
     print(f"wrote {out}" + (f" (the first {shown} of {len(seeds)} samples)" if shown < len(seeds) else ""))
     return 0
+
+
+def _backend_said(sampler) -> str:
+    """The backend's name; for "auto", what it picked per batch size and why (its measurement, its cache, a pin)."""
+    choices = getattr(sampler.backend, "choices", None)
+    if not choices:
+        return sampler.backend_name
+    from edmrt.backends.auto import describe_choice
+
+    for b, c in sorted(choices.items()):
+        print(f"backend {sampler.backend_name}, batch {b}: picked {c['picked']} ({c['source']}"
+              f"{': ' + describe_choice(c) if c['table'] else ''})")
+    picked = sorted({c["picked"] for c in choices.values()})
+    return f"{sampler.backend_name} ({', '.join(picked)})"
 
 
 def run_gmm(args) -> int:

@@ -8,7 +8,13 @@ its bare network: per call, the whole call's time over the time spent inside the
 the median over the rounds.
 Memory: the process's peak RSS after the cell on the CPU (it only grows), torch's peak allocation per cell on CUDA.
 With ``peers``, the k-diffusion and diffusers loops of the same solver run on the same network (torch, eager) at the
-same NFE, from the same initial noise (``edmrt.lab.peers``).
+same NFE, from the same initial noise (``edmrt.lab.peers``), and each edmrt cell gets its speed-up over the best of
+them at its batch.
+
+Models: a bundled name, or a benchmark network with random weights (``BENCH_NETS``, ``torch.manual_seed(0)``):
+``unet-cifar10`` (EDMUNet at CIFAR-10's layout, 54 M parameters, 3x32x32, unconditional) and ``unet-sd15`` (diffusers'
+UNet2DConditionModel with Stable Diffusion 1.5's config, 860 M parameters, 4x32x32 latents, text embeddings
+(77, 768) drawn per seed).
 """
 from __future__ import annotations
 
@@ -24,7 +30,51 @@ import torch
 
 from ..render import TimedBackend
 
-__all__ = ["PEER_OF", "run_bench", "table", "plot_bench"]
+__all__ = ["PEER_OF", "BENCH_NETS", "SD15_UNET", "bench_model", "run_bench", "table", "plot_bench"]
+
+# runwayml/stable-diffusion-v1-5 unet/config.json
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0)
+
+
+def _cifar10_unet():
+    from ..model import Model
+    from ..models.unet import build_unet
+
+    torch.manual_seed(0)
+    return Model(build_unet("cifar10").eval().requires_grad_(False), sample_shape=(3, 32, 32),
+                 metadata={"name": "unet-cifar10"})
+
+
+def _sd15_unet():
+    import diffusers
+
+    from ..adapters.diffusers import from_diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False)
+    return from_diffusers(unet, None, sample_shape=(4, 32, 32), metadata={"name": "unet-sd15"})
+
+
+BENCH_NETS = {"unet-cifar10": _cifar10_unet, "unet-sd15": _sd15_unet}
+
+
+def bench_model(name: str, device: str = "cpu"):
+    """A bundled model by name, or a benchmark network of ``BENCH_NETS``."""
+    from ..models.bundled import BUNDLED, load
+
+    if name in BENCH_NETS:
+        model = BENCH_NETS[name]()
+        model.network.to(device)
+        return model
+    if name not in BUNDLED:
+        raise ValueError(f"model must be a bundled model {sorted(BUNDLED)} or a benchmark network "
+                         f"{sorted(BENCH_NETS)}, got {name!r}")
+    return load(name, device=device)
 
 PEER_OF = {"euler": ("k-diffusion:euler", "diffusers:EDMEuler"), "heun": ("k-diffusion:heun",),
            "dpmpp_2m": ("k-diffusion:dpmpp_2m", "diffusers:EDMDPMSolver(2)"), "lms": ("k-diffusion:lms",),
@@ -52,9 +102,16 @@ def _cells(model, solvers, steps_list, backends, batches, device):
 
 
 def _inputs(model, batch: int):
+    """Seeds 0 .. batch-1 and their condition: class labels cycling through the classes, or for other conditioning
+    inputs (text embeddings) a standard normal draw per sample (seeded)."""
     seeds = list(range(batch))
-    cond = [i % model.num_classes for i in seeds] if model.num_classes else None
-    return seeds, cond
+    if model.num_classes:
+        return seeds, [i % model.num_classes for i in seeds]
+    if not model.cond:
+        return seeds, None
+    g = torch.Generator().manual_seed(1234)
+    return seeds, {c.name: (torch.randn((batch, *c.shape), generator=g) if c.dtype.is_floating_point
+                            else torch.zeros((batch, *c.shape), dtype=c.dtype)).to(c.dtype) for c in model.cond}
 
 
 def _peer_call(model, peer, nfe: int, batch: int):
@@ -62,13 +119,18 @@ def _peer_call(model, peer, nfe: int, batch: int):
     from .common import denoise
 
     seeds, cond = _inputs(model, batch)
-    labels = torch.tensor(cond) if cond is not None else None
     x0 = philox_normal(seeds, INITIAL_STREAM, model.sample_shape).float() * float(model.sigma_max)
     net = model.network
+    if isinstance(cond, dict):   # embeddings: the network takes them by name
+        kw = cond
+        call = lambda x_in, c_noise, _: net(x_in, c_noise, **kw)  # noqa: E731
+    else:
+        call = net
+    labels = torch.tensor(cond) if isinstance(cond, list) else None
 
     def den(x, sigma):
         with torch.no_grad():
-            return denoise(net, model.precond, x, sigma.reshape(-1).expand(x.shape[0]).double(), labels)
+            return denoise(call, model.precond, x, sigma.reshape(-1).expand(x.shape[0]).double(), labels)
 
     return lambda: peer.run(den, x0, nfe, model.sigma_min, model.sigma_max)[0]
 
@@ -78,15 +140,14 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
               rounds: int = 3, peers: bool = False, device: str = "cpu", progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from ..models.bundled import load
-    from .common import machine_name
+    from .common import cpu_flags, machine_name
     from .peers import available_peers
 
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise ValueError(f"batches must be ints >= 1, got {list(batches)}")
-    model = load(model_name, device=device)
+    model = bench_model(model_name, device=device)
     cells = _cells(model, solvers, list(steps), backends, batches, torch.device(device))
     have = available_peers() if peers else {}
     for cell in list(cells):
@@ -124,6 +185,26 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
                 net_times[i].append(timed[i].seconds - net0)
             bar.update(1)
     bar.close()
+    _summarise(cells, times, net_times, timed)
+    return {"benchmark": "edmrt bench", "model": model_name, "machine": machine_name(), "cpu_flags": cpu_flags(),
+            "versions": _versions(), "torch": torch.__version__,
+            "device": device, "date": datetime.date.today().isoformat(), "rounds": rounds,
+            "seconds": round(time.perf_counter() - t_all, 1), "cells": cells}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("torch", "onnxruntime", "openvino", "diffusers", "k-diffusion"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _summarise(cells, times, net_times, timed) -> None:
     for i, cell in enumerate(cells):
         t = np.asarray(times[i]) * 1000
         med = statistics.median(times[i])
@@ -131,19 +212,22 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
         cell.update(p50_ms=float(np.percentile(t, 50)), p90_ms=float(np.percentile(t, 90)),
                     p99_ms=float(np.percentile(t, 99)), images_per_s=cell["batch"] / med,
                     nfe_per_s=cell["batch"] * cell["nfe"] / med, overhead_vs_bare_network=ratio)
-    return {"benchmark": "edmrt bench", "model": model_name, "machine": machine_name(), "torch": torch.__version__,
-            "device": device, "date": datetime.date.today().isoformat(), "rounds": rounds,
-            "seconds": round(time.perf_counter() - t_all, 1), "cells": cells}
+    for cell in cells:   # against the best peer loop at the same batch and NFE
+        peers = [c["images_per_s"] for c in cells if c["kind"] == "peer" and c["batch"] == cell["batch"]
+                 and c["nfe"] == cell["nfe"]]
+        cell["speedup_vs_best_peer"] = cell["images_per_s"] / max(peers) if peers and cell["kind"] == "edmrt" else None
 
 
 def table(result: dict) -> str:
     out = ["| solver | steps | NFE | backend | batch | images/s | NFE/s | p50 ms | p90 ms | p99 ms | "
-           "vs bare network | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "vs bare network | vs best peer | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
         ov = f"{c['overhead_vs_bare_network']:.3f}x" if c["overhead_vs_bare_network"] else ""
+        sp = f"{c['speedup_vs_best_peer']:.2f}x" if c.get("speedup_vs_best_peer") else ""
+        ips = f"{c['images_per_s']:.1f}" if c["images_per_s"] >= 1 else f"{c['images_per_s']:.3f}"
         out.append(f"| {c['solver']} | {c['steps']} | {c['nfe']} | {c['backend']} | {c['batch']} | "
-                   f"{c['images_per_s']:.1f} | {c['nfe_per_s']:.0f} | {c['p50_ms']:.1f} | {c['p90_ms']:.1f} | "
-                   f"{c['p99_ms']:.1f} | {ov} | {c['peak_mb']:.0f} |")
+                   f"{ips} | {c['nfe_per_s']:.1f} | {c['p50_ms']:.1f} | {c['p90_ms']:.1f} | "
+                   f"{c['p99_ms']:.1f} | {ov} | {sp} | {c['peak_mb']:.0f} |")
     return "\n".join(out)
 
 

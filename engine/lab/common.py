@@ -35,6 +35,21 @@ def machine_name() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``CPU_FLAGS`` (the vector / matrix extensions that decide fp32 vs bf16 speed) the CPU reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, 1, 8, 8) float32 in [-1, 1], labels (N,) int64) of the fixed train / test split or all."""
     try:

@@ -1,0 +1,298 @@
+"""OpenVINO as the backend: an edmrt ONNX file compiled for the CPU, one static shape per batch size, in float32 or
+bfloat16, with the engine's buffers bound to OpenVINO tensors that share their memory (no copy in or out).
+
+The file is checked like ONNX Runtime's (``check_onnx_file``: the declared signature of ``edmrt.backends.ort``).
+
+Precision: OpenVINO's CPU plugin runs bf16 *by default* where the CPU has it (AVX512_BF16 or AMX), so "fp32" is
+asked for explicitly (``INFERENCE_PRECISION_HINT=f32``); "bf16" is refused with the reason on a CPU without it.
+Inputs, outputs and the sampler's state stay float32 either way: only the network's insides run in bf16.
+
+Performance hint: "latency" (one inference request, every thread on it), "throughput" (the batch cut into equal
+slices, one request per OpenVINO stream, run at once) or "auto" (throughput from ``THROUGHPUT_MIN_BATCH`` samples,
+when the batch divides into the streams).
+
+Compiled blobs are cached under ``$EDMRT_CACHE/openvino/`` (default ``~/.cache/edmrt``): ``<key>.blob`` and
+``<key>.manifest.json``.  The key hashes the ONNX file's sha256, the OpenVINO version, the CPU (its name and
+capabilities), the compile configuration and the static input shapes; the manifest records those fields and the
+blob's sha256.  A blob is used only when both are regular files (not links), the fields match and the blob matches
+its sha256 (OpenVINO itself imports a blob with a flipped byte without complaint: measured); anything else is
+logged and compiled again, and written atomically (temp file + rename, blob before manifest).
+
+Threads: an inference request is not thread-safe; every call takes requests no other call in flight holds (a pool
+per set of buffers, at most ``MAX_REQUESTS`` idle ones kept), and ``infer`` releases the GIL.
+
+``openvino`` is imported where used (``pip install 'edmrt[openvino]'``), never by ``import edmrt``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .base import as_cond, check_backend_args
+from .ort import check_onnx_file, onnx_weight_inputs, sha256_file
+
+__all__ = ["OpenVinoBackend", "openvino_available", "import_openvino", "bf16_supported", "cpu_capabilities", "openvino_cache_root",
+           "PRECISIONS", "HINTS", "THROUGHPUT_MIN_BATCH", "MAX_REQUESTS", "OV_CACHE_FORMAT"]
+
+log = logging.getLogger("edmrt.backends")
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}   # edmrt's name -> OpenVINO's INFERENCE_PRECISION_HINT
+HINTS = ("auto", "latency", "throughput")
+THROUGHPUT_MIN_BATCH = 16   # "auto" uses the throughput hint from this batch (+3% at 16 on 2 vCPUs; measured)
+MAX_REQUESTS = 64           # idle inference-request sets kept per backend
+OV_CACHE_FORMAT = 1
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def import_openvino():
+    """The ``openvino`` module, or ImportError saying how to install it."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError("backend 'openvino' needs OpenVINO: pip install 'edmrt[openvino]'") from None
+    return ov
+
+
+def cpu_capabilities(core=None) -> list:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU (e.g. FP32, BF16, INT8)."""
+    core = import_openvino().Core() if core is None else core
+    return list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def bf16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 natively here (its OPTIMIZATION_CAPABILITIES name BF16)."""
+    return openvino_available() and "BF16" in cpu_capabilities()
+
+
+def openvino_cache_root() -> Path:
+    return Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "openvino"
+
+
+def _choice(value, name: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+    return value
+
+
+class OpenVinoBackend:
+    """``OpenVinoBackend(path, precision="fp32", hint="auto", threads=None, cache=True)``: the ONNX file at ``path``
+    run by OpenVINO on the CPU (module docstring).  ``cond_inputs``: the conditioning inputs the file must have
+    (``Model.cond``).  ``threads``: OpenVINO's INFERENCE_NUM_THREADS (default: its own choice, every core)."""
+
+    def __init__(self, path, cond_inputs=None, precision: str = "fp32", hint: str = "auto", threads: int | None = None,
+                 cache: bool = True):
+        self.precision = _choice(precision, "precision", PRECISIONS)
+        self.hint = _choice(hint, "hint", HINTS)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+        self.threads, self.cache = threads, bool(cache)
+        self.name = "openvino" if precision == "fp32" else f"openvino-{precision}"
+        ov = import_openvino()
+        self.core = ov.Core()
+        if precision == "bf16" and "BF16" not in cpu_capabilities(self.core):
+            raise ValueError("precision 'bf16' needs a CPU with bf16 support (AVX512_BF16 or AMX); this one "
+                             f"({self.core.get_property('CPU', 'FULL_DEVICE_NAME')}) has none: use precision 'fp32'")
+        self.path = Path(path)
+        self.cond_inputs, meta = check_onnx_file(self.path, cond_inputs=cond_inputs)
+        if onnx_weight_inputs(meta):
+            raise ValueError("the ONNX file takes weights as inputs (a model with adapters, for swaps): OpenVINO "
+                             "bakes weights in; export without weight inputs, or use backend 'onnxruntime'")
+        self.file_sha256 = sha256_file(self.path)
+        try:
+            self._model = self.core.read_model(str(self.path))
+        except Exception as exc:
+            raise ValueError(f"OpenVINO cannot read {str(self.path)!r}: {type(exc).__name__}: "
+                             f"{str(exc).strip()[:300]}") from None
+        self.sample_shape = tuple(self._model.input("x_in").get_partial_shape()[1:].to_shape())
+        self._compiled: dict = {}   # batch -> (compiled model, slice count)
+        self._idle: OrderedDict = OrderedDict()
+        self._idle_count = 0
+        self._lock = threading.Lock()
+        self.compile_log: list = []   # (batch, hint, streams, seconds, "compiled" | "cache")
+
+    # -- compiling -------------------------------------------------------------------------------------------------
+    def _streams(self, batch: int) -> tuple[str, int]:
+        """(hint, requests per call) for a batch."""
+        hint = self.hint
+        if hint == "auto":
+            hint = "throughput" if batch >= THROUGHPUT_MIN_BATCH else "latency"
+        if hint == "latency":
+            return "latency", 1
+        top = int(self.core.get_property("CPU", "RANGE_FOR_STREAMS")[1])
+        if self.threads is not None:
+            top = min(top, self.threads)
+        n = max(d for d in range(1, min(top, batch) + 1) if batch % d == 0)
+        return ("throughput", n) if n > 1 else ("latency", 1)
+
+    def _config(self, hint: str, streams: int) -> dict:
+        config = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.precision], "PERFORMANCE_HINT": hint.upper()}
+        if hint == "throughput":
+            config["NUM_STREAMS"] = streams
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
+
+    def _shapes(self, rows: int) -> dict:
+        shapes = {"x_in": [rows, *self.sample_shape], "c_noise": [rows]}
+        for c in self.cond_inputs:
+            shapes[c.name] = [rows, *c.shape]
+        return shapes
+
+    def compiled(self, batch: int):
+        """(compiled model, requests per call) for ``batch``: compiled once per batch size (or read from the blob
+        cache), the ONNX file's batch axis fixed to the slice each request runs."""
+        with self._lock:
+            if batch in self._compiled:
+                return self._compiled[batch]
+        import time
+
+        hint, n = self._streams(batch)
+        shapes, config = self._shapes(batch // n), self._config(hint, n)
+        t0 = time.perf_counter()
+        compiled, how = self._cached_compile(shapes, config)
+        self.compile_log.append((batch, hint, n, round(time.perf_counter() - t0, 3), how))
+        with self._lock:
+            self._compiled.setdefault(batch, (compiled, n))
+            return self._compiled[batch]
+
+    def _cached_compile(self, shapes: dict, config: dict):
+        fields = {"format": OV_CACHE_FORMAT, "onnx_sha256": self.file_sha256, "openvino": self._version(),
+                  "cpu": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
+                  "capabilities": sorted(cpu_capabilities(self.core)),
+                  "config": {k: str(v) for k, v in config.items()}, "shapes": shapes}
+        key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+        root = openvino_cache_root()
+        blob, manifest = root / f"{key}.blob", root / f"{key}.manifest.json"
+        if self.cache:
+            problem = _check_blob(blob, manifest, fields)
+            if problem is None:
+                try:
+                    return self.core.import_model(io.BytesIO(blob.read_bytes()), "CPU", config), "cache"
+                except Exception as exc:   # a blob this OpenVINO cannot import after all: compile again
+                    problem = f"OpenVINO cannot import it: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            if problem != "missing":
+                log.warning("OpenVINO cache entry %s is not usable (%s): compiling again", blob, problem)
+        model = self._model.clone()
+        model.reshape(shapes)
+        compiled = self.core.compile_model(model, "CPU", config)
+        if self.cache:
+            _write_blob(blob, manifest, fields, compiled.export_model().getvalue())
+        return compiled, "compiled"
+
+    @staticmethod
+    def _version() -> str:
+        import openvino as ov
+
+        return ov.__version__
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def _requests(self, x_in, c_noise, cond, out) -> list:
+        """Inference requests bound to slices of these buffers (their memory shared, not copied)."""
+        import openvino as ov
+
+        B = x_in.shape[0]
+        compiled, n = self.compiled(B)
+        rows = B // n
+        tensors = {"x_in": x_in, "c_noise": c_noise.reshape(B), **{c.name: cond[c.name] for c in self.cond_inputs}}
+        reqs = []
+        for i in range(n):
+            r = compiled.create_infer_request()
+            sl = slice(i * rows, (i + 1) * rows)
+            for name, t in tensors.items():
+                r.set_tensor(name, ov.Tensor(t[sl].numpy(), shared_memory=True))
+            r.set_output_tensor(0, ov.Tensor(out[sl].numpy(), shared_memory=True))
+            reqs.append(r)
+        return reqs
+
+    def _key(self, x_in, c_noise, cond, out):
+        def k(t):
+            return t.data_ptr(), t.shape, t.dtype, t.device
+
+        return k(x_in), k(c_noise), k(out), tuple(sorted((str(n), k(t)) for n, t in cond.items()))
+
+    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
+        check_backend_args(x_in, c_noise, cond, out, self.cond_inputs, torch.float32, torch.float32,
+                           self.sample_shape)
+        if x_in.device.type != "cpu":
+            raise ValueError(f"backend 'openvino' runs on the CPU; x_in is on {x_in.device}")
+        cond = as_cond(cond)
+        key = self._key(x_in, c_noise, cond, out)
+        with self._lock:
+            idle = self._idle.get(key)
+            reqs = idle.pop() if idle else None
+            if reqs is not None:
+                self._idle_count -= 1
+        if reqs is None:
+            reqs = self._requests(x_in, c_noise, cond, out)
+        if len(reqs) == 1:
+            reqs[0].infer()
+        else:
+            for r in reqs:
+                r.start_async()
+            for r in reqs:
+                r.wait()
+        self._checkin(key, reqs)
+
+    def _checkin(self, key, reqs) -> None:
+        with self._lock:
+            self._idle.setdefault(key, []).append(reqs)
+            self._idle.move_to_end(key)
+            self._idle_count += 1
+            while self._idle_count > MAX_REQUESTS:
+                oldest, idle = next(iter(self._idle.items()))
+                idle.pop(0)
+                self._idle_count -= 1
+                if not idle:
+                    del self._idle[oldest]
+
+
+def _check_blob(blob: Path, manifest: Path, fields: dict) -> str | None:
+    """None when the cached blob and its manifest are intact and name ``fields``; otherwise why not."""
+    if not os.path.lexists(blob) and not os.path.lexists(manifest):
+        return "missing"
+    for p in (blob, manifest):
+        if p.is_symlink() or not p.is_file():
+            return f"{p.name} is {'a symbolic link' if p.is_symlink() else 'missing or not a regular file'}"
+    try:
+        m = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"manifest unreadable: {exc}"
+    if not isinstance(m, dict):
+        return "manifest is not a JSON object"
+    for k, v in json.loads(json.dumps(fields)).items():
+        if m.get(k) != v:
+            return f"manifest field {k!r} is {m.get(k)!r}, expected {v!r}"
+    if sha256_file(blob) != m.get("sha256"):
+        return "the blob does not match its recorded sha256 (corrupt or replaced)"
+    return None
+
+
+def _write_blob(blob: Path, manifest: Path, fields: dict, data: bytes) -> None:
+    """The blob, then its manifest, each by temp file + rename (a link at the name is replaced, not written through)."""
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    record = json.dumps(dict(fields, sha256=hashlib.sha256(data).hexdigest(), size=len(data)), indent=1)
+    for path, payload in ((blob, data), (manifest, record.encode())):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
