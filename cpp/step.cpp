@@ -81,6 +81,47 @@ void extra_terms(const StepArgs& p, int from, int terms, const float* bk, const 
   if (terms > from && p.row[COMMIT] != 0.0) std::copy(p.x_eval, p.x_eval + total, p.x);
 }
 
+// A stochastic stage in one pass: the update of update<> (every flag at run time), then x_eval += n z with z the
+// Philox normal keyed by (sample seed, stage's stream, element), then the stores.  The same float operations in the
+// same order as the deterministic update followed by a noise pass, so the result is the same bit for bit; the
+// second read and write of x_eval, x and x_in is gone.  Philox dominates here, so the loop is not specialised.
+void update_noisy(const StepArgs& p, const float (&c)[8], float n, bool commit, int terms, const float* bk,
+                  const float* const* yk) {
+  const int64_t total = p.batch * p.per_sample;
+  float* __restrict__ y0 = p.Y + static_cast<int64_t>(p.stage % p.K) * total;
+  float* __restrict__ x = p.x;
+  float* __restrict__ xe = p.x_eval;
+  float* __restrict__ xin = p.x_in;
+  const float* __restrict__ F = p.F;
+  const bool cfg = p.guidance, twice = p.x_in_twice, write_y = p.K > 1, has_x = c[4] != 0.0f;
+  const float* __restrict__ Fc = cfg ? p.F + total : p.F;
+  const float c_skip = c[0], c_out = c[1], alpha = c[2], beta = c[3], a = c[4], e = c[5], b0 = c[6], c_in = c[7];
+  const float w = p.w;
+  const uint32_t stream = kStage0Stream + static_cast<uint32_t>(p.stage);
+#pragma omp parallel for schedule(static) if (total > (1 << 14))
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
+    for (int64_t j = 0; j < p.per_sample; ++j) {
+      const int64_t i = b * p.per_sample + j;
+      float f = F[i];
+      if (cfg) f = f + w * (Fc[i] - f);
+      const float xev = xe[i];
+      const float D = c_skip * xev + c_out * f;
+      const float y = alpha * xev + beta * D;
+      if (write_y) y0[i] = y;
+      float acc = has_x ? a * x[i] + e * xev + b0 * y : e * xev + b0 * y;
+      for (int t = 0; t < terms; ++t) acc += bk[t] * yk[t][i];
+      uint32_t ctr[4] = {static_cast<uint32_t>(j), stream, 0u, 0u};
+      philox4x32(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+      acc = acc + n * normal_from_words(ctr[0], ctr[1]);
+      xe[i] = acc;
+      if (commit) x[i] = acc;
+      xin[i] = c_in * acc;
+      if (twice) xin[total + i] = c_in * acc;
+    }
+  }
+}
+
 }  // namespace
 
 void fused_step(const StepArgs& p) {
@@ -101,39 +142,24 @@ void fused_step(const StepArgs& p) {
     yk[terms] = p.Y + static_cast<int64_t>((p.stage - k) % K) * total;
     ++terms;
   }
-  const int fused_terms = terms < 3 ? terms : 3;
-  const bool has_x = c[4] != 0.0f, write_y = K > 1;
-  with_flag(p.guidance, [&](auto cfg) {
-    with_flag(commit, [&](auto cm) {
-      with_flag(p.x_in_twice, [&](auto twice) {
-        with_flag(has_x, [&](auto hx) {
-          with_flag(write_y, [&](auto wy) {
-            update_terms<decltype(cfg)::value, decltype(cm)::value, decltype(twice)::value, decltype(hx)::value,
-                         decltype(wy)::value>(fused_terms, p, c, bk, yk);
+  if (n != 0.0f) {
+    update_noisy(p, c, n, commit, terms, bk, yk);   // a stochastic stage: noise drawn in the same pass
+  } else {
+    const int fused_terms = terms < 3 ? terms : 3;
+    const bool has_x = c[4] != 0.0f, write_y = K > 1;
+    with_flag(p.guidance, [&](auto cfg) {
+      with_flag(commit, [&](auto cm) {
+        with_flag(p.x_in_twice, [&](auto twice) {
+          with_flag(has_x, [&](auto hx) {
+            with_flag(write_y, [&](auto wy) {
+              update_terms<decltype(cfg)::value, decltype(cm)::value, decltype(twice)::value, decltype(hx)::value,
+                           decltype(wy)::value>(fused_terms, p, c, bk, yk);
+            });
           });
         });
       });
     });
-  });
-  extra_terms(p, fused_terms, terms, bk, yk, c[7]);
-  if (n != 0.0f) {
-    // Philox noise keyed by (sample seed, stage's stream, element): a second pass, only on stochastic stages.
-    const uint32_t stream = kStage0Stream + static_cast<uint32_t>(p.stage);
-    const float c_in = c[7];
-#pragma omp parallel for schedule(static) if (total > (1 << 14))
-    for (int64_t b = 0; b < p.batch; ++b) {
-      const uint64_t seed = static_cast<uint64_t>(p.seeds[b]);
-      for (int64_t j = 0; j < p.per_sample; ++j) {
-        const int64_t i = b * p.per_sample + j;
-        uint32_t ctr[4] = {static_cast<uint32_t>(j), stream, 0u, 0u};
-        philox4x32(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-        const float acc = p.x_eval[i] + n * normal_from_words(ctr[0], ctr[1]);
-        p.x_eval[i] = acc;
-        if (commit) p.x[i] = acc;
-        p.x_in[i] = c_in * acc;
-        if (p.x_in_twice) p.x_in[total + i] = c_in * acc;
-      }
-    }
+    extra_terms(p, fused_terms, terms, bk, yk, c[7]);
   }
   const int64_t nsig = p.x_in_twice ? 2 * p.batch : p.batch;
   for (int64_t b = 0; b < nsig; ++b) p.sigma_in[b] = static_cast<float>(r[C_NOISE_NEXT]);

@@ -148,9 +148,14 @@ class Engine:
         self._init(step, given)
         cond = self.cond if conditioned else None
         for s in range(self.plan.stages):
-            # Network evaluation, then the fused update (which writes the next network input).
-            self.backend(self.x_in, self.sigma_in, cond, self.F)
-            step(s, self.F)
+            # Network evaluation, then the fused update (which writes the next network input).  A backend may hand
+            # back its own output tensor to be read as F (CallableBackend(pass_through=True)); else F is self.F.
+            F = self.backend(self.x_in, self.sigma_in, cond, self.F)
+            if F is None:
+                F = self.F
+            elif self.use_graph:  # a captured graph replays fixed addresses
+                F = self.F.copy_(F)
+            step(s, F)
 
     def _first_nonfinite(self, w: float | None, conditioned: bool, given: bool) -> str:
         """Run the loop again (eagerly), checking after every stage: where NaN or Inf first appears."""
@@ -160,11 +165,12 @@ class Engine:
             return "the initial state (check x_init)"
         cond = self.cond if conditioned else None
         for s in range(self.plan.stages):
-            self.backend(self.x_in, self.sigma_in, cond, self.F)
+            F = self.backend(self.x_in, self.sigma_in, cond, self.F)
+            F = self.F if F is None else F
             where = f"stage {s} of {self.plan.stages} (sigma = {float(self.plan.sigma[s]):.4g})"
-            if not bool(torch.isfinite(self.F).all()):
+            if not bool(torch.isfinite(F).all()):
                 return f"the network's output at {where}: check the network and its weights"
-            step(s, self.F)
+            step(s, F)
             if not bool(torch.isfinite(self.x_eval).all()):
                 return (f"the update of {where}: the network's output is finite but too large "
                         f"(max |F| = {float(self.F.abs().max()):.3g})")

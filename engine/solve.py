@@ -1,6 +1,8 @@
 """``edmrt.solve``: sample with any denoiser callable D(x; sigma), through the engine or the reference loop."""
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -26,8 +28,7 @@ def _check_noise(noise) -> None:
                          f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
     if noise.device.type not in ("cpu", "cuda"):
         raise ValueError(f"noise must be on the CPU or a CUDA device, got {noise.device}")
-    if not bool(torch.isfinite(noise).all()):
-        raise ValueError("noise must be finite (it contains NaN or Inf)")
+    # Finiteness: checked once, on t_0 * noise (solve), which is non-finite whenever the noise is.
 
 
 def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: int = 18, schedule="karras",
@@ -51,8 +52,7 @@ def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: 
     """
     _check_noise(noise)
     check_signature(denoiser, "denoiser", "denoiser(x, sigma)", 2)
-    sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, rho)
-    p = build_plan(solver, sigmas, None, **options)
+    sigmas, p = _plan(solver, steps, schedule, sigma_min, sigma_max, rho, options)
     if executor not in ("auto", "fused", "reference"):
         raise ValueError(f"executor must be 'auto', 'fused' or 'reference', got {executor!r}")
     if executor == "auto":
@@ -67,15 +67,45 @@ def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: 
         seeds = check_seeds(seeds, B)
     x_init = float(sigmas[0]) * noise
     if not bool(torch.isfinite(x_init).all()):
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise must be finite (it contains NaN or Inf)")
         raise ValueError(f"noise times t_0 = {float(sigmas[0]):g} overflows {noise.dtype}: noise must be standard normal")
-    if executor == "fused":
-        x = execute_fused(p, denoiser, x_init, None if seeds is None else torch.tensor(seeds, dtype=torch.int64))
-    else:
-        source = SeededNoise(seeds, noise.shape[1:], noise.dtype, noise.device) if p.stochastic else None
-        x = execute(p, denoiser, x_init, source)
+    if executor == "fused":  # the engine checks its result (FloatingPointError naming the first bad stage)
+        return execute_fused(p, denoiser, x_init, None if seeds is None else torch.tensor(seeds, dtype=torch.int64))
+    source = SeededNoise(seeds, noise.shape[1:], noise.dtype, noise.device) if p.stochastic else None
+    x = execute(p, denoiser, x_init, source)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"solve({solver!r}) produced NaN or Inf: check the denoiser's output")
     return x
+
+
+_PLANS: OrderedDict = OrderedDict()   # (solver, steps, schedule, sigma range, rho, options) -> (sigmas, plan)
+_PLANS_LOCK = threading.Lock()
+MAX_PLANS = 32
+
+
+def _plan(solver, steps, schedule, sigma_min, sigma_max, rho, options: dict):
+    """(sigmas, plan), from a small cache when every argument is hashable (a named schedule, scalar options):
+    plans are immutable, and building one costs about a millisecond, more than a step of a small state."""
+    try:
+        key = (solver, steps, schedule, sigma_min, sigma_max, rho, tuple(sorted(options.items())))
+        hash(key)
+    except TypeError:   # an explicit schedule (a list) or an unhashable option: built every time
+        key = None
+    if key is not None:
+        with _PLANS_LOCK:
+            if key in _PLANS:
+                _PLANS.move_to_end(key)
+                return _PLANS[key]
+    sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, rho)
+    sigmas.setflags(write=False)
+    built = sigmas, build_plan(solver, sigmas, None, **options)
+    if key is not None:
+        with _PLANS_LOCK:
+            _PLANS[key] = built
+            while len(_PLANS) > MAX_PLANS:
+                _PLANS.popitem(last=False)
+    return built
 
 
 def execute_fused(plan: Plan, denoiser: Denoiser, x_init: torch.Tensor, seeds: torch.Tensor | None = None,
@@ -90,6 +120,6 @@ def execute_fused(plan: Plan, denoiser: Denoiser, x_init: torch.Tensor, seeds: t
             raise ValueError(f"plan {plan.solver!r} is stochastic (noise scales > 0): pass seeds")
         seeds = torch.zeros(B, dtype=torch.int64)
     view = (B,) + (1,) * (x_init.ndim - 1)
-    backend = CallableBackend(lambda x_in, c_noise: denoiser(x_in, c_noise.view(view)))
+    backend = CallableBackend(lambda x_in, c_noise: denoiser(x_in, c_noise.view(view)), pass_through=True)
     engine = Engine(backend, plan, B, x_init.shape[1:], dev, graph=False, impl=impl, cond_inputs=())
     return engine.run(seeds.to(device=dev, dtype=torch.int64), x_init=x_init.contiguous())

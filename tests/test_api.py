@@ -106,3 +106,28 @@ def test_bad_noise_and_denoisers_raise(gmm):
     p = edmrt.plan("edm", edmrt.make_sigmas("karras", 5), S_churn=10.0)
     with pytest.raises(ValueError, match="stochastic"):
         edmrt.execute(p, gmm, torch.zeros(2, 10))
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_solve_reads_the_denoisers_output_in_place_and_equals_the_copying_engine(gmm, gen, solver):
+    """edmrt.solve hands the fused step the denoiser's own float32 output (no copy into the engine's F buffer):
+    the result is bit for bit the one of an engine that copies every output, also when the denoiser returns a
+    view of its input (which is copied, never read in place), and a second call (its plan from the cache) agrees."""
+    from edmrt.backends import CallableBackend
+    from edmrt.sampler import Engine
+
+    noise = torch.randn(5, 10, generator=gen)
+    seeds = [11, 12, 13, 14, 15]
+    den = lambda x, sigma: gmm(x.double(), sigma.double()).float()  # noqa: E731
+    fast = edmrt.solve(den, noise, solver=solver, steps=7, seeds=seeds)
+    plan = edmrt.plan(solver, edmrt.make_sigmas("karras", 7))
+    copying = CallableBackend(lambda x_in, c: den(x_in, c.view(-1, 1)))   # pass_through off: out.copy_ each time
+    eng = Engine(copying, plan, 5, (10,), "cpu", graph=False, cond_inputs=())
+    slow = eng.run(torch.tensor(seeds), x_init=80.0 * noise)
+    assert torch.equal(fast, slow)
+    assert torch.equal(edmrt.solve(den, noise, solver=solver, steps=7, seeds=seeds), fast)
+    # A denoiser that returns (a view of) the engine's own input buffer: copied, so the step never reads what it writes
+    aliasing = lambda x, sigma: x.mul_(1.0)  # noqa: E731  (in place: returns x_in itself)
+    out = edmrt.solve(aliasing, noise, solver="euler", steps=4)
+    ref = edmrt.execute(edmrt.plan("euler", edmrt.make_sigmas("karras", 4)), lambda x, s: x, 80.0 * noise.double())
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)

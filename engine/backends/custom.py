@@ -18,22 +18,39 @@ class CallableBackend:
     real floating-point tensor of exactly x_in's shape; it is copied (and cast) into ``out``, detached.  No
     autograd context is imposed: the callable may use gradients itself.  Thread safety is the callable's: an
     engine calls it under its own lock, engines of one Sampler may call it concurrently.
+
+    ``pass_through=True`` (``edmrt.solve``): a returned tensor that already is what ``out`` would hold (out's dtype,
+    shape and device, contiguous, not sharing memory with x_in or out) is returned, detached, for the engine to read
+    as F in place of ``out``, saving a copy per evaluation; anything else is copied into ``out`` as usual.
     """
 
     name = "custom"
 
-    def __init__(self, fn: Callable[..., torch.Tensor], conditional: bool = False, cond_inputs=None):
+    def __init__(self, fn: Callable[..., torch.Tensor], conditional: bool = False, cond_inputs=None,
+                 pass_through: bool = False):
         if not callable(fn):
             raise ValueError(f"fn must be callable as fn(x_in, c_noise, **cond), got {type(fn).__name__}")
         self.fn = fn
         self.cond_inputs = cond_inputs_of(fn, bool(conditional) if cond_inputs is None else cond_inputs)
         self.conditional = bool(self.cond_inputs)
+        self.pass_through = bool(pass_through)
 
-    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
+    def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None,
+                 out: torch.Tensor) -> torch.Tensor | None:
         check_backend_args(x_in, c_noise, cond, out, self.cond_inputs, ndim=None)
         F = self.fn(x_in, c_noise, **as_cond(cond))
         # Exactly the output's shape (no broadcast of a smaller one) and a real dtype (no complex part dropped).
         if not isinstance(F, torch.Tensor) or F.shape != out.shape or not F.is_floating_point():
             raise ValueError(f"the network must return a real floating-point tensor of shape {tuple(out.shape)}, got "
                              f"{describe(F) if isinstance(F, torch.Tensor) else type(F).__name__}")
+        if (self.pass_through and F.dtype == out.dtype and F.device == out.device and F.is_contiguous()
+                and not _overlaps(F, x_in) and not _overlaps(F, out)):
+            return F.detach()
         out.copy_(F.detach())  # the engine's buffers never join an autograd graph
+        return None
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory ranges intersect."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
