@@ -42,12 +42,18 @@ from .plan import Plan
 from .schedules import make_sigmas
 from .solvers import build_plan
 
-__all__ = ["Engine", "Sampler", "GUIDANCE_MAX", "MAX_ENGINES", "MAX_GUIDANCE_VALUES"]
+__all__ = ["all_finite", "Engine", "Sampler", "GUIDANCE_MAX", "MAX_ENGINES", "MAX_GUIDANCE_VALUES"]
 
 GUIDANCE_MAX = 100.0        # classifier-free guidance weights beyond this are typos (practice: 1 - 20)
 MAX_ENGINES = 8             # engines a Sampler keeps (one per batch size and guidance on/off), LRU
 MAX_GUIDANCE_VALUES = 8     # fused-step bindings (and CUDA graphs) an Engine keeps, one per guidance weight, LRU
 
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of a floating-point tensor is finite: one sum (a NaN or Inf anywhere makes it
+    non-finite), confirmed element by element only when the sum is not finite (finite values can overflow it)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 def check_guidance(guidance) -> float | None:
     """None, or a real number in [0, GUIDANCE_MAX] (w = 1: plain conditional sampling; w = 0: unconditional)."""
@@ -213,7 +219,7 @@ class Engine:
             else:
                 self._loop(*key)
             x = self.x.clone()
-            if not bool(torch.isfinite(x).all()):  # one reduction per request
+            if not all_finite(x):  # one reduction per request
                 raise FloatingPointError(f"sampling produced NaN or Inf, first in {self._first_nonfinite(*key)}")
             return x
 

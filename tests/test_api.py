@@ -131,3 +131,30 @@ def test_solve_reads_the_denoisers_output_in_place_and_equals_the_copying_engine
     out = edmrt.solve(aliasing, noise, solver="euler", steps=4)
     ref = edmrt.execute(edmrt.plan("euler", edmrt.make_sigmas("karras", 4)), lambda x, s: x, 80.0 * noise.double())
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_solve_from_threads_with_different_denoisers_on_one_cached_engine(gmm, gen):
+    """Calls with the same plan and shape share a cached engine; each thread's call still runs its own denoiser."""
+    import threading
+
+    noise = torch.randn(6, 10, generator=gen)
+    scales = [0.5, 0.8, 1.0, 1.3]
+    dens = [lambda x, sigma, k=k: (gmm(x.double(), sigma.double()) * k).float() for k in scales]
+    want = [edmrt.solve(d, noise, solver="dpmpp_2m", steps=6) for d in dens]
+    assert not torch.equal(want[0], want[1])
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            for _ in range(5):
+                got[i] = edmrt.solve(dens[i], noise, solver="dpmpp_2m", steps=6)
+                assert torch.equal(got[i], want[i])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(dens))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
