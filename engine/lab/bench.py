@@ -170,6 +170,10 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         calls[i]()
+        choices = getattr(timed[i], "choices", None) if i in timed else None
+        if choices:   # backend "auto": say what it picked for this batch, and keep its measurement
+            picked = choices.get(cell["batch"]) or next(iter(choices.values()))
+            cell.update(backend=f"{cell['backend']} ({picked['picked']})", auto_choice=picked)
         cell["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
         bar.update(1)
     times = {i: [] for i in calls}
