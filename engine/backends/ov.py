@@ -119,7 +119,10 @@ class OpenVinoBackend:
         except Exception as exc:
             raise ValueError(f"OpenVINO cannot read {str(self.path)!r}: {type(exc).__name__}: "
                              f"{str(exc).strip()[:300]}") from None
-        self.sample_shape = tuple(self._model.input("x_in").get_partial_shape()[1:].to_shape())
+        shape = self._model.input("x_in").get_partial_shape()
+        if shape.rank.get_length() != 4 or not all(shape[k].is_static for k in (1, 2, 3)):
+            raise ValueError(f"ONNX 'x_in' must have fixed (C, H, W) for OpenVINO's static shapes, got {shape}")
+        self.sample_shape = tuple(shape[k].get_length() for k in (1, 2, 3))
         self._compiled: dict = {}   # batch -> (compiled model, slice count)
         self._idle: OrderedDict = OrderedDict()
         self._idle_count = 0
