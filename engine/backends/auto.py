@@ -85,6 +85,16 @@ class AutoBackend:
         self.choices: dict = {}   # batch -> {"picked": name, "source": "measured" | "cache" | "pinned", "table": ...}
         self._lock = threading.Lock()
 
+    def prepare(self) -> None:
+        """Build the candidates now (the ONNX export, sessions), as a named backend is built when its Sampler is:
+        the first call then only measures.  With EDMRT_AUTO_BACKEND set, only the pinned one."""
+        pinned = os.environ.get("EDMRT_AUTO_BACKEND")
+        for name in ([pinned] if pinned in self.candidates else [] if pinned else self.candidates):
+            try:
+                self.backend(name)
+            except Exception as exc:   # reported, and left out, at the first call's measurement
+                log.warning("backend %s: candidate %s cannot be built (%s)", self.mode, name, exc)
+
     def backend(self, name: str):
         if name not in self._built:
             self._built[name] = self._build(name)
