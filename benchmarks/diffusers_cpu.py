@@ -62,6 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (the values that differ from UNet2DConditionModel's defaults
 # are the same as the defaults except where written).
+from edmrt.backends.auto import cpu_name  # noqa: E402
 from edmrt.lab.bench import SD15_UNET  # noqa: E402  (runwayml/stable-diffusion-v1-5 unet/config.json)
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (ldm transformer_depth [0, 2, 10]: the first level has
 # no attention; attention_head_dim is the number of heads per level, 64 channels each).
@@ -123,17 +124,6 @@ def _mem_available_gb() -> float:
 
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def _error(exc: BaseException) -> str:
@@ -569,7 +559,7 @@ def main(argv=None) -> int:
     if args.skip_sdxl:
         nets = nets[:1]
     budget = Budget(args.budget)
-    result = dict(cpu=_cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+    result = dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                   diffusers=diffusers.__version__, onnxruntime=ort_version,
                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=sys.argv[1:],
                   budget_min=args.budget, max_rounds=args.rounds, bare_evals=args.bare_evals,

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from edmrt.backends.cachefile import cache_root
 from edmrt.backends.trt import import_tensorrt
 
 log = logging.getLogger("edmrt.tensorrt")
@@ -127,7 +128,7 @@ class EngineCache:
     def __init__(self, root: str | os.PathLike | None = None,
                  builder: Callable[[Path, Profile, str, Path | None], bytes] = build_engine,
                  trt_version: str | None = None, compute_capability: str | None = None):
-        self.root = Path(root or Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "tensorrt")
+        self.root = Path(root or cache_root("tensorrt"))
         self.builder = builder
         self._trt_version = trt_version
         self._cc = compute_capability

@@ -86,7 +86,8 @@ def _measured_auto(mode: str, model: Model, device: torch.device):
 
             if bf16_supported():
                 names.append("openvino-bf16")
-    auto = AutoBackend(lambda n: resolve_backend(n, model, device)[1], names, mode, weights_sha256(model.network))
+    auto = AutoBackend(lambda n: resolve_backend(n, model, device)[1], names, mode,
+                       lambda: weights_sha256(model.network))
     auto.prepare()
     return auto
 

@@ -22,13 +22,14 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .cachefile import atomic_write, cache_root
 
 __all__ = ["AutoBackend", "TOLERANCE", "auto_cache_root", "cpu_name"]
 
@@ -41,7 +42,7 @@ AUTO_CACHE_FORMAT = 1
 
 
 def auto_cache_root() -> Path:
-    return Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "auto"
+    return cache_root("auto")
 
 
 def cpu_name() -> str:
@@ -72,7 +73,8 @@ class AutoBackend:
     """Dispatches each call to the backend measured fastest for its batch size (module docstring).
 
     ``build``: name -> backend (``resolve_backend`` of the model); ``candidates``: names, "torch" first (the
-    reference); ``weights``: the network's weights sha256 (part of the cache key)."""
+    reference); ``weights``: the network's weights sha256 (part of the cache key), or a function giving it, called
+    only when the key is needed (not when EDMRT_AUTO_BACKEND pins the choice)."""
 
     def __init__(self, build: Callable, candidates, mode: str, weights: str, evals: int = 3, cache: bool = True):
         if mode not in TOLERANCE:
@@ -133,6 +135,8 @@ class AutoBackend:
     def _fields(self, x_in, cond) -> dict:
         shapes = {"x_in": list(x_in.shape)}
         shapes.update({k: list(v.shape) for k, v in (cond or {}).items()} if isinstance(cond, dict) else {})
+        if callable(self.weights):
+            self.weights = self.weights()
         return {"format": AUTO_CACHE_FORMAT, "mode": self.mode, "weights": self.weights, "shapes": shapes,
                 "cpu": cpu_name(), "threads": torch.get_num_threads(), "candidates": list(self.candidates),
                 "versions": _versions(self.candidates), "tolerance": self.tolerance}
@@ -197,12 +201,4 @@ def describe_choice(choice: dict) -> str:
 
 
 def _write_json(path: Path, entry: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(entry, indent=1).encode())

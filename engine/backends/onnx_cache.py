@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from ..model import Model
+from .cachefile import atomic_write, cache_root, check_manifest
 from .ort import load_onnx_session, onnx_weight_inputs, sha256_file, weights_sha256
 
 __all__ = ["onnx_cache_root", "onnx_cache_fields", "onnx_cache_path", "onnx_manifest_path", "cached_onnx",
@@ -41,7 +40,7 @@ ONNX_CACHE_FORMAT = 3
 
 
 def onnx_cache_root() -> Path:
-    return Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "onnx"
+    return cache_root("onnx")
 
 
 def onnx_cache_fields(model: Model, dtype: str = "fp32", weight_inputs=()) -> dict:
@@ -115,21 +114,9 @@ def cached_onnx(model: Model, device: torch.device, weight_inputs=(), sess_optio
 
 def _check_entry(path: Path, fields: dict) -> str | None:
     """None when the entry and its manifest are intact and name ``fields``; otherwise why not ("missing": no entry)."""
-    manifest = onnx_manifest_path(path)
-    if not os.path.lexists(path) and not os.path.lexists(manifest):
-        return "missing"
-    for p in (path, manifest):
-        if p.is_symlink() or not p.is_file():
-            return f"{p.name} is {'a symbolic link' if p.is_symlink() else 'missing or not a regular file'}"
-    try:
-        m = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"manifest unreadable: {exc}"
-    if not isinstance(m, dict):
-        return "manifest is not a JSON object"
-    for k, v in fields.items():
-        if m.get(k) != v:
-            return f"manifest field {k!r} is {m.get(k)!r}, expected {v!r}"
+    problem, m = check_manifest(path, onnx_manifest_path(path), fields)
+    if problem is not None:
+        return problem
     files = m.get("files")
     if not isinstance(files, dict) or path.name not in files:
         return f"manifest lists no sha256 for {path.name}"
@@ -164,11 +151,5 @@ def _export(model: Model, path: Path, fields: dict, weight_inputs: tuple = ()) -
                          weight_inputs=weight_inputs)
     manifest = dict(fields, files=report.files, opset=report.opset, max_abs_err=report.max_abs_err,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, onnx_manifest_path(path))  # replaces a link at the name, never writes through it
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # replaces a link at the name, never writes through it
+    atomic_write(onnx_manifest_path(path), json.dumps(manifest, indent=1).encode())

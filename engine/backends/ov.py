@@ -29,8 +29,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -38,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .base import as_cond, check_backend_args
+from .cachefile import atomic_write, cache_root, check_manifest
 from .ort import check_onnx_file, onnx_weight_inputs, sha256_file
 
 __all__ = ["OpenVinoBackend", "openvino_available", "import_openvino", "bf16_supported", "cpu_capabilities", "openvino_cache_root",
@@ -81,7 +80,7 @@ def bf16_supported() -> bool:
 
 
 def openvino_cache_root() -> Path:
-    return Path(os.environ.get("EDMRT_CACHE", Path.home() / ".cache" / "edmrt")) / "openvino"
+    return cache_root("openvino")
 
 
 def _choice(value, name: str, allowed) -> str:
@@ -267,35 +266,14 @@ class OpenVinoBackend:
 
 def _check_blob(blob: Path, manifest: Path, fields: dict) -> str | None:
     """None when the cached blob and its manifest are intact and name ``fields``; otherwise why not."""
-    if not os.path.lexists(blob) and not os.path.lexists(manifest):
-        return "missing"
-    for p in (blob, manifest):
-        if p.is_symlink() or not p.is_file():
-            return f"{p.name} is {'a symbolic link' if p.is_symlink() else 'missing or not a regular file'}"
-    try:
-        m = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"manifest unreadable: {exc}"
-    if not isinstance(m, dict):
-        return "manifest is not a JSON object"
-    for k, v in json.loads(json.dumps(fields)).items():
-        if m.get(k) != v:
-            return f"manifest field {k!r} is {m.get(k)!r}, expected {v!r}"
-    if sha256_file(blob) != m.get("sha256"):
-        return "the blob does not match its recorded sha256 (corrupt or replaced)"
-    return None
+    problem, m = check_manifest(blob, manifest, fields)
+    if problem is None and sha256_file(blob) != m.get("sha256"):
+        problem = "the blob does not match its recorded sha256 (corrupt or replaced)"
+    return problem
 
 
 def _write_blob(blob: Path, manifest: Path, fields: dict, data: bytes) -> None:
-    """The blob, then its manifest, each by temp file + rename (a link at the name is replaced, not written through)."""
-    blob.parent.mkdir(parents=True, exist_ok=True)
+    """The blob, then its manifest, each written atomically."""
     record = json.dumps(dict(fields, sha256=hashlib.sha256(data).hexdigest(), size=len(data)), indent=1)
-    for path, payload in ((blob, data), (manifest, record.encode())):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    atomic_write(blob, data)
+    atomic_write(manifest, record.encode())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..backends.auto import cpu_name
 
 __all__ = ["machine_name", "load_digits_split", "held_out_halves", "SIGMA_DATA", "N_TEST", "NUM_CLASSES", "denoise",
            "save_checkpoint_folder", "load_checkpoint_folder", "ema_update_", "record_loss"]
@@ -26,13 +27,7 @@ def machine_name() -> str:
     """CPU model (or GPU name when CUDA is present) for result files."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
