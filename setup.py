@@ -5,6 +5,7 @@ from setuptools import setup
 core = Pybind11Extension(
     "edmrt._core",
     sources=["cpp/philox.cpp", "cpp/step.cpp", "cpp/plan_json.cpp", "cpp/capi.cpp", "cpp/bindings.cpp"],
+    depends=["cpp/step_update.inc", "cpp/include/edmrt_core.hpp", "cpp/include/edmrt.h"],
     include_dirs=["cpp/include"],
     cxx_std=17,
     extra_compile_args=["-O3", "-Wall", "-Wextra", "-fopenmp"],

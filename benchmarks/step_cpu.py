@@ -126,10 +126,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
-    result = dict(machine=machine_name(), torch=torch.__version__, threads=torch.get_num_threads(),
+    from edmrt import _core
+
+    result = dict(machine=machine_name(), torch=torch.__version__, threads=torch.get_num_threads(), isa=_core.step_isa(),
                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rounds=rounds, rows=[])
-    md = [f"# CPU fused step ({result['machine']}, torch {result['torch']}, {rounds} interleaved rounds, medians)", ""]
-    for shape in [(64, 3, 32, 32), (4, 4, 128, 128)]:
+    md = [f"# CPU fused step ({result['machine']}, torch {result['torch']}, {rounds} interleaved rounds, medians)", "",
+          f"The update's instruction set: {result['isa']}. The edmrt rows time the `Stepper` call from Python (what an "
+          "engine loop pays); the copy is torch's `copy_` of the same number of bytes.", ""]
+    # Few-step sampling's small states (batch 1: one CIFAR image, one SD latent) and the batched ones.
+    for shape in [(1, 3, 32, 32), (1, 4, 64, 64), (64, 3, 32, 32), (4, 4, 128, 128)]:
         rows = measure(shape, rounds, args.inner)
         by = {r["case"]: r for r in rows}
         ours = {m: by[f"edmrt C++ fused ({m})"]["median_us"] for m in ("euler", "dpmpp_2m")}

@@ -121,36 +121,62 @@ void disjoint(const std::vector<Buf>& outputs, const std::vector<Buf>& inputs) {
   }
 }
 
+// The fused step bound to one set of buffers (the C++ half of kernels.Stepper): every buffer is checked once, here;
+// a call checks only the stage and F.  It keeps references to the arrays, so the buffers live as long as it does.
+// A call writes the buffers: one call at a time per object (an engine calls it under its lock).
+class BoundStep {
+ public:
+  BoundStep(py::array table, py::array x, py::array x_eval, py::array Y, py::array x_in, py::array sigma_in,
+            py::array seeds, int64_t batch, double guidance)
+      : table_(table), x_(x), x_eval_(x_eval), Y_(Y), x_in_(x_in), sigma_in_(sigma_in), seeds_(seeds) {
+    int K = 0;
+    tab_ = table_of(table_, S_, K);
+    const bool cfg = !std::isnan(guidance);
+    if (cfg && !std::isfinite(guidance))
+      throw py::value_error("guidance must be finite (NaN: no guidance), got " + std::to_string(guidance));
+    const Shape xs = state_shape(x_, batch);
+    const bool twice = x_in_twice(x_in_, x_);
+    const py::ssize_t nin = twice ? 2 * batch : batch;
+    a_.K = K; a_.batch = batch; a_.per_sample = x_.size() / batch;
+    a_.x = writable<float>(x_, "x", xs);
+    a_.x_eval = writable<float>(x_eval_, "x_eval", xs);
+    a_.guidance = cfg; a_.w = cfg ? static_cast<float>(guidance) : 1.0f;
+    a_.Y = writable<float>(Y_, "Y", prefixed(K, xs));
+    a_.x_in_twice = twice;
+    a_.x_in = writable<float>(x_in_, "x_in", with_rows(xs, nin));
+    a_.sigma_in = writable<float>(sigma_in_, "sigma_in", {nin});
+    a_.seeds = checked<int64_t>(seeds_, "seeds", {batch});
+    f_shape_ = with_rows(xs, cfg ? 2 * batch : batch);
+    disjoint(outputs(), {{"table", &table_}, {"seeds", &seeds_}});
+  }
+
+  void operator()(int64_t stage, const py::array& F) const {
+    if (stage < 0 || stage >= S_ || stage > std::numeric_limits<int>::max())
+      throw py::value_error("stage must be in [0, " + std::to_string(S_) + "), got " + std::to_string(stage));
+    edmrt::StepArgs a = a_;
+    a.row = tab_ + stage * (edmrt::kFixedCols + a.K);
+    a.stage = static_cast<int>(stage);
+    a.F = checked<float>(F, "F", f_shape_);
+    disjoint(outputs(), {{"F", &F}});
+    py::gil_scoped_release release;
+    edmrt::fused_step(a);
+  }
+
+ private:
+  std::vector<Buf> outputs() const {
+    return {{"x", &x_}, {"x_eval", &x_eval_}, {"Y", &Y_}, {"x_in", &x_in_}, {"sigma_in", &sigma_in_}};
+  }
+
+  py::array table_, x_, x_eval_, Y_, x_in_, sigma_in_, seeds_;
+  const double* tab_ = nullptr;
+  int64_t S_ = 0;
+  Shape f_shape_;
+  edmrt::StepArgs a_{};
+};
+
 void fused_step(py::array table, int64_t stage, py::array x, py::array x_eval, py::array F, py::array Y,
                 py::array x_in, py::array sigma_in, py::array seeds, int64_t batch, double guidance) {
-  int64_t S = 0;
-  int K = 0;
-  const double* tab = table_of(table, S, K);
-  if (stage < 0 || stage >= S || stage > std::numeric_limits<int>::max())
-    throw py::value_error("stage must be in [0, " + std::to_string(S) + "), got " + std::to_string(stage));
-  const bool cfg = !std::isnan(guidance);
-  if (cfg && !std::isfinite(guidance))
-    throw py::value_error("guidance must be finite (NaN: no guidance), got " + std::to_string(guidance));
-  const Shape xs = state_shape(x, batch);
-  const int64_t total = x.size();
-  const bool twice = x_in_twice(x_in, x);
-  const py::ssize_t nin = twice ? 2 * batch : batch;
-  edmrt::StepArgs a{};
-  a.row = tab + stage * (edmrt::kFixedCols + K);
-  a.stage = static_cast<int>(stage); a.K = K; a.batch = batch; a.per_sample = total / batch;
-  a.x = writable<float>(x, "x", xs);
-  a.x_eval = writable<float>(x_eval, "x_eval", xs);
-  a.F = checked<float>(F, "F", with_rows(xs, cfg ? 2 * batch : batch));
-  a.guidance = cfg; a.w = cfg ? static_cast<float>(guidance) : 1.0f;
-  a.Y = writable<float>(Y, "Y", prefixed(K, xs));
-  a.x_in_twice = twice;
-  a.x_in = writable<float>(x_in, "x_in", with_rows(xs, nin));
-  a.sigma_in = writable<float>(sigma_in, "sigma_in", {nin});
-  a.seeds = checked<int64_t>(seeds, "seeds", {batch});
-  disjoint({{"x", &x}, {"x_eval", &x_eval}, {"Y", &Y}, {"x_in", &x_in}, {"sigma_in", &sigma_in}},
-           {{"F", &F}, {"table", &table}, {"seeds", &seeds}});
-  py::gil_scoped_release release;
-  edmrt::fused_step(a);
+  BoundStep(table, x, x_eval, Y, x_in, sigma_in, seeds, batch, guidance)(stage, F);
 }
 
 void init_state(py::array table, double t0, double n_init, py::array seeds, py::array x, py::array x_eval,
@@ -224,6 +250,12 @@ PYBIND11_MODULE(_core, m) {
         py::arg("Y"), py::arg("x_in"), py::arg("sigma_in"), py::arg("seeds"), py::arg("batch"),
         py::arg("guidance") = std::nan(""),
         "One plan stage on float32 CPU buffers (OpenMP, GIL released); guidance NaN = no CFG.");
+  py::class_<BoundStep>(m, "BoundStep", "fused_step bound to one set of buffers, checked once; call(stage, F).")
+      .def(py::init<py::array, py::array, py::array, py::array, py::array, py::array, py::array, int64_t, double>(),
+           py::arg("table"), py::arg("x"), py::arg("x_eval"), py::arg("Y"), py::arg("x_in"), py::arg("sigma_in"),
+           py::arg("seeds"), py::arg("batch"), py::arg("guidance") = std::nan(""))
+      .def("__call__", &BoundStep::operator(), py::arg("stage"), py::arg("F"));
+  m.def("step_isa", &edmrt::step_isa, "The instruction set of the fused step's deterministic update.");
   m.def("init_state", &init_state, py::arg("table"), py::arg("t0"), py::arg("n_init"), py::arg("seeds"), py::arg("x"),
         py::arg("x_eval"), py::arg("x_in"), py::arg("sigma_in"), py::arg("batch"), py::arg("x0") = py::none(),
         "x = t0 N(seed, STREAMS['initial']) (or the given float32 x0) + n_init N(seed, STREAMS['churn']); "

@@ -1,60 +1,26 @@
 // The fused step on the CPU: one pass over memory per network evaluation (kernels/reference.py's stage).
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "edmrt_core.hpp"
+
+// Runtime dispatch to an AVX2 build of the update needs GCC's target pragma and __builtin_cpu_supports (GCC and
+// Clang on x86-64); elsewhere only the baseline build exists.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EDMRT_STEP_AVX2 1
+#else
+#define EDMRT_STEP_AVX2 0
+#endif
 
 namespace edmrt {
 
 namespace {
-
-// The update without noise, specialised so that the element loop has no branches and vectorises:
-// CFG (guidance halves), COMMIT (x = x_new), TWICE (x_in holds two copies), TERMS older history entries,
-// HAS_X (a != 0: read x; plans set a = 0 wherever x == x_eval), WRITE_Y (K > 1: a later stage reads Y[s]).
-template <bool CFG, bool COMMIT, bool TWICE, bool HAS_X, bool WRITE_Y, int TERMS>
-void update(const StepArgs& p, const float (&c)[8], const float* bk, const float* const* yk) {
-  const int64_t total = p.batch * p.per_sample;
-  const int K = p.K;
-  float* __restrict__ y0 = p.Y + static_cast<int64_t>(p.stage % K) * total;
-  float* __restrict__ x = p.x;
-  float* __restrict__ xe = p.x_eval;
-  float* __restrict__ xin = p.x_in;
-  const float* __restrict__ F = p.F;
-  const float* __restrict__ Fc = CFG ? p.F + total : p.F;
-  const float* __restrict__ y1 = TERMS > 0 ? yk[0] : nullptr;
-  const float* __restrict__ y2 = TERMS > 1 ? yk[1] : nullptr;
-  const float* __restrict__ y3 = TERMS > 2 ? yk[2] : nullptr;
-  const float c_skip = c[0], c_out = c[1], alpha = c[2], beta = c[3], a = c[4], e = c[5], b0 = c[6], c_in = c[7];
-  const float w = p.w;
-  const float b1 = TERMS > 0 ? bk[0] : 0.0f, b2 = TERMS > 1 ? bk[1] : 0.0f, b3 = TERMS > 2 ? bk[2] : 0.0f;
-#pragma omp parallel for simd schedule(static) if (total > (1 << 15))
-  for (int64_t i = 0; i < total; ++i) {
-    float f = F[i];
-    if (CFG) f = f + w * (Fc[i] - f);
-    const float xev = xe[i];
-    const float D = c_skip * xev + c_out * f;
-    const float y = alpha * xev + beta * D;
-    if (WRITE_Y) y0[i] = y;
-    float acc = HAS_X ? a * x[i] + e * xev + b0 * y : e * xev + b0 * y;
-    if (TERMS > 0) acc += b1 * y1[i];
-    if (TERMS > 1) acc += b2 * y2[i];
-    if (TERMS > 2) acc += b3 * y3[i];
-    xe[i] = acc;
-    if (COMMIT) x[i] = acc;
-    xin[i] = c_in * acc;
-    if (TWICE) xin[total + i] = c_in * acc;
-  }
-}
-
-template <bool CFG, bool COMMIT, bool TWICE, bool HAS_X, bool WRITE_Y>
-void update_terms(int terms, const StepArgs& p, const float (&c)[8], const float* bk, const float* const* yk) {
-  switch (terms) {
-    case 0: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 0>(p, c, bk, yk);
-    case 1: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 1>(p, c, bk, yk);
-    case 2: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 2>(p, c, bk, yk);
-    default: return update<CFG, COMMIT, TWICE, HAS_X, WRITE_Y, 3>(p, c, bk, yk);
-  }
-}
 
 // Calls f(std::true_type) or f(std::false_type): a runtime flag turned into a template argument.
 template <typename Fn>
@@ -64,6 +30,60 @@ void with_flag(bool flag, Fn&& f) {
   } else {
     f(std::false_type{});
   }
+}
+
+// Below this many elements the step runs on the calling thread.
+constexpr int64_t kParallelMin = int64_t{1} << 15;
+
+struct Slice {
+  int64_t lo, hi;
+};
+// This OpenMP thread's share of [0, total): contiguous, cut at multiples of 16 elements.
+Slice thread_slice(int64_t total) {
+#ifdef _OPENMP
+  const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+  const int64_t n = 1, t = 0;
+#endif
+  const int64_t chunk = ((total + n - 1) / n + 15) / 16 * 16;
+  return {std::min(total, t * chunk), std::min(total, (t + 1) * chunk)};
+}
+
+// The deterministic update compiled twice: for the x86-64 baseline (SSE2) and for AVX2, chosen at run time.  AVX2
+// without FMA: the same IEEE float operations, so the same bits, only twice as many per instruction (the loop is
+// bound by loads and stores when the state is in cache).  No FMA is enabled in either, so no multiply-add is fused.
+namespace baseline {
+#include "step_update.inc"
+}  // namespace baseline
+
+#if EDMRT_STEP_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#include "step_update.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+using DeterministicFn = void (*)(const StepArgs&, const float (&)[8], bool, int, const float*, const float* const*);
+
+// The instruction set the step uses: AVX2 where the CPU has it, unless EDMRT_STEP_ISA=baseline (read once).
+const char* choose_isa() {
+#if EDMRT_STEP_AVX2
+  const char* env = std::getenv("EDMRT_STEP_ISA");
+  if (env != nullptr && std::strcmp(env, "baseline") == 0) return "baseline";
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) return "avx2";
+#endif
+  return "baseline";
+}
+
+DeterministicFn deterministic_for(const char* isa) {
+#if EDMRT_STEP_AVX2
+  if (std::strcmp(isa, "avx2") == 0) return avx2::deterministic;
+#endif
+  (void)isa;
+  return baseline::deterministic;
 }
 
 // Older history entries beyond three are folded into Y-term groups of three by repeated passes:
@@ -124,6 +144,11 @@ void update_noisy(const StepArgs& p, const float (&c)[8], float n, bool commit, 
 
 }  // namespace
 
+const char* step_isa() {
+  static const char* const isa = choose_isa();
+  return isa;
+}
+
 void fused_step(const StepArgs& p) {
   const double* r = p.row;
   const float c[8] = {static_cast<float>(r[C_SKIP]), static_cast<float>(r[C_OUT]), static_cast<float>(r[ALPHA]),
@@ -146,47 +171,56 @@ void fused_step(const StepArgs& p) {
     update_noisy(p, c, n, commit, terms, bk, yk);   // a stochastic stage: noise drawn in the same pass
   } else {
     const int fused_terms = terms < 3 ? terms : 3;
-    const bool has_x = c[4] != 0.0f, write_y = K > 1;
-    with_flag(p.guidance, [&](auto cfg) {
-      with_flag(commit, [&](auto cm) {
-        with_flag(p.x_in_twice, [&](auto twice) {
-          with_flag(has_x, [&](auto hx) {
-            with_flag(write_y, [&](auto wy) {
-              update_terms<decltype(cfg)::value, decltype(cm)::value, decltype(twice)::value, decltype(hx)::value,
-                           decltype(wy)::value>(fused_terms, p, c, bk, yk);
-            });
-          });
-        });
-      });
-    });
+    static const DeterministicFn run = deterministic_for(step_isa());
+    run(p, c, commit, fused_terms, bk, yk);
     extra_terms(p, fused_terms, terms, bk, yk, c[7]);
   }
   const int64_t nsig = p.x_in_twice ? 2 * p.batch : p.batch;
   for (int64_t b = 0; b < nsig; ++b) p.sigma_in[b] = static_cast<float>(r[C_NOISE_NEXT]);
 }
 
+namespace {
+
+// The last pass of init_state: v = SCALE ? t0 src : src, then v + n z (CHURN), stored to x, x_eval and x_in = c_in v
+// (both halves when TWICE).  src may be x itself (element i is read before it is written).
+template <bool SCALE, bool CHURN, bool TWICE>
+void init_pass(int64_t total, const float* src, float t0, float n, const float* z, float c_in, float* x,
+               float* __restrict__ x_eval, float* __restrict__ x_in) {
+#pragma omp parallel for simd schedule(static) if (parallel : total >= kParallelMin)
+  for (int64_t i = 0; i < total; ++i) {
+    float v = SCALE ? t0 * src[i] : src[i];
+    if (CHURN) v = v + n * z[i];
+    x[i] = v;
+    x_eval[i] = v;
+    x_in[i] = c_in * v;
+    if (TWICE) x_in[total + i] = c_in * v;
+  }
+}
+
+}  // namespace
+
 void init_state(const double* row0, double t0, double n_init, int64_t batch, int64_t per_sample, const int64_t* seeds,
                 const float* x0, float* x, float* x_eval, float* x_in, bool x_in_twice, float* sigma_in) {
   const int64_t total = batch * per_sample;
-  // Initial point: the given x0, or t0 times the initial noise.
-  if (x0 != nullptr) {
-    if (x0 != x) std::copy(x0, x0 + total, x);
-  } else {
-    randn(seeds, batch, per_sample, kInitialStream, x);
-    for (int64_t i = 0; i < total; ++i) x[i] = static_cast<float>(t0) * x[i];
-  }
+  // Initial point: the given x0, or t0 times the initial noise (drawn into x, scaled in the pass below).
+  const bool scale = x0 == nullptr;
+  if (scale) randn(seeds, batch, per_sample, kInitialStream, x);
   // Churn before stage 0.
+  std::vector<float> z;
   if (n_init != 0.0) {
-    std::vector<float> z(static_cast<std::size_t>(total));
+    z.resize(static_cast<std::size_t>(total));
     randn(seeds, batch, per_sample, kChurnStream, z.data());
-    for (int64_t i = 0; i < total; ++i) x[i] = x[i] + static_cast<float>(n_init) * z[i];
   }
-  const float c_in = static_cast<float>(row0[C_IN]);
-  for (int64_t i = 0; i < total; ++i) {
-    x_eval[i] = x[i];
-    x_in[i] = c_in * x[i];
-    if (x_in_twice) x_in[total + i] = c_in * x[i];
-  }
+  const float* src = scale ? x : x0;
+  with_flag(scale, [&](auto sc) {
+    with_flag(n_init != 0.0, [&](auto churn) {
+      with_flag(x_in_twice, [&](auto twice) {
+        init_pass<decltype(sc)::value, decltype(churn)::value, decltype(twice)::value>(
+            total, src, static_cast<float>(t0), static_cast<float>(n_init), z.data(), static_cast<float>(row0[C_IN]),
+            x, x_eval, x_in);
+      });
+    });
+  });
   const int64_t nsig = x_in_twice ? 2 * batch : batch;
   for (int64_t b = 0; b < nsig; ++b) sigma_in[b] = static_cast<float>(row0[C_NOISE]);
 }

@@ -142,7 +142,7 @@ class Engine:
         from edmrt.kernels import init_state
 
         init_state(self.table, float(self.plan.sigmas[0]), self.plan.n_init, self.seeds, self.x, self.x_eval,
-                   self.x_in, self.sigma_in, impl=step.impl, x0=self.x0 if given else None)
+                   self.x_in, self.sigma_in, impl=step.impl, x0=self.x0 if given else None, check=False)
 
     @property
     def labels(self) -> torch.Tensor | None:
@@ -183,13 +183,15 @@ class Engine:
         return "no stage when run again (the network is not deterministic?)"
 
     def run(self, seeds: torch.Tensor, cond=None, guidance: float | None = None, x_init: torch.Tensor | None = None,
-            uncond: dict | None = None) -> torch.Tensor:
+            uncond: dict | None = None, x_init_scale: float = 1.0) -> torch.Tensor:
         """Sample ``batch`` images for ``seeds`` (B,) int64; returns a new tensor.
 
         ``cond``: {name: (B, *shape) tensor} for every conditioning input (a bare (B,) int64 tensor is class labels);
         ``uncond``: the unconditional rows of inputs whose null is None (negative prompt embeddings), same form.
         ``x_init``: a given initial state (float32, shaped like the state) instead of t_0 times the seeds' noise;
-        the seeds then only key the plan's own noise (churn, stochastic stages)."""
+        the seeds then only key the plan's own noise (churn, stochastic stages).  ``x_init_scale``: the initial state
+        is ``x_init_scale * x_init``, computed into the engine's buffer (``edmrt.solve`` passes t_0 and its noise
+        rather than allocating t_0 * noise)."""
         B = self.batch
         _check_int64("seeds", seeds, B)
         cond = self._check_cond("cond", cond)
@@ -197,6 +199,10 @@ class Engine:
         if x_init is not None and (not isinstance(x_init, torch.Tensor) or x_init.dtype != torch.float32
                                    or x_init.shape != self.x.shape or x_init.device != self.device):
             raise ValueError(f"x_init must be a float32 tensor of shape {tuple(self.x.shape)} on {self.device}")
+        if not is_real(x_init_scale) or not math.isfinite(float(x_init_scale)):
+            raise ValueError(f"x_init_scale must be a finite real number, got {x_init_scale!r}")
+        if x_init is None and x_init_scale != 1.0:
+            raise ValueError("x_init_scale scales x_init: pass x_init too")
         if self.guidance:
             if guidance is None:
                 raise ValueError("this engine was built for classifier-free guidance: pass a guidance weight")
@@ -212,7 +218,7 @@ class Engine:
             raise ValueError("uncond is used only with classifier-free guidance (pass guidance=w)")
         w = check_guidance(guidance) if self.guidance else None
         with self.lock:
-            self._copy_inputs(seeds, cond, uncond, x_init)
+            self._copy_inputs(seeds, cond, uncond, x_init, float(x_init_scale))
             key = (w, cond is not None, x_init is not None)
             if self.use_graph:
                 _lru_get(self._graphs, key, lambda: self._capture(key), MAX_GUIDANCE_VALUES).replay()
@@ -247,7 +253,7 @@ class Engine:
                 raise ValueError(f"{name} must be {'an' if dt[0] == 'i' else 'a'} {dt} tensor of shape {shape}, got {got}")
         return cond
 
-    def _copy_inputs(self, seeds, cond, uncond, x_init) -> None:
+    def _copy_inputs(self, seeds, cond, uncond, x_init, scale: float = 1.0) -> None:
         B = self.batch
         self.seeds.copy_(seeds)
         if cond is not None:
@@ -264,7 +270,10 @@ class Engine:
         if x_init is not None:
             if self.x0 is None:
                 self.x0 = torch.empty_like(self.x)
-            self.x0.copy_(x_init.detach())  # the engine's buffers never join an autograd graph
+            if scale == 1.0:
+                self.x0.copy_(x_init.detach())  # the engine's buffers never join an autograd graph
+            else:
+                torch.mul(x_init.detach(), scale, out=self.x0)
 
     def _capture(self, key) -> "torch.cuda.CUDAGraph":
         """Warm up on a side stream (Triton compilation, cuDNN autotuning), then capture the whole loop."""

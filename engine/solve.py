@@ -1,6 +1,7 @@
 """``edmrt.solve``: sample with any denoiser callable D(x; sigma), through the engine or the reference loop."""
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from typing import Callable
@@ -11,7 +12,7 @@ from .backends import CallableBackend
 from .checks import check_signature
 from .executor import SeededNoise, check_seeds, execute
 from .plan import Plan
-from .sampler import Engine, all_finite
+from .sampler import Engine
 from .schedules import make_sigmas
 from .solvers import build_plan
 
@@ -28,7 +29,7 @@ def _check_noise(noise) -> None:
                          f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
     if noise.device.type not in ("cpu", "cuda"):
         raise ValueError(f"noise must be on the CPU or a CUDA device, got {noise.device}")
-    # Finiteness: checked once, on t_0 * noise (solve), which is non-finite whenever the noise is.
+    # Values (finite, and t_0 * noise finite): _check_noise_values, once t_0 is known.
 
 
 def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: int = 18, schedule="karras",
@@ -65,21 +66,30 @@ def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: 
         seeds = torch.randint(0, 2 ** 63 - 1, (B,), dtype=torch.int64).tolist()
     if seeds is not None:
         seeds = check_seeds(seeds, B)
-    x_init = float(sigmas[0]) * noise
-    if not all_finite(x_init):
-        if not bool(torch.isfinite(noise).all()):
-            raise ValueError("noise must be finite (it contains NaN or Inf)")
-        raise ValueError(f"noise times t_0 = {float(sigmas[0]):g} overflows {noise.dtype}: noise must be standard normal")
+    t0 = float(sigmas[0])
+    _check_noise_values(noise, t0)
     if executor == "fused":  # the engine checks its result (FloatingPointError naming the first bad stage)
         seeds = None if seeds is None else torch.tensor(seeds, dtype=torch.int64)
-        if plan_key is not None and x_init.numel() <= CACHED_ENGINE_MAX_ELEMENTS:
-            return _cached_engine_run(plan_key, p, denoiser, x_init, seeds)
-        return execute_fused(p, denoiser, x_init, seeds)
+        if plan_key is not None and noise.numel() <= CACHED_ENGINE_MAX_ELEMENTS:
+            # t_0 * noise is computed into the cached engine's buffer: no full-size temporary per call
+            return _cached_engine_run(plan_key, p, denoiser, noise, t0, seeds)
+        return execute_fused(p, denoiser, t0 * noise, seeds)
+    x_init = t0 * noise
     source = SeededNoise(seeds, noise.shape[1:], noise.dtype, noise.device) if p.stochastic else None
     x = execute(p, denoiser, x_init, source)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"solve({solver!r}) produced NaN or Inf: check the denoiser's output")
     return x
+
+
+def _check_noise_values(noise: torch.Tensor, t0: float) -> None:
+    """ValueError unless noise is finite and t_0 * noise is finite in noise's dtype: one pass (NaN and Inf show in
+    the extremes)."""
+    lo, hi = (float(v) for v in torch.aminmax(noise.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("noise must be finite (it contains NaN or Inf)")
+    if t0 * max(-lo, hi) > float(torch.finfo(noise.dtype).max):
+        raise ValueError(f"noise times t_0 = {t0:g} overflows {noise.dtype}: noise must be standard normal")
 
 
 _PLANS: OrderedDict = OrderedDict()   # (solver, steps, schedule, sigma range, rho, options) -> (sigmas, plan)
@@ -131,16 +141,17 @@ class _CallersDenoiser:
         return self.local.fn(x_in, c_noise)
 
 
-def _cached_engine_run(plan_key, plan: Plan, denoiser: Denoiser, x_init: torch.Tensor, seeds):
-    B, dev = x_init.shape[0], x_init.device
-    key = (plan_key, tuple(x_init.shape), str(dev))
+def _cached_engine_run(plan_key, plan: Plan, denoiser: Denoiser, noise: torch.Tensor, t0: float, seeds):
+    """``plan`` from t0 * noise on the engine cached for (plan, shape, device)."""
+    B, dev = noise.shape[0], noise.device
+    key = (plan_key, tuple(noise.shape), str(dev))
     with _PLANS_LOCK:
         entry = _ENGINES.get(key)
         if entry is not None:
             _ENGINES.move_to_end(key)
     if entry is None:
         caller = _CallersDenoiser()
-        engine = Engine(CallableBackend(caller, pass_through=True), plan, B, x_init.shape[1:], dev, graph=False,
+        engine = Engine(CallableBackend(caller, pass_through=True), plan, B, noise.shape[1:], dev, graph=False,
                         cond_inputs=())
         entry = (engine, caller)
         with _PLANS_LOCK:
@@ -148,12 +159,13 @@ def _cached_engine_run(plan_key, plan: Plan, denoiser: Denoiser, x_init: torch.T
             while len(_ENGINES) > MAX_ENGINES:
                 _ENGINES.popitem(last=False)
     engine, caller = entry
-    view = (B,) + (1,) * (x_init.ndim - 1)
-    caller.local.fn = lambda x_in, c_noise: denoiser(x_in, c_noise.view(view))
+    sigma = engine.sigma_in.view((B,) + (1,) * (noise.ndim - 1))  # the engine's c_noise buffer, viewed once
+    caller.local.fn = lambda x_in, c_noise: denoiser(x_in, sigma if c_noise is engine.sigma_in
+                                                     else c_noise.view(sigma.shape))
     if seeds is None:
         seeds = torch.zeros(B, dtype=torch.int64)
     try:
-        return engine.run(seeds.to(device=dev, dtype=torch.int64), x_init=x_init.contiguous())
+        return engine.run(seeds.to(device=dev, dtype=torch.int64), x_init=noise.contiguous(), x_init_scale=t0)
     finally:
         caller.local.fn = None
 

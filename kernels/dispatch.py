@@ -201,9 +201,9 @@ class Stepper:
         self.table, self.x, self.x_eval, self.Y, self.x_in, self.sigma_in, self.seeds = \
             table, x, x_eval, Y, x_in, sigma_in, seeds
         self.guidance, self.f_shape, self.f_dtype, self.stages = guidance, f_shape, f_dtype, table.shape[0]
-        if self.impl == "cpp":
-            self._np = [t.numpy() for t in (table, x, x_eval, Y, x_in, sigma_in, seeds)]
-            self._w = math.nan if guidance is None else float(guidance)
+        if self.impl == "cpp":  # the buffers checked once more, in C++, and bound: a call converts only F
+            self._bound = _core.BoundStep(*(t.numpy() for t in (table, x, x_eval, Y, x_in, sigma_in, seeds)),
+                                          B, math.nan if guidance is None else float(guidance))
         elif self.impl == "triton":
             self._launch = _triton().fused_step_triton
 
@@ -214,8 +214,7 @@ class Stepper:
         if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < self.stages:
             raise ValueError(f"stage must be in [0, {self.stages}) (an int), got {stage!r}")
         if self.impl == "cpp":
-            t, x, xe, Y, xin, sig, seeds = self._np
-            _core.fused_step(t, stage, x, xe, F.numpy(), Y, xin, sig, seeds, x.shape[0], self._w)
+            self._bound(stage, F.numpy())
         elif self.impl == "reference":
             fused_step_reference(self.table, stage, self.x, self.x_eval, F, self.Y, self.x_in, self.sigma_in,
                                  self.seeds, self.guidance)
@@ -226,18 +225,22 @@ class Stepper:
 
 def init_state(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,
                x_eval: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, impl: str = "auto",
-               x0: torch.Tensor | None = None) -> None:
+               x0: torch.Tensor | None = None, check: bool = True) -> None:
     """The state before stage 0, in place on the given buffers.
 
     x = x_eval = t0 N(seed, INITIAL_STREAM) + n_init N(seed, CHURN_STREAM) (``philox.py``'s streams), or with a
     given initial state ``x0`` (float32, shaped like x, on x's device, contiguous; may be x itself)
     x = x_eval = x0 + n_init N(seed, CHURN_STREAM); then x_in = c_in[0] x (both halves when x_in holds 2B
     samples) and sigma_in = c_noise[0].
+
+    ``check=False`` skips the Python-side validation (the C++ binding still checks every buffer): for an engine
+    whose buffers were validated once.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     impl = _resolve(impl, x.device)
-    check_init_args(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0, impl)
+    if check:
+        check_init_args(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0, impl)
     if impl == "reference":
         init_state_reference(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0)
     elif impl == "cpp":

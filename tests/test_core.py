@@ -203,3 +203,48 @@ def test_philox_rejects_words_outside_uint32():
         _core.philox(-1, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match=r"k1 must be in \[0, 2\*\*32\), got 4294967296"):
         _core.philox(0, 0, 0, 0, 0, 2 ** 32)
+
+
+def test_bound_step_checks_its_buffers_once_and_f_at_every_call():
+    """BoundStep (kernels.Stepper's C++ half): the buffers are checked when it is built, as fused_step checks them;
+    a call checks the stage and F (dtype, shape, overlap with an output), and equals fused_step on copies."""
+    args = _step_args()
+    rng = np.random.default_rng(0)
+    for k in ("x", "x_eval", "F", "Y"):
+        args[k][...] = rng.standard_normal(args[k].shape)
+    copy = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    bound = _core.BoundStep(*(args[k] for k in ("table", "x", "x_eval", "Y", "x_in", "sigma_in", "seeds")), 2)
+    bound(1, args["F"])
+    _core.fused_step(**copy)
+    for k in ("x", "x_eval", "Y", "x_in", "sigma_in"):
+        assert np.array_equal(args[k], copy[k]), k
+    with pytest.raises(ValueError, match=r"stage must be in \[0, 4\), got 4"):
+        bound(4, args["F"])
+    with pytest.raises(ValueError, match="F must have dtype float32"):
+        bound(0, args["F"].astype(np.float64))
+    with pytest.raises(ValueError, match=r"F must have shape \(2, 6\), got \(6, 2\)"):
+        bound(0, args["F"].reshape(6, 2))
+    with pytest.raises(ValueError, match="x_in must not overlap F"):
+        bound(0, args["x_in"])
+    with pytest.raises(ValueError, match="x_eval must not overlap x"):
+        _core.BoundStep(args["table"], args["x"], args["x"], args["Y"], args["x_in"], args["sigma_in"], args["seeds"], 2)
+    with pytest.raises(ValueError, match="Y must have 24 elements, got 12"):
+        _core.BoundStep(args["table"], args["x"], args["x_eval"], args["Y"][:1], args["x_in"], args["sigma_in"],
+                        args["seeds"], 2)
+
+
+def test_bound_step_keeps_its_buffers_alive():
+    """The bound arrays are referenced by the object: dropping every other reference leaves the call valid."""
+    import gc
+
+    args = _step_args()
+    names = ("table", "x", "x_eval", "Y", "x_in", "sigma_in", "seeds")
+    bound = _core.BoundStep(*(args.pop(k) for k in names), 2)
+    F = np.ones((2, 6), dtype=np.float32)
+    gc.collect()
+    for _ in range(3):
+        bound(1, F)
+
+
+def test_step_isa_names_the_instruction_set():
+    assert _core.step_isa() in ("avx2", "baseline")

@@ -381,3 +381,60 @@ def test_each_implementation_draws_the_streams_of_philox_py(request, impl):
         Kn.fused_step(table, s, x, x_eval, torch.zeros(shape, device=dev), Y, x_in, sigma_in, seeds, impl=impl)
         assert (x - noise(stage_stream(s))).abs().max().item() <= tol
         assert (x_in - noise(stage_stream(s))).abs().max().item() <= tol
+
+
+# Every solver's stages (stochastic ones included, with guidance and without) on a state below the threading
+# threshold and one above it whose size is no multiple of 16, run in a subprocess under the given environment;
+# prints the results as hex of float32 bits (exactness is the question, not closeness).
+_ISA_SCRIPT = """
+import sys, torch, edmrt
+from edmrt import _core
+from edmrt.lab.selfcheck import run_stages, solver_plans
+out = [_core.step_isa()]
+for name, plan in solver_plans(4):
+    for shape, w in (((3, 5, 7), None), ((2, 3, 61), 2.5), ((3, 11, 1001), None), ((2, 7, 2371), 1.5)):
+        x, x_in, _ = run_stages(plan, "cpp", shape, w, torch.float32, torch.device("cpu"))
+        out.append(name + " " + x.numpy().tobytes().hex()[:4096] + " " + str(hash(x.numpy().tobytes()))
+                   + " " + str(hash(x_in.numpy().tobytes())))
+print("\\n".join(out))
+"""
+
+
+def _isa_run(threads: int, isa: str | None) -> list[str]:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EDMRT_STEP_ISA"}
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
+    if isa is not None:
+        env["EDMRT_STEP_ISA"] = isa
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split("\n")
+
+
+@needs_core
+def test_cpp_step_gives_the_same_bits_on_every_instruction_set_and_thread_count():
+    """The deterministic update is compiled for the x86-64 baseline and for AVX2 (chosen at run time) and cut into
+    one slice per OpenMP thread above 2**15 elements: every solver's result is the same bits whichever is used
+    (the same IEEE operations per element, no fused multiply-add)."""
+    one = _isa_run(1, None)
+    three = _isa_run(3, None)
+    base = _isa_run(3, "baseline")
+    assert base[0] == "baseline" and one[0] in ("avx2", "baseline")
+    assert len(one) == len(three) == len(base) > 1
+    assert one[1:] == three[1:]
+    assert one[1:] == base[1:]
+
+
+@needs_core
+@pytest.mark.parametrize("plan", _plans())
+@pytest.mark.parametrize("shape,guidance", [((3, 11, 1001), None), ((2, 7, 2371), 1.5)])
+def test_cpp_step_above_the_threading_threshold_equals_the_reference(plan, shape, guidance):
+    """States of more than 2**15 elements run on every OpenMP thread, in slices cut at multiples of 16 elements:
+    odd sizes (a slice boundary inside a sample, a short last slice) against the torch reference."""
+    ref, ref_in, ref_sig = _run(plan, "reference", shape, guidance, torch.float32)
+    got, got_in, got_sig = _run(plan, "cpp", shape, guidance, torch.float32)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.norm().item()
+    assert (got_in - ref_in).abs().max().item() <= 1e-6 * max(ref_in.norm().item(), 1.0)
+    assert torch.equal(got_sig, ref_sig)

@@ -253,3 +253,35 @@ def test_cli_sample_on_openvino_and_auto_says_what_it_picked(cache, tmp_path, mo
     assert main(["sample", "--model", "digits-cd", "--seeds", "0-3", "-o", str(tmp_path / "b.png")]) == 0
     said = capsys.readouterr().out
     assert "backend auto, batch 4: picked" in said and "measured" in said and (tmp_path / "b.png").is_file()
+
+
+def test_auto_builds_its_candidates_hashing_the_weights_and_the_file_once(digits, cache, monkeypatch):
+    """Under "auto" every ONNX-based candidate shares one weights_sha256 of the network; the OpenVINO candidates
+    take the ONNX file's sha256 from the cache's own check (no second pass over the file, no ONNX Runtime session
+    opened only to check it and dropped).  The entry is still verified: a corrupted file is exported again."""
+    from edmrt.backends import onnx_cache, ort
+
+    cached_onnx(digits, torch.device("cpu"))  # the entry exists: what is counted is the lookups
+    monkeypatch.delenv("EDMRT_AUTO_BACKEND", raising=False)
+    counts = {"weights": 0, "sessions": 0, "ov_file_hash": 0}
+
+    def counting(name, fn, onnx_only=False):
+        def wrapped(*a, **k):
+            counts[name] += not onnx_only or str(a[0]).endswith(".onnx")  # (OpenVINO's blobs are hashed too)
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(onnx_cache, "weights_sha256", counting("weights", onnx_cache.weights_sha256))
+    monkeypatch.setattr(ort, "weights_sha256", counting("weights", ort.weights_sha256))
+    monkeypatch.setattr(onnx_cache, "load_onnx_session", counting("sessions", onnx_cache.load_onnx_session))
+    monkeypatch.setattr(ovmod, "sha256_file", counting("ov_file_hash", ovmod.sha256_file, onnx_only=True))
+    s = edmrt.Sampler(digits, backend="auto")
+    assert {"onnxruntime", "openvino"} <= set(s.backend.candidates)
+    s.sample([1, 2], cond=[1, 2])   # measures: the choice's cache key needs the weights' digest
+    assert counts == {"weights": 1, "sessions": 1, "ov_file_hash": 0}, counts
+    # The check is by content: a flipped byte in the file is noticed and the file exported again.
+    path, digest = onnx_cache.cached_onnx_file(digits, torch.device("cpu"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again, fresh = onnx_cache.cached_onnx_file(digits, torch.device("cpu"))
+    assert again == path and fresh == ort.sha256_file(path) and fresh == digest

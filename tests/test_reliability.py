@@ -343,6 +343,53 @@ def test_noise_with_no_elements_or_on_the_meta_device_is_refused_by_name():
         edmrt.solve(g, torch.full((1, 4), 1e37))
 
 
+@pytest.mark.parametrize("executor", ["fused", "reference"])
+@pytest.mark.parametrize("bad,match", [(float("nan"), "noise must be finite"), (-float("inf"), "noise must be finite"),
+                                       (-1e37, "overflows torch.float32")])
+def test_bad_noise_is_refused_before_the_denoiser_is_called(executor, bad, match):
+    """One reduction over the noise (its extremes) finds NaN, Inf and a t_0 * noise that overflows, whichever
+    executor runs, before any evaluation."""
+    calls = []
+    noise = torch.randn(3, 2, 37)
+    noise[1, 1, 5] = bad
+
+    def den(x, sigma):
+        calls.append(1)
+        return x
+    with pytest.raises(ValueError, match=match):
+        edmrt.solve(den, noise, solver="euler", steps=4, executor=executor)
+    assert calls == []
+
+
+def test_solve_scales_the_noise_in_the_engine_as_t0_times_noise():
+    """The fused solve computes t_0 * noise into the cached engine's buffer (Engine.run's x_init_scale): the same
+    bits as running the engine from the tensor t_0 * noise."""
+    from edmrt.solve import execute_fused
+
+    g = GaussianMixture.random(K=3, D=5, seed=2)
+    noise = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    plan = edmrt.plan("dpmpp_2m", edmrt.make_sigmas("karras", 7))
+    want = execute_fused(plan, g, float(plan.sigmas[0]) * noise)
+    for _ in range(2):  # the engine built, then reused
+        assert torch.equal(edmrt.solve(g, noise, solver="dpmpp_2m", steps=7), want)
+
+
+def test_engine_run_refuses_a_bad_x_init_scale():
+    from edmrt.backends import CallableBackend
+    from edmrt.sampler import Engine
+
+    plan = edmrt.plan("euler", edmrt.make_sigmas("karras", 3))
+    engine = Engine(CallableBackend(lambda x, s: x), plan, 2, (4,), "cpu", cond_inputs=())
+    seeds = torch.zeros(2, dtype=torch.int64)
+    for bad in (float("nan"), "2", True):
+        with pytest.raises(ValueError, match="x_init_scale must be a finite real number"):
+            engine.run(seeds, x_init=torch.zeros(2, 4), x_init_scale=bad)
+    with pytest.raises(ValueError, match="x_init_scale scales x_init: pass x_init too"):
+        engine.run(seeds, x_init_scale=2.0)
+    assert torch.equal(engine.run(seeds, x_init=torch.ones(2, 4), x_init_scale=3.0),
+                       engine.run(seeds, x_init=torch.full((2, 4), 3.0)))
+
+
 def test_callables_with_the_wrong_signature_are_refused_before_the_first_call():
     with pytest.raises(ValueError, match=r"denoiser must be callable as denoiser\(x, sigma\)"):
         edmrt.solve(lambda x: x, torch.randn(1, 3))

@@ -69,6 +69,11 @@ struct StepArgs {
 // commit, next input.
 void fused_step(const StepArgs& a);
 
+// The instruction set fused_step's deterministic update runs with: "avx2" on an x86-64 CPU that has it (GCC
+// builds), else "baseline"; EDMRT_STEP_ISA=baseline in the environment (read at the first call) forces the
+// baseline.  Both give the same bits.
+const char* step_isa();
+
 // Initial state: x = x_eval = t0 N(seed, kInitialStream) + n_init N(seed, kChurnStream), or, with a given x0
 // (non-null, batch * per_sample floats; may be x itself), x = x_eval = x0 + n_init N(seed, kChurnStream);
 // x_in = c_in[0] x (both halves when x_in_twice); sigma_in = c_noise[0].

@@ -22,6 +22,7 @@ package's own modules are imported by ``import edmrt``; onnx, onnxruntime and te
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Callable
 
@@ -86,17 +87,19 @@ def _measured_auto(mode: str, model: Model, device: torch.device):
 
             if bf16_supported():
                 names.append("openvino-bf16")
-    auto = AutoBackend(lambda n: resolve_backend(n, model, device)[1], names, mode,
-                       lambda: weights_sha256(model.network))
+    # The weights are hashed once, for the choice's key and every candidate's ONNX cache entry (seconds for SD).
+    digest = functools.cache(lambda: weights_sha256(model.network))
+    auto = AutoBackend(lambda n: resolve_backend(n, model, device, weights=digest)[1], names, mode, digest)
     auto.prepare()
     return auto
 
 
-def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str, Backend]:
+def resolve_backend(name: str, model: Model, device: torch.device, weights=None) -> tuple[str, Backend]:
     """(name, backend) for ``model`` on ``device``: "auto", "auto-bf16" or a name in ``BACKENDS`` (table above).
 
     A network that is not a torch module runs as "custom" under "torch" too (as before exports existed);
-    "onnxruntime" and "tensorrt" need a torch module, exported once into the ONNX cache."""
+    "onnxruntime" and "tensorrt" need a torch module, exported once into the ONNX cache.  ``weights``: a callable
+    returning the network's ``weights_sha256`` (memoised by the caller), for the ONNX cache's lookup."""
     if name not in ("auto", "auto-bf16") and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected 'auto', 'auto-bf16' or one of {sorted(BACKENDS)}")
     if name in ("auto", "auto-bf16"):
@@ -115,16 +118,18 @@ def resolve_backend(name: str, model: Model, device: torch.device) -> tuple[str,
     if name == "tensorrt" and not tensorrt_available():  # said before minutes of export, not after
         raise ValueError("backend 'tensorrt' needs TensorRT and a CUDA GPU (pip install tensorrt on a machine with an "
                          "NVIDIA GPU); use 'onnxruntime' or 'torch' here")
-    from .onnx_cache import cached_onnx
+    from .onnx_cache import cached_onnx, cached_onnx_file
 
     if name.startswith("openvino"):
         if device.type != "cpu":
             raise ValueError(f"backend {name!r} runs on the CPU; the device is {device}")
-        path, _ = cached_onnx(model, device)
-        return name, make_backend(name, path, cond_inputs=model.cond)
+        # The file alone (no ONNX Runtime session), checked by its sha256, which OpenVINO's blob cache reuses
+        path, digest = cached_onnx_file(model, device, weights=weights() if weights is not None else None)
+        return name, make_backend(name, path, cond_inputs=model.cond, file_sha256=digest)
     adapters = getattr(model, "adapters", None)
     targets = tuple(adapters.targets) if adapters is not None else ()
-    path, session = cached_onnx(model, device, weight_inputs=targets if name == "onnxruntime" else ())
+    path, session = cached_onnx(model, device, weight_inputs=targets if name == "onnxruntime" else (),
+                                weights=weights() if weights is not None else None)
     if name == "onnxruntime":
         # A model with adapters: their target weights are graph inputs bound to the live parameters (after the
         # export, which may move the network), so Sampler.set_adapters' in-place copy reaches the live session.

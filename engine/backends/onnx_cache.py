@@ -30,7 +30,7 @@ from .cachefile import atomic_write, cache_root, check_manifest
 from .ort import load_onnx_session, onnx_weight_inputs, sha256_file, weights_sha256
 
 __all__ = ["onnx_cache_root", "onnx_cache_fields", "onnx_cache_path", "onnx_manifest_path", "cached_onnx",
-           "ONNX_CACHE_FORMAT"]
+           "cached_onnx_file", "ONNX_CACHE_FORMAT"]
 
 log = logging.getLogger("edmrt.backends")
 
@@ -43,10 +43,11 @@ def onnx_cache_root() -> Path:
     return cache_root("onnx")
 
 
-def onnx_cache_fields(model: Model, dtype: str = "fp32", weight_inputs=()) -> dict:
-    """What the key hashes and the manifest records: everything that changes the exported file."""
+def onnx_cache_fields(model: Model, dtype: str = "fp32", weight_inputs=(), weights: str | None = None) -> dict:
+    """What the key hashes and the manifest records: everything that changes the exported file.  ``weights``: the
+    network's ``weights_sha256`` when the caller has just computed it (hashing a large network takes seconds)."""
     net = model.network
-    fields = dict(format=ONNX_CACHE_FORMAT, weights_sha256=weights_sha256(net), network=type(net).__name__,
+    fields = dict(format=ONNX_CACHE_FORMAT, weights_sha256=weights or weights_sha256(net), network=type(net).__name__,
                   config=repr(getattr(net, "config", None)), sample_shape=list(model.sample_shape),
                   num_classes=model.num_classes, cond=[c.to_dict() for c in model.cond], dtype=dtype,
                   torch=torch.__version__)
@@ -75,19 +76,20 @@ def onnx_manifest_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.manifest.json")
 
 
-def cached_onnx(model: Model, device: torch.device, weight_inputs=(), sess_options=None):
+def cached_onnx(model: Model, device: torch.device, weight_inputs=(), sess_options=None, weights: str | None = None):
     """(path, session or None): the model's cached ONNX file, loaded and checked when it is usable; otherwise
     exported again (from the CPU, the network then returned to ``device``) and the session left to the caller.
 
     ``weight_inputs``: parameter names exported as graph inputs (``export_onnx(weight_inputs=...)``; part of the key);
     the caller binds them (``OnnxRuntimeBackend(path_or_session, weights=...)``).  ``sess_options``: the
-    ``onnxruntime.SessionOptions`` the checked session is opened with (threads), so a caller can keep it."""
+    ``onnxruntime.SessionOptions`` the checked session is opened with (threads), so a caller can keep it.
+    ``weights``: the network's ``weights_sha256`` when the caller has it (``cached_onnx_file``)."""
     if not isinstance(model.network, torch.nn.Module):
         raise ValueError("exporting to ONNX needs the network to be a torch.nn.Module")
     weight_inputs = _check_weight_names(weight_inputs)
-    fields = onnx_cache_fields(model, weight_inputs=weight_inputs)
+    fields = onnx_cache_fields(model, weight_inputs=weight_inputs, weights=weights)
     path = onnx_cache_path(model, fields=fields)
-    problem = _check_entry(path, fields)
+    problem, _ = _check_entry(path, fields)
     if problem is None:
         try:
             session = load_onnx_session(path, cond_inputs=model.cond, sess_options=sess_options)
@@ -103,30 +105,54 @@ def cached_onnx(model: Model, device: torch.device, weight_inputs=(), sess_optio
                 problem = f"the file's weight inputs are {list(stored_inputs)}, not {list(weight_inputs)}"
             else:
                 return path, session
+    _export_again(model, device, path, fields, weight_inputs, problem)
+    return path, None
+
+
+def cached_onnx_file(model: Model, device: torch.device, weights: str | None = None) -> tuple[Path, str]:
+    """(path, sha256) of the model's cached ONNX file (no weight inputs), for a runtime that opens the file itself
+    (OpenVINO): the entry checked against its manifest, every file by its sha256, without an ONNX Runtime session;
+    or exported again.  The sha256 returned is the one just computed from the file's bytes.  ``weights``: the
+    network's ``weights_sha256`` when the caller has it (``backend="auto"`` hashes the weights once for every
+    candidate)."""
+    if not isinstance(model.network, torch.nn.Module):
+        raise ValueError("exporting to ONNX needs the network to be a torch.nn.Module")
+    fields = onnx_cache_fields(model, weights=weights)
+    path = onnx_cache_path(model, fields=fields)
+    problem, digest = _check_entry(path, fields)
+    if problem is None:
+        return path, digest
+    return path, _export_again(model, device, path, fields, (), problem)
+
+
+def _export_again(model: Model, device: torch.device, path: Path, fields: dict, weight_inputs: tuple,
+                  problem: str) -> str:
+    """Export over an unusable entry (said, unless it was missing); the network back on ``device``; the file's sha256."""
     if problem != "missing":
         log.warning("ONNX cache entry %s is not usable (%s): exporting again", path, problem)
     for p in (path, onnx_manifest_path(path)):
         _clear_directory(p)
-    _export(model, path, fields, weight_inputs)
+    digest = _export(model, path, fields, weight_inputs)
     model.network.to(device)
-    return path, None
+    return digest
 
 
-def _check_entry(path: Path, fields: dict) -> str | None:
-    """None when the entry and its manifest are intact and name ``fields``; otherwise why not ("missing": no entry)."""
+def _check_entry(path: Path, fields: dict) -> tuple[str | None, str | None]:
+    """(None, the file's sha256) when the entry and its manifest are intact and name ``fields``; otherwise (why not,
+    None) ("missing": no entry)."""
     problem, m = check_manifest(path, onnx_manifest_path(path), fields)
     if problem is not None:
-        return problem
+        return problem, None
     files = m.get("files")
     if not isinstance(files, dict) or path.name not in files:
-        return f"manifest lists no sha256 for {path.name}"
+        return f"manifest lists no sha256 for {path.name}", None
     for name, digest in files.items():
         f = path.parent / str(name)
         if Path(str(name)).name != name or f.is_symlink() or not f.is_file():
-            return f"{name!r} is not a regular file beside the entry"
+            return f"{name!r} is not a regular file beside the entry", None
         if sha256_file(f) != digest:
-            return f"{name} does not match its recorded sha256 (corrupt or replaced)"
-    return None
+            return f"{name} does not match its recorded sha256 (corrupt or replaced)", None
+    return None, files[path.name]
 
 
 def _clear_directory(path: Path) -> None:
@@ -139,8 +165,9 @@ def _clear_directory(path: Path) -> None:
                              f"(expected the cache's file there)") from None
 
 
-def _export(model: Model, path: Path, fields: dict, weight_inputs: tuple = ()) -> None:
-    """Export the network to ``path`` (atomically), then write its manifest (atomically, after the file)."""
+def _export(model: Model, path: Path, fields: dict, weight_inputs: tuple = ()) -> str:
+    """Export the network to ``path`` (atomically), then write its manifest (atomically, after the file); returns
+    the file's sha256."""
     from edmrt.export.onnx import export_onnx
 
     log.warning("exporting the network to ONNX (once; cached at %s)", path)
@@ -153,3 +180,4 @@ def _export(model: Model, path: Path, fields: dict, weight_inputs: tuple = ()) -
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     # replaces a link at the name, never writes through it
     atomic_write(onnx_manifest_path(path), json.dumps(manifest, indent=1).encode())
+    return report.files[path.name]

@@ -92,15 +92,19 @@ def _choice(value, name: str, allowed) -> str:
 class OpenVinoBackend:
     """``OpenVinoBackend(path, precision="fp32", hint="auto", threads=None, cache=True)``: the ONNX file at ``path``
     run by OpenVINO on the CPU (module docstring).  ``cond_inputs``: the conditioning inputs the file must have
-    (``Model.cond``).  ``threads``: OpenVINO's INFERENCE_NUM_THREADS (default: its own choice, every core)."""
+    (``Model.cond``).  ``threads``: OpenVINO's INFERENCE_NUM_THREADS (default: its own choice, every core).
+    ``file_sha256``: the file's sha256 when the caller has just computed it from the file (the ONNX cache verifies
+    its entries so), to spare a second pass over a large file; computed here otherwise."""
 
     def __init__(self, path, cond_inputs=None, precision: str = "fp32", hint: str = "auto", threads: int | None = None,
-                 cache: bool = True):
+                 cache: bool = True, file_sha256: str | None = None):
         self.precision = _choice(precision, "precision", PRECISIONS)
         self.hint = _choice(hint, "hint", HINTS)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
         self.threads, self.cache = threads, bool(cache)
+        if file_sha256 is not None and (not isinstance(file_sha256, str) or len(file_sha256) != 64):
+            raise ValueError(f"file_sha256 must be None or a sha256 hex digest (64 characters), got {file_sha256!r:.80}")
         self.name = "openvino" if precision == "fp32" else f"openvino-{precision}"
         ov = import_openvino()
         self.core = ov.Core()
@@ -112,7 +116,8 @@ class OpenVinoBackend:
         if onnx_weight_inputs(meta):
             raise ValueError("the ONNX file takes weights as inputs (a model with adapters, for swaps): OpenVINO "
                              "bakes weights in; export without weight inputs, or use backend 'onnxruntime'")
-        self.file_sha256 = sha256_file(self.path)
+        # The blob cache's key: the file's sha256, computed here unless the caller just did (the ONNX cache's check)
+        self.file_sha256 = file_sha256 if file_sha256 is not None else sha256_file(self.path)
         try:
             self._model = self.core.read_model(str(self.path))
         except Exception as exc:
