@@ -1,6 +1,7 @@
-"""The quality cost of bf16 on the CPU (issue 16): the digits teacher (Heun, 18 steps = 35 NFE) and student
+"""The quality cost of bf16 and int8 on the CPU (issue 16): the digits teacher (Heun, 18 steps = 35 NFE) and student
 (digits-cd, consistency at 1, 2 and 4 steps) sampled by torch eager fp32 (the reference), OpenVINO fp32, OpenVINO
-bf16 and torch's bf16 autocast, from the same seeds and labels.
+bf16, torch's bf16 autocast and OpenVINO int8 (NNCF's post-training quantisation, calibrated on the model's own Heun
+trajectories: ``edmrt.backends.calibrate``), from the same seeds and labels.
 
 Per backend: FD-train and FD-digits (``edmrt quality``'s protocol: 5 blocks of 197 class-conditional samples, seeds
 197 b .. 197 b + 196, test half A's labels; FD-train against the whole training split), class accuracy, and the
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BACKENDS = ("torch", "openvino", "openvino-bf16", "torch-bf16")
+BACKENDS = ("torch", "openvino", "openvino-bf16", "torch-bf16", "openvino-int8")
 RUNS = (("teacher", "digits", "heun", 18), ("student", "digits-cd", "consistency", 1),
         ("student", "digits-cd", "consistency", 2), ("student", "digits-cd", "consistency", 4))
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
 
 
 def _table(result: dict) -> str:
-    lines = [f"# The quality cost of bf16 on the digits models ({result['machine']}; CPU flags "
+    lines = [f"# The quality cost of bf16 and int8 on the digits models ({result['machine']}; CPU flags "
              f"{', '.join(result['cpu_flags'])}; torch {result['torch']}, {result['date']})", "",
              f"{result['blocks']} blocks of {result['samples_per_block']} class-conditional samples, the same seeds "
              "and labels for every backend. FD change: paired against torch fp32 on the same seeds (mean ± std over "

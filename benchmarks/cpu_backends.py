@@ -3,7 +3,8 @@
 The CIFAR-shaped UNet (``unet-cifar10``, 54 M parameters) and the SD-1.5-shaped UNet (``unet-sd15``, diffusers'
 UNet2DConditionModel with the real config, 860 M parameters, 32x32 latents, text embeddings), random weights,
 batch 1 and 16, Euler with 10 NFE, the same initial noise: edmrt on torch eager fp32, torch bf16 autocast, ONNX
-Runtime fp32, OpenVINO fp32 and OpenVINO bf16, beside the peers' loops (k-diffusion ``sample_euler`` and diffusers'
+Runtime fp32, OpenVINO fp32, OpenVINO bf16 and OpenVINO int8 (calibrated on the model's own trajectories; not on the
+SD-shaped UNet, whose text embeddings calibration cannot make up), beside the peers' loops (k-diffusion ``sample_euler`` and diffusers'
 ``EDMEulerScheduler``, torch eager fp32: what they run).  Interleaved rounds after a warm-up, medians; the CPU model
 and its flags are recorded.
 
@@ -26,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-BACKENDS = ("torch", "torch-bf16", "onnxruntime", "openvino", "openvino-bf16")
+BACKENDS = ("torch", "torch-bf16", "onnxruntime", "openvino", "openvino-bf16", "openvino-int8")
 
 
 def main(argv=None) -> int:
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         model, steps, batches, rounds = parts[name]
         print(f"== {name}: {model}, euler {steps} steps, batch {list(batches)}, {rounds} round(s)", flush=True)
         t0 = time.perf_counter()
-        backends = list(args.backends or BACKENDS)
+        backends = [b for b in (args.backends or BACKENDS) if not (b == "openvino-int8" and "sd15" in model)]
         r = run_bench(model, ["euler"], [steps], backends, list(batches), rounds=rounds, peers="torch" in backends)
         for c in r["cells"]:
             c["model"] = model

@@ -6,6 +6,7 @@ refused with the argument named; the compiled-blob cache is used when intact and
 fastest candidate that matches torch, never a fast wrong one, caches its choice and honours a pin."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import threading
@@ -285,3 +286,136 @@ def test_auto_builds_its_candidates_hashing_the_weights_and_the_file_once(digits
     path.write_bytes(bytes(data))
     again, fresh = onnx_cache.cached_onnx_file(digits, torch.device("cpu"))
     assert again == path and fresh == ort.sha256_file(path) and fresh == digest
+
+
+# --- int8 (NNCF post-training quantisation) ----------------------------------------------------------------------
+
+from edmrt.backends import calibrate as calmod  # noqa: E402
+
+needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
+                                reason="NNCF is not installed (pip install 'edmrt[openvino]')")
+
+
+def _calibration(model, B=3, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x_in": torch.randn(B, *model.sample_shape, generator=g),
+             "c_noise": torch.rand(B, generator=g) * 2.5 - 1.5,
+             "class_labels": torch.randint(0, 11, (B,), generator=g)} for _ in range(n)]
+
+
+@needs_nncf
+def test_int8_calibrates_on_the_models_trajectories_matches_torch_and_is_cached(digits, cache, monkeypatch):
+    """backend "openvino-int8": the network quantised on the inputs recorded along its own Heun trajectories (with
+    the unconditional rows of guidance); sampling stays float32 and lands within 0.1 relative RMS of torch (measured
+    0.028); a second backend finds the compiled blob under the calibration's recipe and never calibrates."""
+    seeds = list(range(12))
+    labels = [s % 10 for s in seeds]
+    ref = edmrt.Sampler(digits, backend="torch").sample(seeds, cond=labels)
+    s = edmrt.Sampler(digits, backend="openvino-int8")
+    got = s.sample(seeds, cond=labels)
+    assert s.backend.name == "openvino-int8" and got.dtype == torch.float32 and torch.isfinite(got).all()
+    rel = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    assert 0 < rel < 0.1, rel   # int8 differs (it is not silently fp32) and stays close
+    items = calmod.calibration_inputs(digits, samples=2, steps=3)
+    assert len(items) == 5 and {tuple(i) for i in items} == {("x_in", "c_noise", "class_labels")}
+    assert all(i["x_in"].shape == (4, *digits.sample_shape) for i in items)          # guidance: 2 x 2 rows
+    assert all((i["class_labels"][:2] == digits.null_label).all() for i in items)     # the unconditional half
+    sig = sorted(float(i["c_noise"][0]) for i in items)
+    assert sig[0] < -1 and sig[-1] > 1                                                # sigma 0.002 .. 80
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated again although the blob is cached")
+    monkeypatch.setattr(calmod, "calibration_inputs", no_calibration)
+    again = edmrt.Sampler(digits, backend="openvino-int8")
+    assert torch.equal(again.sample(seeds, cond=labels), got)
+    assert again.backend.compile_log[-1][-1] == "cache"
+
+
+@needs_nncf
+def test_int8_blob_key_follows_the_calibration(onnx_path, digits, gen, cache):
+    """Given arrays are keyed by their sha256: other calibration data, another blob."""
+    x, c, cond = _inputs(digits, 3, gen)
+    outs = []
+    for seed in (0, 0, 1):
+        be = OpenVinoBackend(onnx_path, cond_inputs=digits.cond, precision="int8",
+                             calibration=_calibration(digits, seed=seed))
+        out = torch.empty_like(x)
+        be(x, c, cond, out)
+        outs.append((be.compile_log[-1][-1], out))
+    assert [o[0] for o in outs] == ["compiled", "cache", "compiled"]
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+BAD_CALIBRATION = [
+    (dict(), "precision 'int8' needs calibration inputs"),
+    (dict(calibration=[]), "calibration must be a non-empty sequence"),
+    (dict(calibration={"x_in": 1}), "calibration must be a non-empty sequence"),
+    (dict(calibration=lambda: []), "a callable calibration needs calibration_key"),
+    (dict(calibration="nope"), "non-empty sequence"),
+]
+
+
+@needs_nncf
+@pytest.mark.parametrize("kwargs,match", BAD_CALIBRATION, ids=[m for _, m in BAD_CALIBRATION])
+def test_int8_refuses_missing_or_malformed_calibration(onnx_path, digits, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OpenVinoBackend(onnx_path, cond_inputs=digits.cond, precision="int8", **kwargs)
+
+
+@needs_nncf
+@pytest.mark.parametrize("change,match", [
+    (lambda i: i.pop("class_labels"), r"must have the inputs \['c_noise', 'class_labels', 'x_in'\]"),
+    (lambda i: i.update(x_in=i["x_in"][:, :, :5]), r"calibration\[0\]\['x_in'\] must be float32 of shape"),
+    (lambda i: i.update(c_noise=i["c_noise"][:2]), r"calibration\[0\]\['c_noise'\] must be float32 of shape \(3,\)"),
+    (lambda i: i.update(class_labels=i["class_labels"].int()), r"\['class_labels'\] must be int64"),
+    (lambda i: i["x_in"].view(-1).__setitem__(7, float("nan")), r"\['x_in'\] must be finite"),
+    (lambda i: i.update(x_in=i["x_in"].double()), r"\['x_in'\] must be float32"),
+])
+def test_int8_calibration_items_are_checked_by_name(onnx_path, digits, change, match):
+    items = _calibration(digits)
+    change(items[0])
+    with pytest.raises(ValueError, match=match):
+        OpenVinoBackend(onnx_path, cond_inputs=digits.cond, precision="int8", calibration=items)
+
+
+@needs_nncf
+def test_int8_options_where_they_do_not_belong(onnx_path, digits, monkeypatch):
+    with pytest.raises(ValueError, match="calibration is for precision 'int8'"):
+        OpenVinoBackend(onnx_path, cond_inputs=digits.cond, calibration=_calibration(digits))
+    with pytest.raises(ValueError, match="given arrays are hashed"):
+        OpenVinoBackend(onnx_path, cond_inputs=digits.cond, precision="int8", calibration=_calibration(digits),
+                        calibration_key="mine")
+    monkeypatch.setattr(ovmod, "cpu_capabilities", lambda core=None: ["FP32", "BF16"])
+    with pytest.raises(ValueError, match="int8"):
+        OpenVinoBackend(onnx_path, cond_inputs=digits.cond, precision="int8", calibration=_calibration(digits))
+
+
+def test_int8_without_nncf_says_how_to_install_it(onnx_path, digits, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nncf", None)   # import nncf raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'edmrt\[openvino\]'"):
+        OpenVinoBackend(onnx_path, cond_inputs=digits.cond, precision="int8", calibration=_calibration(digits))
+
+
+def test_int8_needs_real_inputs_it_cannot_make_up():
+    """A model with text embeddings: the trajectories need them, so the named backend refuses and says how to
+    give them; calibration_inputs with cond records them."""
+    from edmrt.model import CondInput
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+            self.proj = torch.nn.Linear(5, 2)
+
+        def forward(self, x, c_noise, emb):
+            return self.conv(x) + self.proj(emb.mean(1))[:, :, None, None] + c_noise.reshape(-1, 1, 1, 1)
+
+    model = edmrt.Model(Net(), sample_shape=(2, 4, 4), cond=(CondInput("emb", (3, 5)),))
+    with pytest.raises(ValueError, match=r"cannot make up \(\['emb'\]\).*calibration_inputs\(model, cond=\.\.\.\)"):
+        resolve_backend("openvino-int8", model, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"the model takes \['emb'\]: pass cond="):
+        calmod.calibration_inputs(model, samples=2, steps=2)
+    items = calmod.calibration_inputs(model, samples=2, steps=2, cond={"emb": torch.randn(2, 3, 5)})
+    assert len(items) == 3 and items[0]["emb"].shape == (2, 3, 5)

@@ -10,6 +10,8 @@ onnxruntime    ``OnnxRuntimeBackend(path | session)``     the network exported o
 tensorrt       ``TensorRTBackend(engine_path)``           that ONNX file built into a cached engine
 openvino       ``OpenVinoBackend(path)``                  that ONNX file compiled by OpenVINO for the CPU (fp32)
 openvino-bf16  ``OpenVinoBackend(path, precision="bf16")``  the same in bfloat16 (CPUs with AVX512_BF16 / AMX)
+openvino-int8  ``OpenVinoBackend(path, precision="int8",  the same quantised to int8 by NNCF, calibrated on the
+               calibration=...)``                         model's own sampling trajectories (``calibrate.py``)
 custom         ``CallableBackend(fn)``                    a network that is a plain callable
 =============  =========================================  ================================================
 
@@ -30,6 +32,7 @@ import torch
 
 from ..model import Model
 from .base import Backend, check_backend_args
+from .calibrate import calibration_inputs
 from .custom import CallableBackend
 from .module import TorchBackend, torch_bf16, torch_compile
 from .ort import OnnxRuntimeBackend
@@ -37,7 +40,7 @@ from .ov import OpenVinoBackend
 from .trt import TensorRTBackend, tensorrt_available
 
 __all__ = ["Backend", "BACKENDS", "make_backend", "resolve_backend", "check_backend_args", "TorchBackend",
-           "OnnxRuntimeBackend", "TensorRTBackend", "OpenVinoBackend", "CallableBackend"]
+           "OnnxRuntimeBackend", "TensorRTBackend", "OpenVinoBackend", "CallableBackend", "calibration_inputs"]
 
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "torch": TorchBackend,
@@ -47,6 +50,7 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "tensorrt": TensorRTBackend,
     "openvino": OpenVinoBackend,
     "openvino-bf16": lambda path, **options: OpenVinoBackend(path, precision="bf16", **options),
+    "openvino-int8": lambda path, **options: OpenVinoBackend(path, precision="int8", **options),
     "custom": CallableBackend,
 }
 
@@ -123,9 +127,19 @@ def resolve_backend(name: str, model: Model, device: torch.device, weights=None)
     if name.startswith("openvino"):
         if device.type != "cpu":
             raise ValueError(f"backend {name!r} runs on the CPU; the device is {device}")
+        options = {}
+        if name == "openvino-int8":  # calibrated on the model's own trajectories, run only when no blob is cached
+            from .calibrate import calibration_recipe
+
+            if any(c.name != "class_labels" for c in model.cond):
+                raise ValueError("backend 'openvino-int8' calibrates on sampling trajectories it runs itself, which "
+                                 f"needs inputs it cannot make up ({[c.name for c in model.cond]}): build "
+                                 "OpenVinoBackend(path, precision='int8', calibration=edmrt.backends."
+                                 "calibration_inputs(model, cond=...)) with real ones")
+            options = dict(calibration=lambda: calibration_inputs(model), calibration_key=calibration_recipe(model))
         # The file alone (no ONNX Runtime session), checked by its sha256, which OpenVINO's blob cache reuses
         path, digest = cached_onnx_file(model, device, weights=weights() if weights is not None else None)
-        return name, make_backend(name, path, cond_inputs=model.cond, file_sha256=digest)
+        return name, make_backend(name, path, cond_inputs=model.cond, file_sha256=digest, **options)
     adapters = getattr(model, "adapters", None)
     targets = tuple(adapters.targets) if adapters is not None else ()
     path, session = cached_onnx(model, device, weight_inputs=targets if name == "onnxruntime" else (),
