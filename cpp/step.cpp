@@ -10,8 +10,8 @@
 
 #include "edmrt_core.hpp"
 
-// Runtime dispatch to an AVX2 build of the update needs GCC's target pragma and __builtin_cpu_supports (GCC and
-// Clang on x86-64); elsewhere only the baseline build exists.
+// Runtime dispatch to an AVX2 build of the update uses GCC's target pragma and __builtin_cpu_supports, so it is built
+// by GCC on x86-64 (Clang spells the pragma differently); elsewhere only the baseline build exists.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define EDMRT_STEP_AVX2 1
 #else
