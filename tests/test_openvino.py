@@ -419,3 +419,42 @@ def test_int8_needs_real_inputs_it_cannot_make_up():
         calmod.calibration_inputs(model, samples=2, steps=2)
     items = calmod.calibration_inputs(model, samples=2, steps=2, cond={"emb": torch.randn(2, 3, 5)})
     assert len(items) == 3 and items[0]["emb"].shape == (2, 3, 5)
+
+
+def test_blob_cache_is_bounded_least_recently_used_first(onnx_path, digits, gen, tmp_path, monkeypatch):
+    """After each write the blobs over EDMRT_OPENVINO_CACHE_GB go, least recently used first (a hit counts as a
+    use), never the one just written, each with its manifest; links and foreign files are left alone."""
+    import os
+
+    monkeypatch.setenv("EDMRT_CACHE", str(tmp_path))
+    root = ovmod.openvino_cache_root()
+    sizes = {}
+    for B in (1, 2):
+        be = OpenVinoBackend(onnx_path, cond_inputs=digits.cond, hint="latency")
+        x, c, cond = _inputs(digits, B, gen)
+        be(x, c, cond, torch.empty_like(x))
+        (blob,) = set(root.glob("*.blob")) - set(sizes)
+        sizes[blob] = blob.stat().st_size
+    first, second = sizes
+    os.utime(first, (1_000_000, 1_000_000))
+    os.utime(second, (2_000_000, 2_000_000))
+    # A hit on the older blob makes it the recent one.
+    be = OpenVinoBackend(onnx_path, cond_inputs=digits.cond, hint="latency")
+    x, c, cond = _inputs(digits, 1, gen)
+    be(x, c, cond, torch.empty_like(x))
+    assert be.compile_log[-1][-1] == "cache" and first.stat().st_mtime > second.stat().st_mtime
+    (root / "notes.txt").write_text("not the cache's")
+    (root / "zz.blob").symlink_to(tmp_path / "notes-target")
+    # Room for two blobs: writing a third removes the least recently used one, `second` (the link and the foreign
+    # file stay).
+    monkeypatch.setenv("EDMRT_OPENVINO_CACHE_GB", str(max(sizes.values()) * 2.5 / 2**30))
+    be = OpenVinoBackend(onnx_path, cond_inputs=digits.cond, hint="latency")
+    x, c, cond = _inputs(digits, 3, gen)
+    be(x, c, cond, torch.empty_like(x))
+    left = {p for p in root.glob("*.blob") if not p.is_symlink()}
+    assert len(left) == 2 and first in left and second not in left
+    assert {p.name for p in root.glob("*.manifest.json")} == {f"{p.stem}.manifest.json" for p in left}
+    assert (root / "notes.txt").exists() and (root / "zz.blob").is_symlink()
+    monkeypatch.setenv("EDMRT_OPENVINO_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match="EDMRT_OPENVINO_CACHE_GB must be a number of gigabytes >= 0, got 'lots'"):
+        OpenVinoBackend(onnx_path, cond_inputs=digits.cond)

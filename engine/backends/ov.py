@@ -21,7 +21,9 @@ capabilities), the compile configuration and the static input shapes, and for in
 its arrays, or the recipe that makes them) and NNCF's version; the manifest records those fields and the
 blob's sha256.  A blob is used only when both are regular files (not links), the fields match and the blob matches
 its sha256 (OpenVINO itself imports a blob with a flipped byte without complaint: measured); anything else is
-logged and compiled again, and written atomically (temp file + rename, blob before manifest).
+logged and compiled again, and written atomically (temp file + rename, blob before manifest).  The cache is bounded:
+after a write, the least recently used blobs go until the rest fit ``EDMRT_OPENVINO_CACHE_GB`` (default 20; a blob
+is 217 MB for the CIFAR-shaped UNet, ~3.4 GB for SD 1.5).
 
 Threads: an inference request is not thread-safe; every call takes requests no other call in flight holds (a pool
 per set of buffers, at most ``MAX_REQUESTS`` idle ones kept), and ``infer`` releases the GIL.
@@ -34,6 +36,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -45,7 +49,7 @@ from .cachefile import atomic_write, cache_root, check_manifest
 from .ort import check_onnx_file, onnx_weight_inputs, sha256_file
 
 __all__ = ["OpenVinoBackend", "openvino_available", "import_openvino", "bf16_supported", "cpu_capabilities", "openvino_cache_root",
-           "check_calibration",
+           "check_calibration", "trim_cache", "cache_limit_bytes", "CACHE_GB",
            "PRECISIONS", "HINTS", "THROUGHPUT_MIN_BATCH", "MAX_REQUESTS", "OV_CACHE_FORMAT"]
 
 log = logging.getLogger("edmrt.backends")
@@ -56,6 +60,7 @@ HINTS = ("auto", "latency", "throughput")
 THROUGHPUT_MIN_BATCH = 16   # "auto" uses the throughput hint from this batch (+3% at 16 on 2 vCPUs; measured)
 MAX_REQUESTS = 64           # idle inference-request sets kept per backend
 OV_CACHE_FORMAT = 1
+CACHE_GB = 20.0             # the blob cache's default size bound (EDMRT_OPENVINO_CACHE_GB): SD 1.5 takes ~3.4 GB a blob
 
 
 def quantize_options(nncf) -> dict:
@@ -166,6 +171,8 @@ class OpenVinoBackend:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
         self.threads, self.cache = threads, bool(cache)
+        if self.cache:
+            cache_limit_bytes()   # a malformed EDMRT_OPENVINO_CACHE_GB is said now, not after a compile
         if file_sha256 is not None and (not isinstance(file_sha256, str) or len(file_sha256) != 64):
             raise ValueError(f"file_sha256 must be None or a sha256 hex digest (64 characters), got {file_sha256!r:.80}")
         self.name = "openvino" if precision == "fp32" else f"openvino-{precision}"
@@ -301,7 +308,9 @@ class OpenVinoBackend:
             problem = _check_blob(blob, manifest, fields)
             if problem is None:
                 try:
-                    return self.core.import_model(io.BytesIO(blob.read_bytes()), "CPU", config), "cache"
+                    compiled = self.core.import_model(io.BytesIO(blob.read_bytes()), "CPU", config)
+                    _touch(blob)   # recently used: the size bound removes the least recently used first
+                    return compiled, "cache"
                 except Exception as exc:   # a blob this OpenVINO cannot import after all: compile again
                     problem = f"OpenVINO cannot import it: {type(exc).__name__}: {str(exc).strip()[:200]}"
             if problem != "missing":
@@ -389,7 +398,59 @@ def _check_blob(blob: Path, manifest: Path, fields: dict) -> str | None:
 
 
 def _write_blob(blob: Path, manifest: Path, fields: dict, data: bytes) -> None:
-    """The blob, then its manifest, each written atomically."""
+    """The blob, then its manifest, each written atomically; then the cache trimmed to its size bound."""
     record = json.dumps(dict(fields, sha256=hashlib.sha256(data).hexdigest(), size=len(data)), indent=1)
     atomic_write(blob, data)
     atomic_write(manifest, record.encode())
+    trim_cache(blob.parent, keep=blob)
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path, follow_symlinks=False)
+    except OSError:   # a read-only cache still works; only its eviction order is older
+        pass
+
+
+def cache_limit_bytes() -> int:
+    """The blob cache's size bound: ``EDMRT_OPENVINO_CACHE_GB`` (default ``CACHE_GB``), in bytes."""
+    raw = os.environ.get("EDMRT_OPENVINO_CACHE_GB")
+    try:
+        gb = CACHE_GB if raw is None else float(raw)
+    except ValueError:
+        gb = float("nan")
+    if not (gb >= 0 and gb < float("inf")):
+        raise ValueError(f"EDMRT_OPENVINO_CACHE_GB must be a number of gigabytes >= 0, got {raw!r}")
+    return int(gb * 2**30)
+
+
+def trim_cache(root: Path, keep: Path | None = None) -> list:
+    """Remove the least recently used blobs (and their manifests) until the cache's blobs fit ``cache_limit_bytes``;
+    never ``keep`` (the blob just written).  A hit refreshes a blob's time.  Only regular files named like the
+    cache's own are counted or removed; a file another process removes first is skipped.  Returns the removed
+    blobs."""
+    limit = cache_limit_bytes()
+    blobs = []
+    for f in root.glob("*.blob"):
+        try:
+            st = f.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            blobs.append((st.st_mtime_ns, st.st_size, f))
+    total, removed = sum(b[1] for b in blobs), []
+    for _, size, f in sorted(blobs, key=lambda b: b[0]):
+        if total <= limit:
+            break
+        if keep is not None and f == keep:
+            continue
+        for gone in (f, f.with_name(f"{f.stem}.manifest.json")):
+            try:
+                gone.unlink()
+            except FileNotFoundError:
+                pass
+        total -= size
+        removed.append(f)
+    if removed:
+        log.warning("OpenVINO cache over %.1f GB: removed %d least recently used blob(s)", limit / 2**30, len(removed))
+    return removed
