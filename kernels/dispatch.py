@@ -19,8 +19,8 @@ except ImportError:  # pragma: no cover - exercised only where the extension is 
 from .reference import fused_step_reference, init_state_reference
 from .table import FIXED
 
-__all__ = ["IMPLS", "core_available", "triton_available", "default_impl", "check_step_args", "check_init_args",
-           "fused_step", "Stepper", "init_state"]
+__all__ = ["IMPLS", "overlaps", "core_available", "triton_available", "default_impl", "check_step_args",
+           "check_init_args", "fused_step", "Stepper", "init_state"]
 
 IMPLS = ("auto", "reference", "cpp", "triton")
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,9 +110,12 @@ def _real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory ranges intersect (on one device, neither empty)."""
+    if a.device != b.device or not a.numel() or not b.numel():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _check_disjoint(written: dict, read: dict) -> None:
@@ -121,10 +124,8 @@ def _check_disjoint(written: dict, read: dict) -> None:
     items = list(written.items()) + list(read.items())
     for i, (a, ta) in enumerate(written.items()):
         for b, tb in items[i + 1:]:
-            if ta.device == tb.device and ta.numel() and tb.numel():
-                (a0, a1), (b0, b1) = _span(ta), _span(tb)
-                if a0 < b1 and b0 < a1:
-                    raise ValueError(f"{a} and {b} must not overlap in memory: {a} is written by the step")
+            if overlaps(ta, tb):
+                raise ValueError(f"{a} and {b} must not overlap in memory: {a} is written by the step")
 
 
 def check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl: str) -> None:

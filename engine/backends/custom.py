@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from ..kernels.dispatch import overlaps
 from .base import as_cond, check_backend_args, cond_inputs_of, describe
 
 __all__ = ["CallableBackend"]
@@ -49,13 +50,8 @@ class CallableBackend:
             raise ValueError(f"the network must return a real floating-point tensor of shape {tuple(out.shape)}, got "
                              f"{describe(F) if isinstance(F, torch.Tensor) else type(F).__name__}")
         if (self.pass_through and F.dtype == out.dtype and F.device == out.device and F.is_contiguous()
-                and not _overlaps(F, x_in) and not _overlaps(F, out)):
+                and not overlaps(F, x_in) and not overlaps(F, out)):
             return F.detach()
         out.copy_(F.detach())  # the engine's buffers never join an autograd graph
         return None
 
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' memory ranges intersect."""
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
