@@ -24,9 +24,9 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . 2>"$OUT/pip.e
   echo "pip install failed (see pip.err); running from the tree without the C++ core"
   farm=$(mktemp -d)
   mkdir -p "$farm/edmrt"
-  for f in engine/*; do ln -s "$PWD/$f" "$farm/edmrt/$(basename "$f")"; done
-  ln -s "$PWD/kernels" "$farm/edmrt/kernels"
-  ln -s "$PWD/export" "$farm/edmrt/export"
+  for f in engine/src/*; do ln -s "$PWD/$f" "$farm/edmrt/$(basename "$f")"; done
+  ln -s "$PWD/kernels/src" "$farm/edmrt/kernels"
+  ln -s "$PWD/export/src" "$farm/edmrt/export"
   export PYTHONPATH="$farm${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c "import edmrt, edmrt.kernels; print('edmrt from', edmrt.__file__)" || exit 1

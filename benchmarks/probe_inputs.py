@@ -1749,7 +1749,7 @@ def source_info() -> dict:
     where = Path(edmrt.__file__).resolve().parent
     git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     commit = git("rev-parse", "HEAD")
-    if where == root / "engine":
+    if where == root / "engine" / "src":
         dirty = git("status", "--porcelain", "--", "engine", "kernels", "export", "cpp")
         state = "this checkout, unmodified" if not dirty else "this checkout, with uncommitted changes"
     else:

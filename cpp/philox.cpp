@@ -1,4 +1,4 @@
-// Counter-based Philox4x32-10 noise, the same stream as kernels/philox.py and Triton's tl.randn.
+// Counter-based Philox4x32-10 noise, the same stream as kernels/src/philox.py and Triton's tl.randn.
 #include <cmath>
 
 #include "edmrt_core.hpp"

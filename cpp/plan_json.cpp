@@ -1,6 +1,6 @@
-// A plan from its JSON (engine/plan.py's to_json): a strict JSON reader (RFC 8259), directed by the plan's
-// fields, then the checks of engine/plan.py's Plan (__post_init__ and from_dict), then the table in the layout
-// of kernels/table.py.  Anything else throws std::runtime_error naming the field.
+// A plan from its JSON (engine/src/plan.py's to_json): a strict JSON reader (RFC 8259), directed by the plan's
+// fields, then the checks of engine/src/plan.py's Plan (__post_init__ and from_dict), then the table in the layout
+// of kernels/src/table.py.  Anything else throws std::runtime_error naming the field.
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -330,7 +330,7 @@ void read_field(Reader& r, const std::string& key, Fields& f) {
   }
 }
 
-// ---------------------------------------------------------------- the checks of engine/plan.py's Plan
+// ---------------------------------------------------------------- the checks of engine/src/plan.py's Plan
 void check_schedule(const std::vector<double>& s) {
   if (s.size() < 2) bad("plan field 'sigmas' must hold at least 2 values (t_0 ... t_N = 0)");
   for (double v : s)

@@ -1,4 +1,4 @@
-// The fused step on the CPU: one pass over memory per network evaluation (kernels/reference.py's stage).
+// The fused step on the CPU: one pass over memory per network evaluation (kernels/src/reference.py's stage).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>

@@ -1,4 +1,4 @@
-"""The C ABI (cpp/include/edmrt.h) and its plan reader (cpp/plan_json.cpp) against engine/plan.py's: the plan-JSON
+"""The C ABI (cpp/include/edmrt.h) and its plan reader (cpp/plan_json.cpp) against engine/src/plan.py's: the plan-JSON
 corpus of cpp/tests/corpus/ through both readers and a C host program, every solver's plan bit for bit, and the
 ABI's errors on bad files and arguments (a message or an error code: no abort, no hang)."""
 import os
@@ -79,7 +79,7 @@ def test_the_corpus_manifest_lists_every_file():
 @needs_core
 @pytest.mark.parametrize("name", REFUSED)
 def test_a_refused_document_fails_in_both_readers_with_its_reason(name):
-    """engine/plan.py's Plan.load and the C++ reader both raise ValueError (the C++ message names the field or the
+    """engine/src/plan.py's Plan.load and the C++ reader both raise ValueError (the C++ message names the field or the
     JSON error): the two readers refuse the same documents."""
     data = (CORPUS / name).read_bytes()
     with pytest.raises(ValueError) as e:

@@ -13,12 +13,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"engine": "edmrt", "kernels": "edmrt.kernels", "export": "edmrt.export"}
+# The design card's folders, each with its package in src/ (pyproject.toml's package-dir).
+FOLDERS = {"engine/src": "edmrt", "kernels/src": "edmrt.kernels", "export/src": "edmrt.export"}
+
+
+def _in_package(path: Path) -> tuple[str, tuple[str, ...]]:
+    """(the card folder's package directory, the path's parts inside it); ("", parts) outside the packages."""
+    for folder in FOLDERS:
+        if path.is_relative_to(ROOT / folder):
+            return folder, path.relative_to(ROOT / folder).parts
+    return "", path.relative_to(ROOT).parts
 
 
 def _module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT)
-    parts = [FOLDERS.get(rel.parts[0], rel.parts[0]), *rel.parts[1:]]
+    folder, rel = _in_package(path)
+    parts = [FOLDERS[folder], *rel] if folder else list(rel)
     parts[-1] = parts[-1].removesuffix(".py")
     if parts[-1] == "__init__":
         parts.pop()
@@ -52,10 +61,10 @@ def _imports(path: Path):
 
 
 def _room(path: Path) -> str:
-    rel = path.relative_to(ROOT).parts
-    if rel[0] == "engine" and len(rel) > 2 and rel[1] in ("lab", "cli"):
-        return rel[1]
-    return {"engine": "runtime", "kernels": "kernels", "export": "export"}[rel[0]]
+    folder, rel = _in_package(path)
+    if folder == "engine/src" and len(rel) > 1 and rel[0] in ("lab", "cli"):
+        return rel[0]
+    return {"engine/src": "runtime", "kernels/src": "kernels", "export/src": "export"}[folder]
 
 
 def test_the_runtime_never_imports_the_lab_or_the_cli():
@@ -65,7 +74,7 @@ def test_the_runtime_never_imports_the_lab_or_the_cli():
 
 
 def test_the_runtime_imports_an_exporter_only_to_build_a_missing_file():
-    allowed = {"engine/backends/onnx_cache.py", "engine/backends/__init__.py"}
+    allowed = {"engine/src/backends/onnx_cache.py", "engine/src/backends/__init__.py"}
     bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) == "runtime"
            and str(p.relative_to(ROOT)) not in allowed for m, _ in _imports(p) if m.startswith("edmrt.export")]
     assert not bad, bad
@@ -128,7 +137,7 @@ def test_the_readme_layout_table_matches_the_tree():
     text = (ROOT / "README.md").read_text()
     section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
     listed = {m.rstrip("/") for m in re.findall(r"^\| `([\w/]+)`", section, flags=re.M)}
-    packages = {str(d.relative_to(ROOT)) for folder in FOLDERS for d in (ROOT / folder).rglob("*")
+    packages = {str(d.relative_to(ROOT)) for folder in FOLDERS for d in [ROOT / folder, *(ROOT / folder).rglob("*")]
                 if d.is_dir() and (d / "__init__.py").exists()}
     packages |= {"cpp", "tests", "benchmarks", "docs"}
     assert packages <= listed, f"folders missing from the README's layout table: {sorted(packages - listed)}"

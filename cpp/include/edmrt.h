@@ -35,7 +35,7 @@ extern "C" {
 
 typedef struct edmrt_plan edmrt_plan;
 
-/* A plan from a JSON file (engine/plan.py's Plan.save) or a NUL-terminated JSON text; NULL with a message in
+/* A plan from a JSON file (engine/src/plan.py's Plan.save) or a NUL-terminated JSON text; NULL with a message in
  * err (truncated to err_len - 1 characters, NUL-terminated) when the file or the plan is invalid. */
 edmrt_plan* edmrt_plan_load(const char* path, char* err, size_t err_len);
 edmrt_plan* edmrt_plan_parse(const char* json, char* err, size_t err_len);
@@ -50,7 +50,7 @@ int edmrt_init(const edmrt_plan* plan, const int64_t* seeds, int64_t batch, int6
 int edmrt_step(const edmrt_plan* plan, int stage, const int64_t* seeds, int64_t batch, int64_t per_sample, float* x,
                float* x_eval, const float* F, float* Y, float* x_in, float* sigma_in);
 /* Standard normal noise, out[b * n + i] = N(seed_b, stream, i).  Streams: 0 = the initial noise, 1 = the churn
- * before stage 0, 2 + s = the noise of stage s (kernels/philox.py's INITIAL_STREAM, CHURN_STREAM and
+ * before stage 0, 2 + s = the noise of stage s (kernels/src/philox.py's INITIAL_STREAM, CHURN_STREAM and
  * stage_stream(s); edmrt_core.hpp's kInitialStream, kChurnStream, kStage0Stream + s). */
 int edmrt_randn(const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t stream, float* out);
 

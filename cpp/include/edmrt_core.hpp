@@ -9,7 +9,7 @@ namespace edmrt {
 
 // ---------------------------------------------------------------- Philox4x32-10 (Salmon et al. 2011)
 // key = the sample's 64-bit seed, counter = (element, stream, 0, 0): Triton's tl.randint4x stream.
-// Streams (kernels/philox.py's INITIAL_STREAM, CHURN_STREAM, STAGE0_STREAM; the bindings export them as STREAMS):
+// Streams (kernels/src/philox.py's INITIAL_STREAM, CHURN_STREAM, STAGE0_STREAM; the bindings export them as STREAMS):
 constexpr uint32_t kInitialStream = 0;  // x_init = t0 N(seed, kInitialStream)
 constexpr uint32_t kChurnStream = 1;    // the churn before stage 0
 constexpr uint32_t kStage0Stream = 2;   // stage s draws kStage0Stream + s
@@ -20,14 +20,14 @@ float normal_from_words(uint32_t w0, uint32_t w1);
 void randn(const int64_t* seeds, int64_t batch, int64_t per_sample, uint32_t stream, float* out);
 
 // ---------------------------------------------------------------- the plan table
-// Columns of one stage row: kernels/table.py's COLUMNS, then the history weights b_0 .. b_{K-1}.
+// Columns of one stage row: kernels/src/table.py's COLUMNS, then the history weights b_0 .. b_{K-1}.
 // The bindings export the names as TABLE_COLUMNS, and the tests check them against COLUMNS.
 enum Col : int {
   C_IN = 0, C_NOISE, C_SKIP, C_OUT, ALPHA, BETA, A, E, N, COMMIT, C_IN_NEXT, C_NOISE_NEXT, B0
 };
 constexpr int kFixedCols = B0;
 
-// The column's name in kernels/table.py ("b_0" for the first history column); -Wswitch flags a missing one.
+// The column's name in kernels/src/table.py ("b_0" for the first history column); -Wswitch flags a missing one.
 constexpr const char* column_name(Col c) {
   switch (c) {
     case C_IN: return "c_in";
@@ -65,7 +65,7 @@ struct StepArgs {
   const int64_t* seeds;    // (B) per-sample seeds
 };
 
-// One stage of a plan (the equations of kernels/reference.py): D, the history entry, the linear update, noise,
+// One stage of a plan (the equations of kernels/src/reference.py): D, the history entry, the linear update, noise,
 // commit, next input.
 void fused_step(const StepArgs& a);
 
@@ -85,7 +85,7 @@ struct Plan {
   int stages = 0, K = 0;
   double sigma0 = 0.0, n_init = 0.0;
   std::vector<double> sigma;   // (S) network sigma per stage
-  std::vector<double> table;   // (S, kFixedCols + K), the same layout as kernels/table.py
+  std::vector<double> table;   // (S, kFixedCols + K), the same layout as kernels/src/table.py
   std::string solver;
 };
 // Parse an edmrt plan JSON (format "edmrt.plan", version 1); throws std::runtime_error with the reason.

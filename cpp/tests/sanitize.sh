@@ -46,13 +46,13 @@ for host in plan_check capi_errors heun_gaussian; do
   "$cxx" "${san[@]}" -fopenmp "$obj/$host.o" "${core[@]}" -o "$work/$host"
 done
 
-# A package directory that is the repository's edmrt (engine/, kernels/, export/) with the sanitized _core.
-for entry in "$root"/engine/*; do
+# A package directory that is the repository's edmrt (engine/src, kernels/src, export/src) with the sanitized _core.
+for entry in "$root"/engine/src/*; do
   case $(basename "$entry") in _core*.so | __pycache__) continue ;; esac
   ln -s "$entry" "$site/edmrt/"
 done
-ln -s "$root/kernels" "$site/edmrt/kernels"
-ln -s "$root/export" "$site/edmrt/export"
+ln -s "$root/kernels/src" "$site/edmrt/kernels"
+ln -s "$root/export/src" "$site/edmrt/export"
 
 echo "== ${SECONDS}s: C-ABI hosts on every solver's plan, the corpus and files that are no plan"
 mkdir -p "$work/plans"
