@@ -39,6 +39,7 @@ weights it holds, and ``edmrt.cond`` (its conditioning inputs, JSON), so a loade
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -220,47 +221,84 @@ def export_onnx(net: nn.Module, path, sample_shape=None, num_classes: int | None
     t0 = time.perf_counter()
     sample_shape, num_classes, cond, verify_batches = _check_args(net, sample_shape, num_classes, cond_inputs, dtype,
                                                                   batch, opset, verify, verify_batches)
-    if external_data is not None and not isinstance(external_data, bool):
-        raise ValueError(f"external_data must be True, False or None (automatic), got {external_data!r}")
-    if external_data is None:
-        external_data = sum(p.numel() * p.element_size() for p in net.parameters()) > EXTERNAL_DATA_BYTES
+    external_data = _check_external_data(net, external_data)
     weights = _check_weight_inputs(net, weight_inputs, cond)
     path = _check_target(Path(path))
-    entries = {**{k: str(v) for k, v in (metadata or {}).items()}, "num_classes": str(num_classes),
-               "cond": json.dumps([c.to_dict() for c in cond]),
-               "sample_shape": ",".join(map(str, sample_shape)), "dtype": dtype, "weights_sha256": weights_sha256(net)}
-    if weights:
-        entries["weight_inputs"] = json.dumps(weights)
+    entries = _metadata_entries(net, metadata, num_classes, cond, sample_shape, dtype, weights)
     gen = torch.Generator().manual_seed(seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))  # private (0700)
     location = f"{path.name}.{uuid.uuid4().hex[:12]}.data" if external_data else None
-    was_training = net.training
-    net.eval()
-    try:
+    # Trace, simplify, label and verify in a private folder beside the target, then publish.
+    with _eval_mode(net), _staging_folder(path) as staging:
         staged = staging / path.name
         _trace(net, staged, sample_shape, cond, dtype, batch, opset, gen, location, weights)
         if simplify:
             _simplify(staged, location)
         opset_used = _write_metadata(staged, entries)
-        session = load_onnx_session(staged, providers=["CPUExecutionProvider"], cond_inputs=cond)
-        inputs, outputs = _describe(session.get_inputs()), _describe(session.get_outputs())
-        max_err = tol = None
-        if verify:
-            try:
-                max_err, tol = _verify(session, net, sample_shape, cond, dtype, verify_batches, gen, weights)
-            except ExportVerificationError as exc:  # nothing reaches the target: a cache or engine cannot pick it up
-                raise ExportVerificationError(f"{exc}; nothing written to {path}") from None
-        del session
+        inputs, outputs, max_err, tol = _check_staged(staged, path, net, sample_shape, cond, dtype,
+                                                      verify_batches if verify else (), gen, weights)
         files = _publish(staging, path)
-    finally:
-        net.train(was_training)
-        shutil.rmtree(staging, ignore_errors=True)
     report = OnnxReport(path=str(path), inputs=inputs, outputs=outputs, max_abs_err=max_err, tolerance=tol,
                         seconds=time.perf_counter() - t0, opset=opset_used, dtype=dtype,
                         verified_batches=verify_batches if verify else (), files=files, cond_inputs=cond,
                         external_data=len(files) > 1, weight_inputs=dict(weights))
     log.info("exported %s (%s, opset %d) in %.1f s, max abs err %s", path, dtype, opset_used, report.seconds, max_err)
     return report
+
+
+def _check_external_data(net: nn.Module, external_data) -> bool:
+    """``external_data`` checked; None becomes True for a network over ``EXTERNAL_DATA_BYTES``."""
+    if external_data is not None and not isinstance(external_data, bool):
+        raise ValueError(f"external_data must be True, False or None (automatic), got {external_data!r}")
+    if external_data is None:
+        return sum(p.numel() * p.element_size() for p in net.parameters()) > EXTERNAL_DATA_BYTES
+    return external_data
+
+
+def _metadata_entries(net: nn.Module, metadata, num_classes: int, cond: tuple, sample_shape, dtype: str,
+                      weights: dict) -> dict:
+    """The ``edmrt.KEY`` entries every file carries, after the caller's ``metadata``."""
+    entries = {**{k: str(v) for k, v in (metadata or {}).items()}, "num_classes": str(num_classes),
+               "cond": json.dumps([c.to_dict() for c in cond]),
+               "sample_shape": ",".join(map(str, sample_shape)), "dtype": dtype, "weights_sha256": weights_sha256(net)}
+    if weights:
+        entries["weight_inputs"] = json.dumps(weights)
+    return entries
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module):
+    """The net in eval mode inside the block, its own mode restored after it."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+@contextlib.contextmanager
+def _staging_folder(path: Path):
+    """A private (0700) folder beside ``path``, removed with whatever is left in it."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_staged(staged: Path, path: Path, net: nn.Module, sample_shape, cond: tuple, dtype: str, batches, gen,
+                  weights: dict) -> tuple[dict, dict, float | None, float | None]:
+    """(inputs, outputs, max abs error, bound) of the staged file, opened in ONNX Runtime and verified at ``batches``
+    (none: not verified, error and bound None); ExportVerificationError says that nothing reached ``path``."""
+    session = load_onnx_session(staged, providers=["CPUExecutionProvider"], cond_inputs=cond)
+    inputs, outputs = _describe(session.get_inputs()), _describe(session.get_outputs())
+    if not batches:
+        return inputs, outputs, None, None
+    try:
+        max_err, tol = _verify(session, net, sample_shape, cond, dtype, batches, gen, weights)
+    except ExportVerificationError as exc:  # nothing reaches the target: a cache or engine cannot pick it up
+        raise ExportVerificationError(f"{exc}; nothing written to {path}") from None
+    return inputs, outputs, max_err, tol
 
 
 def _weight_values(net: nn.Module, weights: dict) -> dict:

@@ -36,6 +36,38 @@ if triton is not None:
         return ((tl.zeros_like(elem) + stream) << 32) | elem
 
     @triton.jit
+    def _coef(row, col):
+        """One float64 entry of a stage's table row, as float32 (the kernels' arithmetic)."""
+        return tl.load(row + col).to(tl.float32)
+
+    @triton.jit
+    def _guided_output(f_ptr, offs, mask, N, w, CFG: tl.constexpr):
+        """The network output F, float32; under guidance F = F_u + w (F_c - F_u) from the two rows [F_u; F_c]."""
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if CFG:
+            f_c = tl.load(f_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
+            f = f + w * (f_c - f)
+        return f
+
+    @triton.jit
+    def _add_history(acc, row, y_ptr, stage, offs, mask, N, COL_B0: tl.constexpr, K: tl.constexpr):
+        """acc + sum_{k >= 1} b[s, k] Y[s - k] over the entries of the history ring that exist."""
+        for k in tl.static_range(1, K):
+            if stage >= k:  # Y[s - k] exists (a scalar branch: Triton 3.9's interpreter rejects a scalar in a mask)
+                yk = tl.load(y_ptr + ((stage - k) % K) * N + offs, mask=mask, other=0.0)
+                acc += _coef(row, COL_B0 + k) * yk
+        return acc
+
+    @triton.jit
+    def _store_network_input(xin_ptr, sig_ptr, v, c_in, c_noise, offs, mask, N, n_sig, TWICE: tl.constexpr):
+        """The next network call's inputs: x_in = c_in v (twice for the guidance batch) and c_noise per sample."""
+        nxt = (c_in * v).to(xin_ptr.dtype.element_ty)
+        tl.store(xin_ptr + offs, nxt, mask=mask)
+        if TWICE:
+            tl.store(xin_ptr + N + offs, nxt, mask=mask)
+        tl.store(sig_ptr + offs, (tl.zeros_like(v) + c_noise).to(sig_ptr.dtype.element_ty), mask=offs < n_sig)
+
+    @triton.jit
     def _fused_step_kernel(
         table_ptr,        # (S, W) float64 plan table
         stage,            # int32 stage index s
@@ -68,56 +100,37 @@ if triton is not None:
         COL_B0: tl.constexpr,            # b_0, the first history weight (table.FIXED)
         BLOCK: tl.constexpr,             # elements per program
     ):
+        """One stage of a plan (``reference.py``'s equations), its steps in the @triton.jit helpers above, which
+        Triton inlines: the same registers as one body."""
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         row = table_ptr + stage * W
-        c_skip = tl.load(row + COL_C_SKIP).to(tl.float32)
-        c_out = tl.load(row + COL_C_OUT).to(tl.float32)
-        alpha = tl.load(row + COL_ALPHA).to(tl.float32)
-        beta = tl.load(row + COL_BETA).to(tl.float32)
-        a = tl.load(row + COL_A).to(tl.float32)
-        e = tl.load(row + COL_E).to(tl.float32)
-        n = tl.load(row + COL_N).to(tl.float32)
-        commit = tl.load(row + COL_COMMIT)
-        c_in_next = tl.load(row + COL_C_IN_NEXT).to(tl.float32)
-        c_noise_next = tl.load(row + COL_C_NOISE_NEXT).to(tl.float32)
-        b0 = tl.load(row + COL_B0).to(tl.float32)
-
+        a = _coef(row, COL_A)
+        n = _coef(row, COL_N)
         xe = tl.load(xe_ptr + offs, mask=mask, other=0.0)
         # Plans set a = 0 wherever x == x_eval: then x is not read.
         x = tl.zeros((BLOCK,), tl.float32)
         if a != 0.0:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if CFG:
-            f_c = tl.load(f_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
-            f = f + w * (f_c - f)
+        f = _guided_output(f_ptr, offs, mask, N, w, CFG)
         # Preconditioning (EDM Eq. 7) and the history entry.
-        D = c_skip * xe + c_out * f
-        y = alpha * xe + beta * D
+        D = _coef(row, COL_C_SKIP) * xe + _coef(row, COL_C_OUT) * f
+        y = _coef(row, COL_ALPHA) * xe + _coef(row, COL_BETA) * D
         if K > 1:  # with K = 1 no later stage reads the history entry
             tl.store(y_ptr + (stage % K) * N + offs, y, mask=mask)
         # Linear update over the history ring.
-        acc = a * x + e * xe + b0 * y
-        for k in tl.static_range(1, K):
-            if stage >= k:  # Y[s - k] exists (a scalar branch: Triton 3.9's interpreter rejects a scalar in a mask)
-                bk = tl.load(row + COL_B0 + k).to(tl.float32)
-                yk = tl.load(y_ptr + ((stage - k) % K) * N + offs, mask=mask, other=0.0)
-                acc += bk * yk
+        acc = a * x + _coef(row, COL_E) * xe + _coef(row, COL_B0) * y
+        acc = _add_history(acc, row, y_ptr, stage, offs, mask, N, COL_B0, K)
         # Philox noise keyed by (sample seed, stage's stream, element).
         if n != 0.0:
             seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
             acc += n * tl.randn(seed, _philox_offset(STAGE0_STREAM + stage, offs % per_sample))
         tl.store(xe_ptr + offs, acc, mask=mask)
-        if commit != 0.0:
+        if tl.load(row + COL_COMMIT) != 0.0:
             tl.store(x_ptr + offs, acc, mask=mask)
-        nxt = c_in_next * acc
-        tl.store(xin_ptr + offs, nxt.to(xin_ptr.dtype.element_ty), mask=mask)
-        if TWICE:
-            tl.store(xin_ptr + N + offs, nxt.to(xin_ptr.dtype.element_ty), mask=mask)
-        tl.store(sig_ptr + offs, (tl.zeros((BLOCK,), tl.float32) + c_noise_next).to(sig_ptr.dtype.element_ty),
-                 mask=offs < n_sig)
+        _store_network_input(xin_ptr, sig_ptr, acc, _coef(row, COL_C_IN_NEXT), _coef(row, COL_C_NOISE_NEXT), offs,
+                             mask, N, n_sig, TWICE)
 
     @triton.jit
     def _init_kernel(
@@ -154,12 +167,8 @@ if triton is not None:
             v += n_init * tl.randn(seed, _philox_offset(CHURN_STREAM, elem))
         tl.store(x_ptr + offs, v, mask=mask)
         tl.store(xe_ptr + offs, v, mask=mask)
-        c_in = tl.load(table_ptr + COL_C_IN).to(tl.float32)
-        c_noise = tl.load(table_ptr + COL_C_NOISE).to(tl.float32)
-        tl.store(xin_ptr + offs, (c_in * v).to(xin_ptr.dtype.element_ty), mask=mask)
-        if TWICE:
-            tl.store(xin_ptr + N + offs, (c_in * v).to(xin_ptr.dtype.element_ty), mask=mask)
-        tl.store(sig_ptr + offs, (tl.zeros((BLOCK,), tl.float32) + c_noise).to(sig_ptr.dtype.element_ty), mask=offs < n_sig)
+        _store_network_input(xin_ptr, sig_ptr, v, _coef(table_ptr, COL_C_IN), _coef(table_ptr, COL_C_NOISE), offs,
+                             mask, N, n_sig, TWICE)
 
 
 def _block(N: int) -> int:
