@@ -48,3 +48,24 @@ def test_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     assert stem.with_suffix(".png").stat().st_size > 1000 and "edmrt bench" in stem.with_suffix(".md").read_text()
     assert main(["bench", "--model", "digits-cd", "--solvers", "nope", "-o", str(stem)]) == 2
     assert main(["bench", "--model", "nope", "-o", str(stem)]) == 2
+
+
+def test_quick_runs_batches_1_and_8_once_and_says_where_the_time_went(tmp_path, capsys):
+    import time
+
+    stem = tmp_path / "q"
+    t0 = time.perf_counter()
+    assert main(["bench", "--model", "digits-cd", "--solvers", "consistency", "--backends", "torch", "--quick",
+                 "--quiet", "-o", str(stem)]) == 0
+    wall = time.perf_counter() - t0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [c["batch"] for c in data["cells"]] == [1, 8] and data["rounds"] == 1
+    phases = data["phases_s"]
+    assert set(phases) == {"setup", "warm_up", "rounds"} and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= wall + 0.5
+    assert "took " in capsys.readouterr().out and "timed round(s)" in stem.with_suffix(".md").read_text()
+    # An explicit --batch or --rounds wins over --quick's.
+    assert main(["bench", "--model", "digits-cd", "--solvers", "consistency", "--backends", "torch", "--quick",
+                 "--batch", "3", "--rounds", "2", "--quiet", "-o", str(stem)]) == 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [c["batch"] for c in data["cells"]] == [3] and data["rounds"] == 2

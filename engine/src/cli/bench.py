@@ -16,8 +16,11 @@ def register(sub) -> None:
     p.add_argument("--solvers", nargs="+", default=["heun", "dpmpp_2m"])
     p.add_argument("--steps", nargs="+", type=positive_int, default=[], help="step counts (default: the card's)")
     p.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"])
-    p.add_argument("--batch", nargs="+", type=positive_int, default=[1, 8, 64])
-    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved timed rounds (after one warm-up)")
+    p.add_argument("--batch", nargs="+", type=positive_int, default=None, help="batch sizes (default 1 8 64)")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="interleaved timed rounds after one warm-up (default 3)")
+    p.add_argument("--quick", action="store_true", help="batches 1 and 8 and one timed round unless --batch / "
+                   "--rounds say otherwise (a first look; the full run's batch-64 cells are its slowest part)")
     p.add_argument("--peers", action="store_true", help="also k-diffusion's and diffusers' loops of each solver")
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", metavar="STEM", help="write STEM.json, STEM.md, STEM.png (default bench_MODEL)")
@@ -26,14 +29,17 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from edmrt.lab.bench import plot_bench, run_bench, table
+    from edmrt.lab.bench import QUICK, plot_bench, run_bench, table, time_summary
     from edmrt.solvers import get_solver
+
+    batches = args.batch or list(QUICK["batches"] if args.quick else (1, 8, 64))
+    rounds = args.rounds or (QUICK["rounds"] if args.quick else 3)
 
     for name in args.solvers:
         get_solver(name)
     stem = Path(args.output or f"bench_{args.model}")
     output_path(stem.with_suffix(".json"), create=True)
-    result = run_bench(args.model, args.solvers, args.steps, args.backends, args.batch, rounds=args.rounds,
+    result = run_bench(args.model, args.solvers, args.steps, args.backends, batches, rounds=rounds,
                        peers=args.peers, device=args.device, progress=not args.quiet)
     result["command"] = command_line(args)
     versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
@@ -42,10 +48,11 @@ def run(args) -> int:
                     f"CPU flags: {flags}; {versions}.", "",
                     f"`{result['command']}`: {result['rounds']} interleaved rounds after a warm-up; latency per call "
                     "of the whole batch; 'vs bare network': each call's time over the time spent inside its network calls (median); peak MB: the process's peak RSS after the cell "
-                    "(CPU).", "", table(result), ""])
+                    "(CPU).", "", table(result), "", time_summary(result) + ".", ""])
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(md)
     plot_bench(result, stem.with_suffix(".png"))
     print(table(result))
+    print(time_summary(result))
     print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {stem.with_suffix('.png')}")
     return 0

@@ -30,7 +30,8 @@ import torch
 
 from ..render import TimedBackend
 
-__all__ = ["PEER_OF", "BENCH_NETS", "SD15_UNET", "bench_model", "run_bench", "table", "plot_bench"]
+__all__ = ["PEER_OF", "BENCH_NETS", "SD15_UNET", "bench_model", "run_bench", "table", "plot_bench", "time_summary",
+           "QUICK"]
 
 # runwayml/stable-diffusion-v1-5 unet/config.json
 SD15_UNET = dict(
@@ -39,6 +40,11 @@ SD15_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=768, attention_head_dim=8, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
     downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0)
+
+
+# ``edmrt bench --quick``: batches 1 and 8, one timed round (about half the run of the defaults on 2 cores, most of it
+# the export and sessions; the defaults' batch-64 cells of torch and the peers are the slowest part of a full run).
+QUICK = {"batches": (1, 8), "rounds": 1}
 
 
 def _cifar10_unet():
@@ -147,6 +153,7 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise ValueError(f"batches must be ints >= 1, got {list(batches)}")
+    t_start = time.perf_counter()
     model = bench_model(model_name, device=device)
     cells = _cells(model, solvers, list(steps), backends, batches, torch.device(device))
     have = available_peers() if peers else {}
@@ -157,6 +164,7 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
                     cells.append({"kind": "peer", "solver": name, "steps": have[name].steps_for(cell["nfe"]),
                                   "nfe": cell["nfe"], "backend": "torch eager", "batch": cell["batch"],
                                   "peer": have[name]})
+    t_warm = time.perf_counter()
     bar = tqdm(total=len(cells) * (rounds + 1), disable=not progress, desc="bench", unit="run", dynamic_ncols=True)
     calls, timed = {}, {}
     for i, cell in enumerate(cells):  # warm-up, and the callables
@@ -189,11 +197,25 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
                 net_times[i].append(timed[i].seconds - net0)
             bar.update(1)
     bar.close()
+    t_end = time.perf_counter()
     _summarise(cells, times, net_times, timed)
+    # Where the run's time went: the model, Samplers, exports and sessions; the warm-up calls; the timed rounds.
+    phases = {"setup": t_warm - t_start, "warm_up": t_all - t_warm, "rounds": t_end - t_all}
     return {"benchmark": "edmrt bench", "model": model_name, "machine": machine_name(), "cpu_flags": cpu_flags(),
             "versions": _versions(), "torch": torch.__version__,
             "device": device, "date": datetime.date.today().isoformat(), "rounds": rounds,
-            "seconds": round(time.perf_counter() - t_all, 1), "cells": cells}
+            "seconds": round(t_end - t_all, 1), "phases_s": {k: round(v, 1) for k, v in phases.items()},
+            "cells": cells}
+
+
+def time_summary(result: dict) -> str:
+    """One line: where the run's time went (setup, warm-up, timed rounds) and its slowest cells."""
+    ph = result["phases_s"]
+    per_cell = sorted(((c["batch"] * result["rounds"] / c["images_per_s"], c) for c in result["cells"]),
+                      key=lambda e: -e[0])[:3]
+    slow = ", ".join(f"{c['solver']} {c['backend']} batch {c['batch']} {s:.1f} s" for s, c in per_cell)
+    return (f"took {sum(ph.values()):.0f} s: setup {ph['setup']:.1f} s (model, exports, sessions), warm-up "
+            f"{ph['warm_up']:.1f} s, {result['rounds']} timed round(s) {ph['rounds']:.1f} s (slowest: {slow})")
 
 
 def _versions() -> dict:
