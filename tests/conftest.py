@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 # A kernel family that cannot run here skips with one of these reasons.  CI (.ci/run) sets
 # EDMRT_REQUIRE_KERNELS=1: such a skip then fails the run instead of passing silently, so that the
-# README's "Correctness, as tested" is what CI checks.
+# "Correctness, as tested" (docs/guarantees.md) is what CI checks.
 KERNEL_SKIP_REASONS = ("triton is not installed", "the C++ core edmrt._core is not built")
 _kernel_skips: list[str] = []
 

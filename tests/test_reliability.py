@@ -226,7 +226,7 @@ def test_one_sampler_shared_by_threads_equals_single_threaded(backend):
 def test_a_sample_depends_on_its_seed_not_its_batch_within_the_backends_bound(backend, bound, tmp_path,
                                                                               monkeypatch):
     """torch's convolutions pick other kernels for other batch sizes: within 1e-5 of the scale (measured <= 7.7e-7);
-    ONNX Runtime here: bit for bit (README, Guarantees)."""
+    ONNX Runtime here: bit for bit (docs/guarantees.md)."""
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
         monkeypatch.setenv("EDMRT_CACHE", str(tmp_path))
