@@ -20,7 +20,8 @@ from edmrt.lab.common import SIGMA_DATA  # noqa: E402
 from edmrt.lab.distill import (DistillOptions, adapted_model, adapter_targets, distill, export_adapter,  # noqa: E402
                                student_model)
 from edmrt.lab.train import TrainOptions, train  # noqa: E402
-from edmrt.models.bundled import WEIGHTS_DIR, with_adapters  # noqa: E402
+from edmrt.loading import with_adapters  # noqa: E402
+from edmrt.models.bundled import WEIGHTS_DIR  # noqa: E402
 
 LEVELS = {"levels": {"1": [80.0, 0.0], "2": [80.0, 1.5, 0.0]}, "fd_train": {"1": 9.0, "2": 8.0}}
 

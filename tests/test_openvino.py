@@ -260,7 +260,7 @@ def test_auto_builds_its_candidates_hashing_the_weights_and_the_file_once(digits
     """Under "auto" every ONNX-based candidate shares one weights_sha256 of the network; the OpenVINO candidates
     take the ONNX file's sha256 from the cache's own check (no second pass over the file, no ONNX Runtime session
     opened only to check it and dropped).  The entry is still verified: a corrupted file is exported again."""
-    from edmrt.backends import onnx_cache, ort
+    from edmrt.backends import cachefile, onnx_cache, ort
 
     cached_onnx(digits, torch.device("cpu"))  # the entry exists: what is counted is the lookups
     monkeypatch.delenv("EDMRT_AUTO_BACKEND", raising=False)
@@ -285,7 +285,7 @@ def test_auto_builds_its_candidates_hashing_the_weights_and_the_file_once(digits
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     again, fresh = onnx_cache.cached_onnx_file(digits, torch.device("cpu"))
-    assert again == path and fresh == ort.sha256_file(path) and fresh == digest
+    assert again == path and fresh == cachefile.sha256_file(path) and fresh == digest
 
 
 # --- int8 (NNCF post-training quantisation) ----------------------------------------------------------------------

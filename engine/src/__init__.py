@@ -12,7 +12,7 @@ from __future__ import annotations
 from .adapters.diffusers import from_diffusers
 from .executor import SeededNoise, execute
 from .model import CondInput, Model
-from .models.bundled import load
+from .loading import load
 from .optimize import OptimizedSchedule, optimize_schedule
 from .plan import Plan
 from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, LCMPrecond, Precond, VEPrecond,

@@ -1,4 +1,4 @@
-"""Argument checks shared by the runtime's entry points: real numbers, devices, callables' signatures.  Each
+"""Argument checks shared by the runtime's entry points: real numbers, devices, seeds, callables' signatures.  Each
 raises ValueError naming the argument and what it expects."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["is_real", "check_device", "check_signature"]
+__all__ = ["is_real", "check_device", "check_seeds", "check_signature"]
 
 
 def is_real(value) -> bool:
@@ -61,3 +61,33 @@ def check_signature(fn, name: str, call: str, n_args: int, kwargs=()) -> None:
         raise ValueError(f"{name} must be callable as {call} ({n_args} positional arguments"
                          f"{', keywords ' + ', '.join(kwargs) if kwargs else ''}), "
                          f"got {getattr(fn, '__name__', type(fn).__name__)}{sig}") from None
+
+
+def check_seeds(seeds, batch: int | None = None) -> list[int]:
+    """Seeds: one non-negative integer < 2**63 per sample (``batch`` of them, when given).  Integers only: a float,
+    a bool or a float tensor is refused, never truncated."""
+    if isinstance(seeds, (torch.Tensor, np.ndarray)):
+        integer = seeds.dtype in (torch.int32, torch.int64) if isinstance(seeds, torch.Tensor) else seeds.dtype.kind in "iu"
+        if not integer or seeds.ndim != 1:
+            raise ValueError(f"seeds must be a 1-D integer tensor or array, or a list of ints, got {seeds.dtype} of shape "
+                             f"{tuple(seeds.shape)}")
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)):
+        raise ValueError(f"seeds must be a sequence of integers, got {seeds!r}")
+    try:
+        seeds = list(seeds)
+    except TypeError:
+        raise ValueError(f"seeds must be a sequence of {batch or 'N'} integers, got {seeds!r}") from None
+    if batch is None and not seeds:
+        raise ValueError("seeds must hold at least one integer")
+    if batch is not None and len(seeds) != batch:
+        raise ValueError(f"seeds must hold one integer per sample: expected {batch}, got {len(seeds)}")
+    out = []
+    for s in seeds:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, int) and not hasattr(s, "__index__"):
+            raise ValueError(f"seeds must be integers, got {s!r}")
+        s = int(s)
+        if not 0 <= s < 2 ** 63:
+            raise ValueError(f"seeds must be in [0, 2**63), got {s}")
+        out.append(s)
+    return out

@@ -10,42 +10,14 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from .checks import check_seeds
 from .plan import Plan
 
-__all__ = ["execute", "SeededNoise", "NoiseSource", "check_seeds"]
+__all__ = ["execute", "SeededNoise", "NoiseSource"]
+
 
 class NoiseSource(Protocol):
     def __call__(self, stream: int) -> torch.Tensor: ...
-
-
-def check_seeds(seeds, batch: int | None = None) -> list[int]:
-    """Seeds: one non-negative integer < 2**63 per sample (``batch`` of them, when given).  Integers only: a float,
-    a bool or a float tensor is refused, never truncated."""
-    if isinstance(seeds, (torch.Tensor, np.ndarray)):
-        integer = seeds.dtype in (torch.int32, torch.int64) if isinstance(seeds, torch.Tensor) else seeds.dtype.kind in "iu"
-        if not integer or seeds.ndim != 1:
-            raise ValueError(f"seeds must be a 1-D integer tensor or array, or a list of ints, got {seeds.dtype} of shape "
-                             f"{tuple(seeds.shape)}")
-        seeds = seeds.tolist()
-    if isinstance(seeds, (str, bytes)):
-        raise ValueError(f"seeds must be a sequence of integers, got {seeds!r}")
-    try:
-        seeds = list(seeds)
-    except TypeError:
-        raise ValueError(f"seeds must be a sequence of {batch or 'N'} integers, got {seeds!r}") from None
-    if batch is None and not seeds:
-        raise ValueError("seeds must hold at least one integer")
-    if batch is not None and len(seeds) != batch:
-        raise ValueError(f"seeds must hold one integer per sample: expected {batch}, got {len(seeds)}")
-    out = []
-    for s in seeds:
-        if isinstance(s, (bool, np.bool_)) or not isinstance(s, int) and not hasattr(s, "__index__"):
-            raise ValueError(f"seeds must be integers, got {s!r}")
-        s = int(s)
-        if not 0 <= s < 2 ** 63:
-            raise ValueError(f"seeds must be in [0, 2**63), got {s}")
-        out.append(s)
-    return out
 
 
 class SeededNoise:

@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends.cachefile import TEMP_GLOB, atomic_write
+
 __all__ = ["FORMATS", "RenderJob", "Requests", "TimedBackend", "read_requests", "render", "verify_output", "to_png"]
 
 FORMATS = ("png", "parquet", "webdataset")
@@ -178,7 +180,7 @@ class RenderJob:
 
 # ---------------------------------------------------------------------------------------------- building a sampler
 def load_model(job: RenderJob):
-    from .models.bundled import load
+    from .loading import load
 
     return load(job.model, adapters=job.adapters) if job.adapters else load(job.model)
 
@@ -311,18 +313,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """``data`` at ``path``: written to a temporary name beside it, then renamed into place, so that a killed
-    process never leaves a partial file under the final name; never through an existing symlink (the rename
-    replaces it).  No fsync: a power loss (not a killed run) may lose the last files, which the next run's sha256
-    check then redoes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}.{os.getpid()}.{time.monotonic_ns()}"
-    with open(tmp, "xb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _chunk_files(fmt: str, chunk: int, rows: list[dict], meta: dict) -> dict[str, bytes]:
     """{relative path: bytes} of one chunk's output in ``fmt`` (rows sorted by index)."""
     if fmt == "png":
@@ -364,10 +354,10 @@ def write_chunk(out: Path, fmt: str, chunk: int, rows: list[dict], meta: dict, e
     t0 = time.perf_counter()
     files = _chunk_files(fmt, chunk, rows, meta)
     for rel, data in files.items():
-        _atomic_write(out / rel, data)
+        atomic_write(out / rel, data, private=False)
     record = {"chunk": chunk, "first": rows[0]["index"], "count": len(rows),
               "files": {rel: _sha256(data) for rel, data in files.items()}}
-    _atomic_write(_record_path(out, chunk), json.dumps(record, sort_keys=True).encode())
+    atomic_write(_record_path(out, chunk), json.dumps(record, sort_keys=True).encode(), private=False)
     record["write_s"] = time.perf_counter() - t0
     record["written_at"] = time.time()
     return record
@@ -438,8 +428,8 @@ def _open_output(out: Path, manifest: dict) -> None:
     else:
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} exists and is not an edmrt render folder (no manifest.json): choose another --out")
-        _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    for tmp in out.rglob(".tmp-*"):
+        atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode(), private=False)
+    for tmp in out.rglob(TEMP_GLOB):
         if tmp.is_file() and not tmp.is_symlink():
             tmp.unlink()
 
@@ -527,7 +517,7 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
         raise RuntimeError(f"{len(redo)} chunks are not complete after the run (first {min(redo)}); run again")
     summary.update(images=len(requests), verified_chunks=len(done), seconds=round(time.perf_counter() - t_start, 3))
     if summary["chunks_rendered"]:
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), private=False)
     return summary
 
 

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from .backends import Backend, resolve_backend
-from .checks import check_device, check_signature, is_real
-from .executor import check_seeds
+from .checks import check_device, check_seeds, check_signature, is_real
 from .model import CondInput, Model, sampling_defaults
 from .plan import Plan
 from .schedules import make_sigmas

@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 from .backends import CallableBackend
-from .checks import check_signature
-from .executor import SeededNoise, check_seeds, execute
+from .checks import check_seeds, check_signature
+from .executor import SeededNoise, execute
 from .plan import Plan
 from .sampler import Engine
 from .schedules import make_sigmas

@@ -59,7 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edmrt.backends.ort import INPUT_NAMES, OUTPUT_NAME, load_onnx_session, sha256_file, weights_sha256
+from edmrt.backends.cachefile import sha256_file
+from edmrt.backends.ort import INPUT_NAMES, OUTPUT_NAME, load_onnx_session, weights_sha256
 from edmrt.model import CondInput, check_cond_inputs
 
 log = logging.getLogger("edmrt.export")

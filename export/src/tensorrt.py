@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from edmrt.backends.cachefile import cache_root
+from edmrt.backends.cachefile import atomic_write, cache_root, check_manifest, sha256_file
 from edmrt.backends.trt import import_tensorrt
 
 log = logging.getLogger("edmrt.tensorrt")
@@ -64,14 +64,6 @@ class Profile:
         if any(d < 1 for _, s in shapes for d in s):
             raise ValueError(f"cond_shapes must hold positive dims, got {self.cond_shapes!r}")
         object.__setattr__(self, "cond_shapes", shapes)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_engine(onnx_path: Path, profile: Profile, precision: str, timing_cache: Path | None = None,
@@ -151,7 +143,7 @@ class EngineCache:
     def key_fields(self, onnx_path: Path, profile: Profile, precision: str, refit: bool = False) -> dict:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        fields = dict(format=CACHE_FORMAT, onnx_sha256=_sha256_file(onnx_path), profile=asdict(profile),
+        fields = dict(format=CACHE_FORMAT, onnx_sha256=sha256_file(onnx_path), profile=asdict(profile),
                       precision=precision, tensorrt=self.trt_version, compute_capability=self.compute_capability)
         if refit:
             fields["refit"] = True
@@ -180,25 +172,19 @@ class EngineCache:
         timing = self.root / "timing.cache"
         blob = self.builder(onnx_path, profile, precision, timing, refit=True) if refit else \
             self.builder(onnx_path, profile, precision, timing)
-        tmp = engine.with_suffix(".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, engine)
-        manifest.write_text(json.dumps(dict(fields, engine_sha256=_sha256_file(engine), engine_bytes=len(blob),
-                                            build_seconds=round(time.perf_counter() - t0, 2),
-                                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), indent=1))
+        atomic_write(engine, blob)
+        atomic_write(manifest, json.dumps(dict(fields, engine_sha256=sha256_file(engine), engine_bytes=len(blob),
+                                               build_seconds=round(time.perf_counter() - t0, 2),
+                                               created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                                          indent=1).encode())
         return engine
 
     @staticmethod
     def _verify(engine: Path, manifest: Path, fields: dict) -> str | None:
-        if not engine.exists() or not manifest.exists():
-            return "missing"
-        try:
-            m = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, OSError) as exc:
-            return f"manifest unreadable: {exc}"
-        for k, v in fields.items():
-            if m.get(k) != v:
-                return f"manifest field {k!r} is {m.get(k)!r}, expected {v!r}"
-        if m.get("engine_sha256") != _sha256_file(engine):
+        """Why the entry is not usable ("missing" when neither file is there), or None."""
+        problem, m = check_manifest(engine, manifest, fields)
+        if problem is not None:
+            return problem
+        if m.get("engine_sha256") != sha256_file(engine):
             return "engine file does not match its recorded sha256 (corrupt or replaced)"
         return None

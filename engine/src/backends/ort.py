@@ -45,7 +45,7 @@ from .base import as_cond, check_backend_args
 
 __all__ = ["OnnxRuntimeBackend", "load_onnx_session", "check_onnx_file", "check_onnx_signature", "onnx_cond_inputs", "onnx_weight_inputs",
            "default_providers",
-           "weights_sha256", "sha256_file", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES", "MAX_BINDINGS"]
+           "weights_sha256", "INPUT_NAMES", "OUTPUT_NAME", "ORT_TYPES", "MAX_BINDINGS"]
 
 INPUT_NAMES = ("x_in", "c_noise")   # the leading inputs; conditioning inputs follow, by name
 OUTPUT_NAME = "F"
@@ -68,15 +68,6 @@ def weights_sha256(net: torch.nn.Module) -> str:
         t = v.detach().cpu().contiguous()
         h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype (bfloat16 too)
-    return h.hexdigest()
-
-
-def sha256_file(path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 

@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 
 from .base import as_cond, check_backend_args
-from .cachefile import atomic_write, cache_root, check_manifest
-from .ort import check_onnx_file, onnx_weight_inputs, sha256_file
+from .cachefile import atomic_write, cache_root, check_manifest, sha256_file
+from .ort import check_onnx_file, onnx_weight_inputs
 
 __all__ = ["OpenVinoBackend", "openvino_available", "import_openvino", "bf16_supported", "cpu_capabilities", "openvino_cache_root",
            "check_calibration", "trim_cache", "cache_limit_bytes", "CACHE_GB",

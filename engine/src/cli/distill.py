@@ -40,7 +40,7 @@ def run(args) -> int:
     from edmrt.lab.common import machine_name
     from edmrt.lab.distill import (DistillOptions, adapted_model, distill, export_adapter, export_student,
                                    select_levels, student_model)
-    from edmrt.models.bundled import load
+    from edmrt.loading import load
 
     if (args.dora or args.lora_alpha is not None) and not args.lora:
         raise ValueError("--dora and --lora-alpha need --lora RANK")

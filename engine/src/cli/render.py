@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from edmrt.cli.sample import adapter_weights
-    from edmrt.models.bundled import load
+    from edmrt.loading import load
     from edmrt.render import RenderJob, Requests, read_requests, render
 
     try:

@@ -44,7 +44,7 @@ def run(args) -> int:
                         max_steps=args.max_steps, max_seeds=args.max_seeds, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_ms / 1000, max_queue=args.max_queue,
                         threads=args.threads, dynamic_batching=not args.no_batching, retries=args.retries)
-    from edmrt.models.bundled import load
+    from edmrt.loading import load
 
     load(args.model)  # a bad model name fails here, in one line, before Ray starts
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -71,7 +71,8 @@ BENCH_NETS = {"unet-cifar10": _cifar10_unet, "unet-sd15": _sd15_unet}
 
 def bench_model(name: str, device: str = "cpu"):
     """A bundled model by name, or a benchmark network of ``BENCH_NETS``."""
-    from ..models.bundled import BUNDLED, load
+    from ..loading import load
+    from ..models.bundled import BUNDLED
 
     if name in BENCH_NETS:
         model = BENCH_NETS[name]()

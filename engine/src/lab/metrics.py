@@ -165,7 +165,8 @@ def record_card_metrics(name: str, root: str | Path | None = None) -> list[dict]
     """Measure the bundled model ``name`` (``evaluate_digits``: the teacher's Heun 18 with and without guidance and
     Euler 10; a distilled student's 1, 2 and 4 steps and TCD) and write the runs into its model card.  A bundled
     adapter (``BUNDLED_ADAPTERS``) is measured fused into its base model, with its card's levels."""
-    from ..models.bundled import BUNDLED_ADAPTERS, load
+    from ..loading import load
+    from ..models.bundled import BUNDLED_ADAPTERS
     from .common import machine_name
 
     root = Path(root or WEIGHTS_DIR)

@@ -86,7 +86,8 @@ def _jobs(teacher: str, students: tuple, nfes, solvers, student_steps) -> list[t
     """(role, model name, solver, options, Sampler) for every teacher solver at each distinct NFE its step counts
     reach within the budgets, then each student's runs at ``student_steps``.  A student that is a bundled adapter
     (``BUNDLED_ADAPTERS``, e.g. digits-cd-lora) runs fused into the teacher."""
-    from ..models.bundled import BUNDLED_ADAPTERS, load
+    from ..loading import load
+    from ..models.bundled import BUNDLED_ADAPTERS
     from ..sampler import Sampler
     from .quality_gmm import Recipe, steps_for
 
