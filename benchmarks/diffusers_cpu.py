@@ -264,7 +264,8 @@ def ort_backend(model, threads: int) -> tuple:
     cache (once), then a session of our own (the cache's has ORT's default thread count)."""
     import onnxruntime as ort
     from edmrt.backends.onnx_cache import cached_onnx
-    from edmrt.backends.ort import OnnxRuntimeBackend, load_onnx_session
+    from edmrt.backends.ort import OnnxRuntimeBackend
+    from edmrt.onnx_contract import load_onnx_session
 
     t0 = time.perf_counter()
     path, session = cached_onnx(model, torch.device("cpu"))  # session None: exported now (else a cache hit)

@@ -80,6 +80,16 @@ def test_the_runtime_imports_an_exporter_only_to_build_a_missing_file():
     assert not bad, bad
 
 
+def test_the_exporters_take_the_onnx_contract_from_its_own_module_not_from_a_backend():
+    """export/ and the backends share the edmrt ONNX file's contract through ``edmrt.onnx_contract``; of the backends
+    room the exporters use only the caches' file helpers and TensorRT's import."""
+    allowed = {"edmrt.backends.cachefile", "edmrt.backends.trt"}
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) == "export"
+           for m, _ in _imports(p) if m.startswith("edmrt.backends") and m not in allowed
+           and not any(m.startswith(a + ".") for a in allowed)]
+    assert not bad, bad
+
+
 def test_the_kernels_import_nothing_of_edmrt_but_the_compiled_core():
     bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) == "kernels"
            for m, _ in _imports(p) if m.startswith("edmrt") and not m.startswith(("edmrt.kernels", "edmrt._core"))

@@ -15,7 +15,7 @@ pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter's tran
 from onnx import TensorProto, helper  # noqa: E402
 
 from edmrt.backends import BACKENDS, OnnxRuntimeBackend, TorchBackend, make_backend  # noqa: E402
-from edmrt.backends.ort import check_onnx_signature, load_onnx_session, onnx_cond_inputs, weights_sha256  # noqa: E402
+from edmrt.onnx_contract import check_onnx_signature, load_onnx_session, onnx_cond_inputs, weights_sha256  # noqa: E402
 from edmrt.export import ExportVerificationError, export_onnx  # noqa: E402
 from edmrt.model import CondInput  # noqa: E402
 from edmrt.export.onnx import TOLERANCE  # noqa: E402

@@ -18,7 +18,7 @@ from edmrt import Model  # noqa: E402
 from edmrt.backends.onnx_cache import (cached_onnx, onnx_cache_fields, onnx_cache_path,  # noqa: E402
                                        onnx_manifest_path)
 from edmrt.backends.cachefile import sha256_file  # noqa: E402
-from edmrt.backends.ort import load_onnx_session, weights_sha256  # noqa: E402
+from edmrt.onnx_contract import load_onnx_session, weights_sha256  # noqa: E402
 from edmrt.export import ExportVerificationError, export_onnx  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ import edmrt  # noqa: E402
 from edmrt import Model  # noqa: E402
 from edmrt.backends import OnnxRuntimeBackend  # noqa: E402
 from edmrt.backends.onnx_cache import cached_onnx, onnx_cache_fields, onnx_cache_path  # noqa: E402
-from edmrt.backends.ort import check_onnx_signature, onnx_cond_inputs, onnx_weight_inputs  # noqa: E402
+from edmrt.onnx_contract import check_onnx_signature, onnx_cond_inputs, onnx_weight_inputs  # noqa: E402
 from edmrt.export import export_onnx  # noqa: E402
 from edmrt.export.onnx import TOLERANCE  # noqa: E402
 from edmrt.model import CondInput  # noqa: E402

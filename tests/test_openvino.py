@@ -260,7 +260,8 @@ def test_auto_builds_its_candidates_hashing_the_weights_and_the_file_once(digits
     """Under "auto" every ONNX-based candidate shares one weights_sha256 of the network; the OpenVINO candidates
     take the ONNX file's sha256 from the cache's own check (no second pass over the file, no ONNX Runtime session
     opened only to check it and dropped).  The entry is still verified: a corrupted file is exported again."""
-    from edmrt.backends import cachefile, onnx_cache, ort
+    from edmrt import onnx_contract
+    from edmrt.backends import cachefile, onnx_cache
 
     cached_onnx(digits, torch.device("cpu"))  # the entry exists: what is counted is the lookups
     monkeypatch.delenv("EDMRT_AUTO_BACKEND", raising=False)
@@ -272,7 +273,7 @@ def test_auto_builds_its_candidates_hashing_the_weights_and_the_file_once(digits
             return fn(*a, **k)
         return wrapped
     monkeypatch.setattr(onnx_cache, "weights_sha256", counting("weights", onnx_cache.weights_sha256))
-    monkeypatch.setattr(ort, "weights_sha256", counting("weights", ort.weights_sha256))
+    monkeypatch.setattr(onnx_contract, "weights_sha256", counting("weights", onnx_contract.weights_sha256))
     monkeypatch.setattr(onnx_cache, "load_onnx_session", counting("sessions", onnx_cache.load_onnx_session))
     monkeypatch.setattr(ovmod, "sha256_file", counting("ov_file_hash", ovmod.sha256_file, onnx_only=True))
     s = edmrt.Sampler(digits, backend="auto")

@@ -197,7 +197,7 @@ def build_sampler(job: RenderJob, threads: int = 1):
         import onnxruntime as ort
 
         from .backends.onnx_cache import cached_onnx
-        from .backends.ort import load_onnx_session
+        from .onnx_contract import load_onnx_session
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = max(1, int(threads))
@@ -399,7 +399,7 @@ def make_sink(out: Path, fmt: str, meta: dict, sizes: dict):
 # ---------------------------------------------------------------------------------------------- the manifest
 def job_manifest(job: RenderJob, model, sampler, requests: Requests) -> dict:
     """The job as recorded in manifest.json: everything an image depends on, and the requests' digest."""
-    from .backends.ort import weights_sha256
+    from .onnx_contract import weights_sha256
 
     net = model.network
     weights = weights_sha256(net) if isinstance(net, torch.nn.Module) else None

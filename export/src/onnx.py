@@ -2,7 +2,8 @@
 
 The file has the declared signature of every edmrt ONNX file: x_in, c_noise, then one input per conditioning input
 of the network (``edmrt.CondInput``: class labels, text embeddings, ...), in the declared order, -> F, the batch a
-symbolic first axis of every input and of F (``edmrt.backends.ort`` defines and checks it, and runs the file).
+symbolic first axis of every input and of F (``edmrt.onnx_contract`` defines and checks it, ``edmrt.backends.ort``
+runs the file).
 
 ``dtype="fp16"`` keeps that I/O (float32 x_in, c_noise and F; every conditioning input in its declared dtype) and
 runs the network inside in float16 (``EDMUNet.to_fp16``: convolutions, linear maps and the label embedding in
@@ -34,7 +35,7 @@ moved into place with ``os.replace``, the data file first and the model file las
 the new one, never half of one, and the new model's data file is in place before it is (the old model keeps its
 own data file until it is replaced, then that file is removed); a file that fails verification is never at the
 target; a symbolic link at the target is replaced, never written through; a directory there is refused.  Every file
-carries ``edmrt.weights_sha256`` (``edmrt.backends.ort.weights_sha256`` of the network), so a loader can tell which
+carries ``edmrt.weights_sha256`` (``edmrt.onnx_contract.weights_sha256`` of the network), so a loader can tell which
 weights it holds, and ``edmrt.cond`` (its conditioning inputs, JSON), so a loader knows what to bind.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ import torch
 from torch import nn
 
 from edmrt.backends.cachefile import sha256_file
-from edmrt.backends.ort import INPUT_NAMES, OUTPUT_NAME, load_onnx_session, weights_sha256
+from edmrt.onnx_contract import INPUT_NAMES, OUTPUT_NAME, load_onnx_session, weights_sha256
 from edmrt.model import CondInput, check_cond_inputs
 
 log = logging.getLogger("edmrt.export")

@@ -74,7 +74,7 @@ def _measured_auto(mode: str, model: Model, device: torch.device):
     """An AutoBackend over the backends installed here, or None where "auto" does not measure (not the CPU, not a
     torch module, a model with adapters, or no exporter)."""
     from .auto import AutoBackend
-    from .ort import weights_sha256
+    from ..onnx_contract import weights_sha256
 
     if (device.type != "cpu" or not isinstance(model.network, torch.nn.Module)
             or getattr(model, "adapters", None) is not None or not importlib.util.find_spec("onnx")):

@@ -27,7 +27,7 @@ import torch
 
 from ..model import Model
 from .cachefile import atomic_write, cache_root, check_manifest, sha256_file
-from .ort import load_onnx_session, onnx_weight_inputs, weights_sha256
+from ..onnx_contract import load_onnx_session, onnx_weight_inputs, weights_sha256
 
 __all__ = ["onnx_cache_root", "onnx_cache_fields", "onnx_cache_path", "onnx_manifest_path", "cached_onnx",
            "cached_onnx_file", "ONNX_CACHE_FORMAT"]

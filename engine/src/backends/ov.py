@@ -1,7 +1,7 @@
 """OpenVINO as the backend: an edmrt ONNX file compiled for the CPU, one static shape per batch size, in float32 or
 bfloat16, with the engine's buffers bound to OpenVINO tensors that share their memory (no copy in or out).
 
-The file is checked like ONNX Runtime's (``check_onnx_file``: the declared signature of ``edmrt.backends.ort``).
+The file is checked like ONNX Runtime's (``check_onnx_file``: the declared signature of ``edmrt.onnx_contract``).
 
 Precision: OpenVINO's CPU plugin runs bf16 *by default* where the CPU has it (AVX512_BF16 or AMX), so "fp32" is
 asked for explicitly (``INFERENCE_PRECISION_HINT=f32``); "bf16" is refused with the reason on a CPU without it.
@@ -46,7 +46,7 @@ import torch
 
 from .base import as_cond, check_backend_args
 from .cachefile import atomic_write, cache_root, check_manifest, sha256_file
-from .ort import check_onnx_file, onnx_weight_inputs
+from ..onnx_contract import check_onnx_file, onnx_weight_inputs
 
 __all__ = ["OpenVinoBackend", "openvino_available", "import_openvino", "bf16_supported", "cpu_capabilities", "openvino_cache_root",
            "check_calibration", "trim_cache", "cache_limit_bytes", "CACHE_GB",

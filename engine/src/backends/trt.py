@@ -1,7 +1,7 @@
 """TensorRT as the backend: a serialised engine (``edmrt.export.tensorrt`` builds and caches it) run on torch's
 current CUDA stream, with device buffers bound by address so that a CUDA graph can capture it.
 
-The engine's I/O tensors are the ONNX file's (``edmrt.backends.ort``): x_in, c_noise, then one input per
+The engine's I/O tensors are the ONNX file's (``edmrt.onnx_contract``): x_in, c_noise, then one input per
 conditioning input (class labels, embeddings, ...), bound by name, -> F.
 
 UNVERIFIED: TensorRT cannot be installed on the machines this was written on; these calls have not run anywhere.

@@ -125,7 +125,7 @@ def onnx_backend(path: str, model_name: str, model):
     """An ONNX Runtime backend on ``path``, checked against the model it is to run: its ``edmrt.model`` metadata
     (the name), its ``edmrt.weights_sha256`` (the weights), its sample shape and conditioning."""
     from edmrt.backends import OnnxRuntimeBackend
-    from edmrt.backends.ort import weights_sha256
+    from edmrt.onnx_contract import weights_sha256
 
     backend = OnnxRuntimeBackend(path)
     meta = backend.session.get_modelmeta().custom_metadata_map
