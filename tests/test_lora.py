@@ -248,6 +248,43 @@ def test_sampler_set_adapters(setup):
         plain.set_adapters({"a": 1.0})
 
 
+def test_an_adapter_swap_is_a_capability_of_the_backend(setup):
+    """set_adapters asks the backend, not its name: one that shares the module's weights sees the in-place copy, one
+    with update_weights is told, one with neither (a baked-in copy, as OpenVINO's) is refused before any write."""
+    model, _ = _loaded(setup)
+    torch_backend = edmrt.backends.TorchBackend(model.network, cond_inputs=model.cond)
+    told = []
+
+    class Copying:   # holds a copy and is told of every swap
+        shares_weights = False
+
+        def __call__(self, x_in, c_noise, cond, out):
+            torch_backend(x_in, c_noise, cond, out)
+
+        def update_weights(self, fused):
+            told.append(sorted(fused))
+
+    class Baked(Copying):   # holds a copy and cannot take a swap
+        update_weights = None
+
+    before = {n: p.detach().clone() for n, p in model.network.named_parameters()}
+    s = edmrt.Sampler(model, solver="euler", steps=3, backend=Baked(), device="cpu")
+    with pytest.raises(ValueError, match="holds its own copy of the weights"):
+        s.set_adapters({"a": 0.8})
+    assert all(torch.equal(p, before[n]) for n, p in model.network.named_parameters())
+    s = edmrt.Sampler(model, solver="euler", steps=3, backend=Copying(), device="cpu")
+    s.set_adapters({"a": 0.8})
+    assert len(told) == 1 and told[0] and all(n in dict(model.network.named_parameters()) for n in told[0])
+    assert any(not torch.equal(p, before[n]) for n, p in model.network.named_parameters())
+    s.set_adapters(None)
+    assert all(torch.equal(p, before[n]) for n, p in model.network.named_parameters())
+    # The registry's own backends say it themselves.
+    assert edmrt.backends.TorchBackend.shares_weights and edmrt.backends.CallableBackend.shares_weights
+    assert not edmrt.backends.OpenVinoBackend.shares_weights
+    assert not callable(getattr(edmrt.backends.OpenVinoBackend, "update_weights", None))
+    assert callable(edmrt.backends.OnnxRuntimeBackend.update_weights)
+
+
 def test_pickle_refused(setup, tmp_path):
     base, _, folders, _ = setup
     model = _model(copy.deepcopy(base))

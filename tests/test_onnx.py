@@ -270,6 +270,10 @@ def test_registry_and_compile_failure(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         make_backend("tensorflow", _net())
     assert isinstance(make_backend("torch", _net()), TorchBackend)
+    # One way to build every entry from a Model: resolve_backend is the lookup BACKENDS[name].from_model.
+    assert all(callable(getattr(entry, "from_model", None)) for entry in BACKENDS.values())
+    compiled = make_backend("torch-compile", _net())
+    assert isinstance(compiled, TorchBackend) and compiled.compiled and compiled.name == "torch-compile"
 
     # A compiler failure at the first call is reported as such, not hidden behind an eager fallback.
     def broken_compile(fn, **kw):

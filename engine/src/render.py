@@ -188,7 +188,7 @@ def load_model(job: RenderJob):
 def build_sampler(job: RenderJob, threads: int = 1):
     """The job's Sampler: on the CPU with backend "auto" / "onnxruntime", an ONNX Runtime session with ``threads``
     intra-op threads over the cached export (adapters fused and baked in), else ``resolve_backend``'s."""
-    from .backends import OnnxRuntimeBackend
+    from .backends import BACKENDS
     from .sampler import Sampler
 
     model = load_model(job)
@@ -196,16 +196,10 @@ def build_sampler(job: RenderJob, threads: int = 1):
     if job.onnx is not None or (job.device == "cpu" and backend in ("auto", "onnxruntime")):
         import onnxruntime as ort
 
-        from .backends.onnx_cache import cached_onnx
-        from .onnx_contract import load_onnx_session
-
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = max(1, int(threads))
-        path, session = (job.onnx, None) if job.onnx is not None else \
-            cached_onnx(model, torch.device("cpu"), sess_options=opts)  # the checked session, when the cache had one
-        if session is None:
-            session = load_onnx_session(path, sess_options=opts, cond_inputs=model.cond)
-        backend = OnnxRuntimeBackend(session, cond_inputs=model.cond)
+        backend = BACKENDS["onnxruntime"].from_model(model, torch.device("cpu"), path=job.onnx, sess_options=opts,
+                                                     live_weights=False)
     return model, Sampler(model, solver=job.solver, steps=job.steps, schedule=job.schedule, backend=backend,
                           device=job.device, **job.options)
 

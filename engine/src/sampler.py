@@ -340,9 +340,10 @@ class Sampler:
         The fused weights (``AdapterSet.fused_weights``: one adapter scaled by its weight; several combined by peft's
         ``add_weighted_adapter`` with ``combination`` and ``merge_kw``: density, majority_sign_method, seed) are
         copied into the same parameter tensors (same data_ptr), under every engine's lock, so no request sees half
-        a swap.  ``weights`` {} or None restores the base weights bit for bit.  Backends that run the network's own
-        parameters ("torch", "torch-compile", "custom") see the change at once; another backend must offer
-        ``update_weights({param_name: tensor})`` (e.g. an ONNX session taking ``AdapterSet.targets`` as inputs).
+        a swap.  ``weights`` {} or None restores the base weights bit for bit.  A backend that runs the network's own
+        parameters (``shares_weights``: torch, torch-compile, torch-bf16, custom) sees the change at once; one that
+        holds a copy is told by ``update_weights({param_name: tensor})`` (an ONNX session taking ``AdapterSet.targets``
+        as inputs, a refittable TensorRT engine); a backend with neither is refused.
 
         ValueError: no adapters loaded, an unknown adapter name, a weight that is not finite, an unknown
         combination, or a backend that baked the weights in."""
@@ -352,7 +353,8 @@ class Sampler:
         if adapters is None:
             raise ValueError("this model has no adapters loaded (edmrt.adapters.lora.load_adapter(model, ...))")
         update = getattr(self.backend, "update_weights", None)
-        if self.backend_name not in ("torch", "torch-compile", "torch-bf16", "custom") and not callable(update):
+        # A backend object of the caller's own that says neither is taken to run the module's parameters.
+        if not getattr(self.backend, "shares_weights", True) and not callable(update):
             raise ValueError(f"backend {self.backend_name!r} holds its own copy of the weights: set_adapters needs "
                              "backend 'torch' (or a backend with update_weights); or fuse before building it")
         fused = adapters.fused_weights(weights, combination, **merge_kw)  # validates names, weights, combination
@@ -369,7 +371,7 @@ class Sampler:
                 e.lock.acquire()
             try:
                 adapters.write(fused, adapters.check_weights(weights))
-                if callable(update) and self.backend_name not in ("torch", "torch-compile", "torch-bf16"):
+                if callable(update):
                     update(fused)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)

@@ -1,7 +1,11 @@
 """Backends: what runs the network F, behind one protocol (``base.py``) and one registry.
 
+Every entry of ``BACKENDS`` builds a backend two ways: ``BACKENDS[name](source, **options)`` from what it runs (a
+module, a file, a callable), and ``BACKENDS[name].from_model(model, device, **options)`` from an ``edmrt.Model``
+(``resolve_backend`` is that lookup):
+
 =============  =========================================  ================================================
-name           constructor (what ``make_backend`` takes)  what ``resolve_backend`` builds from a ``Model``
+name           constructor (what ``make_backend`` takes)  what ``from_model`` builds from a ``Model``
 =============  =========================================  ================================================
 torch          ``TorchBackend(net)``                      the network, moved to the device
 torch-compile  ``TorchBackend(net, compile=True)``        the same, compiled at the first call
@@ -14,6 +18,10 @@ openvino-int8  ``OpenVinoBackend(path, precision="int8",  the same quantised to 
                calibration=...)``                         model's own sampling trajectories (``calibrate.py``)
 custom         ``CallableBackend(fn)``                    a network that is a plain callable
 =============  =========================================  ================================================
+
+Adapter swaps (``Sampler.set_adapters``) are a capability of the backend: ``shares_weights`` (it runs the module's
+own parameters, which the swap rewrites in place) or ``update_weights(fused)`` (it holds a copy, bound to the
+parameters or refitted); a backend with neither is refused.
 
 "auto" on the CPU measures (``auto.py``): at the first call with each batch size it times torch eager, ONNX Runtime
 and OpenVINO (those installed) on that call's inputs and keeps the fastest whose F is within 1e-4 (relative RMS) of
@@ -34,23 +42,37 @@ from ..model import Model
 from .base import Backend, check_backend_args
 from .calibrate import calibration_inputs
 from .custom import CallableBackend
-from .module import TorchBackend, torch_bf16, torch_compile
+from .module import TorchBackend
 from .ort import OnnxRuntimeBackend
 from .ov import OpenVinoBackend
-from .trt import TensorRTBackend, tensorrt_available
+from .trt import TensorRTBackend
 
 __all__ = ["Backend", "BACKENDS", "make_backend", "resolve_backend", "check_backend_args", "TorchBackend",
            "OnnxRuntimeBackend", "TensorRTBackend", "OpenVinoBackend", "CallableBackend", "calibration_inputs"]
 
+class _Variant:
+    """A registry entry that is a backend class with options fixed: ``entry(source, **options)`` and
+    ``entry.from_model(model, device, **options)`` pass them on."""
+
+    def __init__(self, cls, **fixed):
+        self.cls, self.fixed = cls, fixed
+
+    def __call__(self, source, **options) -> Backend:
+        return self.cls(source, **self.fixed, **options)
+
+    def from_model(self, model: Model, device: torch.device, **options) -> Backend:
+        return self.cls.from_model(model, device, **self.fixed, **options)
+
+
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "torch": TorchBackend,
-    "torch-compile": torch_compile,
-    "torch-bf16": torch_bf16,
+    "torch-compile": _Variant(TorchBackend, compile=True),
+    "torch-bf16": _Variant(TorchBackend, autocast=torch.bfloat16),
     "onnxruntime": OnnxRuntimeBackend,
     "tensorrt": TensorRTBackend,
     "openvino": OpenVinoBackend,
-    "openvino-bf16": lambda path, **options: OpenVinoBackend(path, precision="bf16", **options),
-    "openvino-int8": lambda path, **options: OpenVinoBackend(path, precision="int8", **options),
+    "openvino-bf16": _Variant(OpenVinoBackend, precision="bf16"),
+    "openvino-int8": _Variant(OpenVinoBackend, precision="int8"),
     "custom": CallableBackend,
 }
 
@@ -99,7 +121,7 @@ def _measured_auto(mode: str, model: Model, device: torch.device):
 
 
 def resolve_backend(name: str, model: Model, device: torch.device, weights=None) -> tuple[str, Backend]:
-    """(name, backend) for ``model`` on ``device``: "auto", "auto-bf16" or a name in ``BACKENDS`` (table above).
+    """(name, backend) for ``model`` on ``device``: "auto", "auto-bf16", or ``BACKENDS[name].from_model`` (table above).
 
     A network that is not a torch module runs as "custom" under "torch" too (as before exports existed);
     "onnxruntime" and "tensorrt" need a torch module, exported once into the ONNX cache.  ``weights``: a callable
@@ -111,51 +133,5 @@ def resolve_backend(name: str, model: Model, device: torch.device, weights=None)
         if auto is not None:
             return name, auto
         name = _auto(model, device)
-    net = model.network
-    is_module = isinstance(net, torch.nn.Module)
-    if name == "custom" or (name in ("torch", "torch-compile") and not is_module):
-        return "custom", CallableBackend(net, cond_inputs=model.cond)
-    if name in ("torch", "torch-compile", "torch-bf16"):
-        return name, make_backend(name, net.to(device), cond_inputs=model.cond)
-    if not is_module:
-        raise ValueError(f"backend {name!r} exports the network to ONNX: it must be a torch.nn.Module")
-    if name == "tensorrt" and not tensorrt_available():  # said before minutes of export, not after
-        raise ValueError("backend 'tensorrt' needs TensorRT and a CUDA GPU (pip install tensorrt on a machine with an "
-                         "NVIDIA GPU); use 'onnxruntime' or 'torch' here")
-    from .onnx_cache import cached_onnx, cached_onnx_file
-
-    if name.startswith("openvino"):
-        if device.type != "cpu":
-            raise ValueError(f"backend {name!r} runs on the CPU; the device is {device}")
-        options = {}
-        if name == "openvino-int8":  # calibrated on the model's own trajectories, run only when no blob is cached
-            from .calibrate import calibration_recipe
-
-            if any(c.name != "class_labels" for c in model.cond):
-                raise ValueError("backend 'openvino-int8' calibrates on sampling trajectories it runs itself, which "
-                                 f"needs inputs it cannot make up ({[c.name for c in model.cond]}): build "
-                                 "OpenVinoBackend(path, precision='int8', calibration=edmrt.backends."
-                                 "calibration_inputs(model, cond=...)) with real ones")
-            options = dict(calibration=lambda: calibration_inputs(model), calibration_key=calibration_recipe(model))
-        # The file alone (no ONNX Runtime session), checked by its sha256, which OpenVINO's blob cache reuses
-        path, digest = cached_onnx_file(model, device, weights=weights() if weights is not None else None)
-        return name, make_backend(name, path, cond_inputs=model.cond, file_sha256=digest, **options)
-    adapters = getattr(model, "adapters", None)
-    targets = tuple(adapters.targets) if adapters is not None else ()
-    path, session = cached_onnx(model, device, weight_inputs=targets if name == "onnxruntime" else (),
-                                weights=weights() if weights is not None else None)
-    if name == "onnxruntime":
-        # A model with adapters: their target weights are graph inputs bound to the live parameters (after the
-        # export, which may move the network), so Sampler.set_adapters' in-place copy reaches the live session.
-        params = dict(net.named_parameters())
-        weights = {t: params[t] for t in targets} or None
-        return name, OnnxRuntimeBackend(session if session is not None else path, cond_inputs=model.cond,
-                                        weights=weights)
-    from edmrt.export.tensorrt import EngineCache, Profile
-
-    shapes = tuple(sorted((c.name, c.shape) for c in model.cond))
-    # A model with adapters: a refittable engine, so Sampler.set_adapters refits it in place (trt.Refitter).
-    engine = EngineCache().get(path, Profile(model.sample_shape, 1, 8, 128, cond_shapes=shapes), "fp16",
-                               refit=bool(targets))
-    return name, TensorRTBackend(engine, cond_inputs=model.cond,
-                                 weights=dict(net.named_parameters()) if targets else None)
+    backend = BACKENDS[name].from_model(model, device, digest=weights)
+    return backend.name, backend

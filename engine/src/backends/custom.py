@@ -26,6 +26,12 @@ class CallableBackend:
     """
 
     name = "custom"
+    shares_weights = True   # the callable runs whatever weights it closes over: an in-place swap reaches it
+
+    @classmethod
+    def from_model(cls, model, device: torch.device, digest=None, **options):
+        """The model's network as it is (a callable): ``CallableBackend(model.network, cond_inputs=model.cond)``."""
+        return cls(model.network, cond_inputs=model.cond, **options)
 
     def __init__(self, fn: Callable[..., torch.Tensor], conditional: bool = False, cond_inputs=None,
                  pass_through: bool = False):

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from .base import as_cond, check_backend_args, cond_inputs_of
+from .custom import CallableBackend
 
-__all__ = ["TorchBackend", "torch_compile", "torch_bf16"]
+__all__ = ["TorchBackend"]
 
 
 class TorchBackend:
@@ -45,6 +46,17 @@ class TorchBackend:
             raise ValueError(f"dtype (of x_in, c_noise and out) must be float32, float16 or bfloat16, got {dtype}")
         self.dtype = dtype
 
+    shares_weights = True   # runs the module's own parameters: an in-place adapter swap reaches it at once
+
+    @classmethod
+    def from_model(cls, model, device: torch.device, digest=None, **options):
+        """The model's network moved to ``device`` (``compile``, ``autocast``: the registry's variants); a network
+        that is not a torch module runs as a ``CallableBackend`` instead, except under autocast (refused)."""
+        net = model.network
+        if not isinstance(net, nn.Module) and options.get("autocast") is None:
+            return CallableBackend(net, cond_inputs=model.cond)
+        return cls(net.to(device) if isinstance(net, nn.Module) else net, cond_inputs=model.cond, **options)
+
     def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
         check_backend_args(x_in, c_noise, cond, out, self.cond_inputs, self.dtype, self.dtype, ndim=None)
         cond = as_cond(cond)
@@ -66,13 +78,3 @@ class TorchBackend:
                 raise ValueError(f"the network must return a real floating-point tensor of shape {tuple(out.shape)}, "
                                  f"got {got}")
             out.copy_(F)   # cast back to out's dtype under autocast
-
-
-def torch_bf16(net: nn.Module, **options) -> TorchBackend:
-    """``TorchBackend(net, autocast=torch.bfloat16, **options)``: the "torch-bf16" entry of the registry."""
-    return TorchBackend(net, autocast=torch.bfloat16, **options)
-
-
-def torch_compile(net: nn.Module, **options) -> TorchBackend:
-    """``TorchBackend(net, compile=True, **options)``: the "torch-compile" entry of the registry."""
-    return TorchBackend(net, compile=True, **options)

@@ -30,7 +30,7 @@ from .cachefile import atomic_write, cache_root, check_manifest, sha256_file
 from ..onnx_contract import load_onnx_session, onnx_weight_inputs, weights_sha256
 
 __all__ = ["onnx_cache_root", "onnx_cache_fields", "onnx_cache_path", "onnx_manifest_path", "cached_onnx",
-           "cached_onnx_file", "ONNX_CACHE_FORMAT"]
+           "cached_onnx_file", "check_exportable", "ONNX_CACHE_FORMAT"]
 
 log = logging.getLogger("edmrt.backends")
 
@@ -74,6 +74,12 @@ def onnx_cache_path(model: Model, dtype: str = "fp32", fields: dict | None = Non
 def onnx_manifest_path(path: Path) -> Path:
     """The manifest beside a cache entry: ``<key>-<dtype>.manifest.json``."""
     return path.with_name(f"{path.stem}.manifest.json")
+
+
+def check_exportable(model: Model, backend: str) -> None:
+    """ValueError unless the model's network can be exported to ONNX for ``backend`` (a torch module)."""
+    if not isinstance(model.network, torch.nn.Module):
+        raise ValueError(f"backend {backend!r} exports the network to ONNX: it must be a torch.nn.Module")
 
 
 def cached_onnx(model: Model, device: torch.device, weight_inputs=(), sess_options=None, weights: str | None = None):

@@ -89,6 +89,34 @@ class OnnxRuntimeBackend:
         self._idle_count = 0
         self._lock = threading.Lock()
 
+    shares_weights = False   # the session holds its own copy; weight inputs bound to the parameters: update_weights
+
+    @classmethod
+    def from_model(cls, model, device: torch.device, digest=None, path=None, sess_options=None,
+                   live_weights: bool = True):
+        """The model's network exported once into the ONNX cache (``onnx_cache.py``) and run here.
+
+        ``live_weights``: a model with adapters gets their target weights as graph inputs bound to the live
+        parameters (after the export, which may move the network), so ``Sampler.set_adapters``' in-place copy reaches
+        the session; False bakes the fused weights in (``edmrt render``).  ``path``: this edmrt ONNX file instead of
+        the cache's.  ``sess_options``: ``onnxruntime.SessionOptions`` (threads) for the session.  ``digest``: a
+        callable giving the network's ``weights_sha256`` (memoised by the caller) for the cache's lookup."""
+        from .onnx_cache import cached_onnx, check_exportable
+
+        if path is not None:
+            return cls(load_onnx_session(path, sess_options=sess_options, cond_inputs=model.cond),
+                       cond_inputs=model.cond)
+        check_exportable(model, "onnxruntime")
+        adapters = getattr(model, "adapters", None)
+        targets = tuple(adapters.targets) if adapters is not None and live_weights else ()
+        path, session = cached_onnx(model, device, weight_inputs=targets, sess_options=sess_options,
+                                    weights=digest() if digest is not None else None)
+        if session is None and sess_options is not None:
+            session = load_onnx_session(path, sess_options=sess_options, cond_inputs=model.cond)
+        params = dict(model.network.named_parameters())
+        return cls(session if session is not None else path, cond_inputs=model.cond,
+                   weights={t: params[t] for t in targets} or None)
+
     @property
     def cached_bindings(self) -> int:
         """How many idle I/O bindings are kept (at most ``MAX_BINDINGS``)."""

@@ -163,6 +163,33 @@ class OpenVinoBackend:
     or a callable returning them together with ``calibration_key``, a string naming how they are made: then it is
     called only when no compiled blob is cached under that key (a recipe is cheaper to hash than to run)."""
 
+    shares_weights = False   # the compiled model bakes the weights in and cannot take a swap
+
+    @classmethod
+    def from_model(cls, model, device: torch.device, digest=None, precision: str = "fp32", **options):
+        """The model's network from the ONNX cache (the file alone, checked by its sha256, which the blob cache
+        reuses; no ONNX Runtime session), compiled for the CPU.  int8 is calibrated on the model's own sampling
+        trajectories (``calibrate.py``), run only when no blob is cached under their recipe; a model with inputs
+        calibration cannot make up (text embeddings) is refused: build the backend with real ones."""
+        from .onnx_cache import cached_onnx_file, check_exportable
+
+        name = "openvino" if precision == "fp32" else f"openvino-{precision}"
+        check_exportable(model, name)
+        if device.type != "cpu":
+            raise ValueError(f"backend {name!r} runs on the CPU; the device is {device}")
+        if precision == "int8":
+            from .calibrate import calibration_inputs, calibration_recipe
+
+            if any(c.name != "class_labels" for c in model.cond):
+                raise ValueError("backend 'openvino-int8' calibrates on sampling trajectories it runs itself, which "
+                                 f"needs inputs it cannot make up ({[c.name for c in model.cond]}): build "
+                                 "OpenVinoBackend(path, precision='int8', calibration=edmrt.backends."
+                                 "calibration_inputs(model, cond=...)) with real ones")
+            options = dict(calibration=lambda: calibration_inputs(model), calibration_key=calibration_recipe(model),
+                           **options)
+        path, sha = cached_onnx_file(model, device, weights=digest() if digest is not None else None)
+        return cls(path, cond_inputs=model.cond, precision=precision, file_sha256=sha, **options)
+
     def __init__(self, path, cond_inputs=None, precision: str = "fp32", hint: str = "auto", threads: int | None = None,
                  cache: bool = True, file_sha256: str | None = None, calibration=None,
                  calibration_key: str | None = None):

@@ -72,6 +72,28 @@ class TensorRTBackend:
     with a changed one (``Refitter.get_missing_weights``) are supplied from ``weights`` too."""
 
     name = "tensorrt"
+    shares_weights = False   # the engine holds its own copy; a refittable one takes a swap: update_weights
+
+    @classmethod
+    def from_model(cls, model, device: torch.device, digest=None):
+        """The model's network exported once into the ONNX cache, built into a cached fp16 engine (batch 1..128,
+        optimised for 8); a model with adapters gets a refittable engine, so ``Sampler.set_adapters`` refits it in
+        place (``trt.Refitter``)."""
+        from .onnx_cache import cached_onnx, check_exportable
+
+        check_exportable(model, "tensorrt")
+        if not tensorrt_available():  # said before minutes of export, not after
+            raise ValueError("backend 'tensorrt' needs TensorRT and a CUDA GPU (pip install tensorrt on a machine with "
+                             "an NVIDIA GPU); use 'onnxruntime' or 'torch' here")
+        from edmrt.export.tensorrt import EngineCache, Profile
+
+        adapters = getattr(model, "adapters", None)
+        refit = adapters is not None and bool(tuple(adapters.targets))
+        path, _ = cached_onnx(model, device, weights=digest() if digest is not None else None)
+        shapes = tuple(sorted((c.name, c.shape) for c in model.cond))
+        engine = EngineCache().get(path, Profile(model.sample_shape, 1, 8, 128, cond_shapes=shapes), "fp16",
+                                   refit=refit)
+        return cls(engine, cond_inputs=model.cond, weights=dict(model.network.named_parameters()) if refit else None)
 
     def __init__(self, engine_path: str | os.PathLike, cond_inputs=None, weights: dict | None = None):
         from ..model import CondInput
