@@ -114,7 +114,7 @@ def test_solve_reads_the_denoisers_output_in_place_and_equals_the_copying_engine
     the result is bit for bit the one of an engine that copies every output, also when the denoiser returns a
     view of its input (which is copied, never read in place), and a second call (its plan from the cache) agrees."""
     from edmrt.backends import CallableBackend
-    from edmrt.sampler import Engine
+    from edmrt.engine import Engine
 
     noise = torch.randn(5, 10, generator=gen)
     seeds = [11, 12, 13, 14, 15]

@@ -73,6 +73,16 @@ def test_the_runtime_never_imports_the_lab_or_the_cli():
     assert not bad, bad
 
 
+def test_no_arrow_back_up_from_the_backends_to_the_sampler():
+    """The backends sit below the Sampler (which resolves them) and above the engine (which runs one): int8's
+    calibration runs an Engine, never a Sampler; nothing above the Sampler is imported from below it."""
+    above = ("edmrt.sampler", "edmrt.solve", "edmrt.loading", "edmrt.render", "edmrt.serve", "edmrt.optimize")
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources()
+           if p.is_relative_to(ROOT / "engine/src/backends") or p.name in ("engine.py", "request.py")
+           for m, _ in _imports(p) if any(m == a or m.startswith(a + ".") for a in above)]
+    assert not bad, bad
+
+
 def test_the_runtime_imports_an_exporter_only_to_build_a_missing_file():
     allowed = {"engine/src/backends/onnx_cache.py", "engine/src/backends/trt.py"}
     bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) == "runtime"

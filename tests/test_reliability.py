@@ -18,7 +18,8 @@ import edmrt
 from edmrt.cli import main
 from edmrt.models import GaussianMixture
 from edmrt.models.bundled import WEIGHTS_DIR
-from edmrt.sampler import GUIDANCE_MAX, MAX_GUIDANCE_VALUES
+from edmrt.engine import MAX_GUIDANCE_VALUES
+from edmrt.request import GUIDANCE_MAX
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -376,7 +377,7 @@ def test_solve_scales_the_noise_in_the_engine_as_t0_times_noise():
 
 def test_engine_run_refuses_a_bad_x_init_scale():
     from edmrt.backends import CallableBackend
-    from edmrt.sampler import Engine
+    from edmrt.engine import Engine
 
     plan = edmrt.plan("euler", edmrt.make_sigmas("karras", 3))
     engine = Engine(CallableBackend(lambda x, s: x), plan, 2, (4,), "cpu", cond_inputs=())

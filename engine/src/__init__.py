@@ -17,7 +17,8 @@ from .optimize import OptimizedSchedule, optimize_schedule
 from .plan import Plan
 from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, LCMPrecond, Precond, VEPrecond,
                       VPPrecond, VPredictionPrecond, X0Precond, sigmas_from_alphas_cumprod)
-from .sampler import Engine, Sampler
+from .engine import Engine
+from .sampler import Sampler
 from .schedules import SCHEDULES, make_sigmas
 from .solve import solve
 from .solvers import SOLVERS, build_plan

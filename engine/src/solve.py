@@ -12,7 +12,7 @@ from .backends import CallableBackend
 from .checks import check_seeds, check_signature
 from .executor import SeededNoise, execute
 from .plan import Plan
-from .sampler import Engine
+from .engine import Engine
 from .schedules import make_sigmas
 from .solvers import build_plan
 

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..request import named_cond
+
 __all__ = ["Backend", "check_backend_args", "describe", "as_cond", "cond_inputs_of"]
 
 
@@ -33,14 +35,11 @@ class Backend(Protocol):
 
 
 def as_cond(cond) -> dict:
-    """The protocol's ``cond`` as a dict: None -> {}, a tensor -> {"class_labels": tensor}, a dict as is."""
-    if cond is None:
-        return {}
-    if isinstance(cond, torch.Tensor):
-        return {"class_labels": cond}
-    if isinstance(cond, dict):
-        return cond
-    raise ValueError(f"cond must be a dict of tensors (name -> (B, ...) tensor) or None, got {type(cond).__name__}")
+    """The protocol's ``cond`` as a dict: None -> {}, a tensor -> {"class_labels": tensor} (``named_cond``), a dict as
+    is."""
+    if cond is not None and not isinstance(cond, (dict, torch.Tensor)):
+        raise ValueError(f"cond must be a dict of tensors (name -> (B, ...) tensor) or None, got {type(cond).__name__}")
+    return named_cond(cond) or {}
 
 
 def cond_inputs_of(net, cond_inputs=None) -> tuple:
@@ -99,3 +98,4 @@ def check_backend_args(x_in, c_noise, cond, out, cond_inputs: tuple = (), in_dty
     if (not isinstance(out, torch.Tensor) or out.shape != x_in.shape or out.dtype != want or out.device != dev
             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {want} tensor of shape {tuple(x_in.shape)} on {dev}, got {describe(out)}")
+

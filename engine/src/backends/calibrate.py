@@ -52,7 +52,11 @@ def calibration_inputs(model, samples: int = SAMPLES, steps: int = STEPS, seed: 
     """[{input name: numpy array}] for ``OpenVinoBackend(path, precision="int8", calibration=...)``: the network's
     inputs at each of the 2 * steps - 1 evaluations of Heun sampling ``samples`` seeds from ``seed`` (module
     docstring).  ``cond``: {name: (samples, *shape) tensor} for conditioning inputs other than class labels."""
-    from ..sampler import Sampler
+    from ..engine import Engine
+    from ..model import sampling_defaults
+    from ..request import make_request
+    from ..schedules import make_sigmas
+    from ..solvers import build_plan
     from .module import TorchBackend
 
     for name, v, lo in (("samples", samples, 1), ("steps", steps, 2), ("seed", seed, 0)):
@@ -67,12 +71,19 @@ def calibration_inputs(model, samples: int = SAMPLES, steps: int = STEPS, seed: 
     if others and (not isinstance(cond, dict) or sorted(cond) != sorted(others)):
         raise ValueError(f"the model takes {others}: pass cond={{name: (samples, ...) tensor}} for each (real "
                          "inputs, e.g. prompt embeddings: calibration cannot make them up)")
-    rec = _Recorder(TorchBackend(model.network, cond_inputs=model.cond))
-    sampler = Sampler(model, solver="heun", steps=steps, backend=rec, device="cpu", graph=False)
+    # Heun on the model's schedule, run by an Engine on the CPU as Sampler(model, "heun", steps) would (the engine is
+    # below the backends; the Sampler above them).
+    solver, steps, schedule = sampling_defaults(model, "heun", steps, None)
+    plan = build_plan(solver, make_sigmas(schedule, steps, model.sigma_min, model.sigma_max, 7.0), model.precond)
     seeds = list(range(seed, seed + samples))
+    cpu = torch.device("cpu")
+    rec = _Recorder(TorchBackend(model.network, cond_inputs=model.cond))
     with torch.inference_mode():
         if labels:
-            sampler.sample(seeds, cond=[i % model.num_classes for i in seeds], guidance=GUIDANCE)
+            req = make_request(model.cond, model.sample_shape, cpu, seeds, [i % model.num_classes for i in seeds],
+                               GUIDANCE)
         else:
-            sampler.sample(seeds, cond=cond)
+            req = make_request(model.cond, model.sample_shape, cpu, seeds, cond)
+        Engine(rec, plan, samples, model.sample_shape, cpu, req.guidance is not None, graph=False,
+               null_label=model.null_label, cond_inputs=model.cond).run_request(req)
     return rec.items

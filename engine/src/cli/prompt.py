@@ -124,7 +124,7 @@ def run_folder(args, seeds: list[int]) -> int:
     from tqdm import tqdm
 
     import edmrt
-    from edmrt.sampler import check_guidance
+    from edmrt.request import check_guidance
 
     check_args(args)
     check_guidance(args.guidance)

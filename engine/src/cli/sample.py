@@ -148,7 +148,7 @@ def onnx_backend(path: str, model_name: str, model):
 
 def _checked(args, model) -> tuple[list[int], list[int]]:
     """(seeds, labels) of a bundled-model run, and every argument checked before any work starts."""
-    from edmrt.sampler import check_guidance
+    from edmrt.request import check_guidance
 
     seeds = seed_list(args, "0-39")
     if args.class_ is not None:

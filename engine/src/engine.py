@@ -1,0 +1,287 @@
+"""The engine: static buffers and the sampling loop for one (backend, plan, batch, sample shape, device, guidance).
+
+Per request the loop is: the initial state (Philox noise from the seeds, or a given state), then for every stage
+one backend call (the network writes F into a static buffer) and one fused step (which writes the next network
+input).  No allocation, no host sync and no Python branching on device values inside the loop; on CUDA the whole
+loop is captured once in one ``torch.cuda.CUDAGraph`` and replayed for later requests after the seeds and the
+conditioning (class labels, text embeddings, ...) are copied into their static buffers.
+
+Conditioning: one static buffer per conditioning input the model declares (``edmrt.CondInput``), of shape
+(B, *shape), or (2B, *shape) under classifier-free guidance: rows [0, B) the unconditional half (the input's null
+value, the caller's ``uncond``, or the conditional rows again), rows [B, 2B) the conditional half; the network runs
+both halves in one batch and the fused step forms F_u + w (F_c - F_u).
+
+A request reaches ``run_request`` checked (``edmrt.request``: ``Sampler.sample`` checks it once, ``Engine.run``
+checks its tensors against the buffers); the engine checks only that it fits.  Every result is checked once for NaN
+and Inf (one reduction per request, not per stage); only when it fails is the loop run again, checked stage by
+stage, to name where the values first went non-finite.
+
+Thread safety: an ``Engine`` holds one set of buffers, so ``run_request`` takes the engine's lock; requests from
+several threads are served one after another.  The engine imports no backend (the backend is an argument): the
+backends' own code (int8 calibration) may run an engine.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from .checks import is_real
+from .model import CondInput
+from .plan import Plan
+from .request import Request, check_guidance, named_cond
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+__all__ = ["all_finite", "lru_get", "Engine", "MAX_GUIDANCE_VALUES"]
+
+MAX_GUIDANCE_VALUES = 8     # fused-step bindings (and CUDA graphs) an Engine keeps, one per guidance weight, LRU
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of a floating-point tensor is finite: one sum (a NaN or Inf anywhere makes it
+    non-finite), confirmed element by element only when the sum is not finite (finite values can overflow it)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def lru_get(cache: OrderedDict, key, make, limit: int):
+    """cache[key], made on a miss; the least recently used entry goes beyond ``limit``."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    while len(cache) > limit:
+        cache.popitem(last=False)
+    return value
+
+
+def _check_int64(name: str, t, B: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (B,):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be an int64 tensor of shape ({B},), got {got}")
+
+
+class Engine:
+    """Static buffers and the sampling loop for one (backend, plan, batch, sample shape, device, guidance)."""
+
+    def __init__(self, backend: Backend, plan: Plan, batch: int, sample_shape: Sequence[int],
+                 device: torch.device | str = "cpu", guidance: bool = False, f_dtype: torch.dtype = torch.float32,
+                 in_dtype: torch.dtype = torch.float32, graph: bool = True, impl: str = "auto", null_label: int = 0,
+                 cond_inputs: Sequence[CondInput] | None = None):
+        """``cond_inputs``: the model's conditioning inputs (``Model.cond``), each given on every request; None (the
+        low-level default) means optional class labels with ``null_label`` as the unconditional label."""
+        from edmrt.kernels import plan_table
+
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be an edmrt Plan, got {type(plan).__name__}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        self.device = torch.device(device)
+        self.backend, self.plan, self.batch = backend, plan, batch
+        self.sample_shape = tuple(int(d) for d in sample_shape)
+        self.guidance = bool(guidance)
+        B, shp, dev = batch, self.sample_shape, self.device
+        nB = 2 * B if self.guidance else B
+        self.table = plan_table(plan, dev)
+        self.x = torch.zeros((B,) + shp, device=dev)                          # (B, C, H, W) committed state
+        self.x_eval = torch.zeros_like(self.x)                               # (B, C, H, W) evaluation point
+        self.x0: torch.Tensor | None = None                                  # (B, C, H, W) a given initial state
+        self.Y = torch.zeros((plan.history, B) + shp, device=dev)             # (K, B, C, H, W) history ring
+        self.x_in = torch.zeros((nB,) + shp, device=dev, dtype=in_dtype)      # (B or 2B, C, H, W) network input
+        self.sigma_in = torch.zeros(nB, device=dev, dtype=in_dtype)           # (B or 2B,) c_noise
+        self.F = torch.zeros((nB,) + shp, device=dev, dtype=f_dtype)          # (B or 2B, C, H, W) network output
+        self.seeds = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.null_label = int(null_label)
+        self.optional_cond = cond_inputs is None
+        self.cond_inputs = ((CondInput("class_labels", (), torch.int64, null=self.null_label),) if cond_inputs is None
+                            else tuple(cond_inputs))
+        if not all(isinstance(c, CondInput) for c in self.cond_inputs):
+            raise ValueError(f"cond_inputs must be edmrt.CondInput objects, got {cond_inputs!r:.200}")
+        # (B or 2B, *shape) per input: [uncond rows; cond rows] with guidance.
+        self.cond = {c.name: torch.zeros((nB,) + c.shape, dtype=c.dtype, device=dev) for c in self.cond_inputs}
+        self.impl = impl
+        self._steppers: OrderedDict = OrderedDict()
+        self._graphs: OrderedDict = OrderedDict()
+        self.use_graph = bool(graph) and dev.type == "cuda"
+        self.lock = threading.Lock()
+        self.stepper(None if not self.guidance else 1.0)  # validates every buffer now
+
+    def stepper(self, w: float | None):
+        """The fused step bound to this engine's buffers for guidance weight ``w`` (validated once)."""
+        from edmrt.kernels import Stepper
+
+        return lru_get(self._steppers, w, lambda: Stepper(
+            self.table, self.x, self.x_eval, self.Y, self.x_in, self.sigma_in, self.seeds, guidance=w,
+            f_dtype=self.F.dtype, impl=self.impl), MAX_GUIDANCE_VALUES)
+
+    def _init(self, step, given: bool) -> None:
+        """Initial state: t_0 N(seed) (+ churn), or the given x0 (+ churn)."""
+        from edmrt.kernels import init_state
+
+        init_state(self.table, float(self.plan.sigmas[0]), self.plan.n_init, self.seeds, self.x, self.x_eval,
+                   self.x_in, self.sigma_in, impl=step.impl, x0=self.x0 if given else None, check=False)
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The class-label buffer (B or 2B,), when the model has class labels."""
+        return self.cond.get("class_labels")
+
+    def _loop(self, w: float | None, conditioned: bool, given: bool) -> None:
+        step = self.stepper(w)
+        self._init(step, given)
+        cond = self.cond if conditioned else None
+        for s in range(self.plan.stages):
+            # Network evaluation, then the fused update (which writes the next network input).  A backend may hand
+            # back its own output tensor to be read as F (CallableBackend(pass_through=True)); else F is self.F.
+            F = self.backend(self.x_in, self.sigma_in, cond, self.F)
+            if F is None:
+                F = self.F
+            elif self.use_graph:  # a captured graph replays fixed addresses
+                F = self.F.copy_(F)
+            step(s, F)
+
+    def _first_nonfinite(self, w: float | None, conditioned: bool, given: bool) -> str:
+        """Run the loop again (eagerly), checking after every stage: where NaN or Inf first appears."""
+        step = self.stepper(w)
+        self._init(step, given)
+        if not bool(torch.isfinite(self.x).all()):
+            return "the initial state (check x_init)"
+        cond = self.cond if conditioned else None
+        for s in range(self.plan.stages):
+            F = self.backend(self.x_in, self.sigma_in, cond, self.F)
+            F = self.F if F is None else F
+            where = f"stage {s} of {self.plan.stages} (sigma = {float(self.plan.sigma[s]):.4g})"
+            if not bool(torch.isfinite(F).all()):
+                return f"the network's output at {where}: check the network and its weights"
+            step(s, F)
+            if not bool(torch.isfinite(self.x_eval).all()):
+                return (f"the update of {where}: the network's output is finite but too large "
+                        f"(max |F| = {float(self.F.abs().max()):.3g})")
+        return "no stage when run again (the network is not deterministic?)"
+
+    def run(self, seeds: torch.Tensor, cond=None, guidance: float | None = None, x_init: torch.Tensor | None = None,
+            uncond: dict | None = None, x_init_scale: float = 1.0) -> torch.Tensor:
+        """Sample ``batch`` images for ``seeds`` (B,) int64; returns a new tensor.
+
+        ``cond``: {name: (B, *shape) tensor} for every conditioning input (a bare (B,) int64 tensor is class labels);
+        ``uncond``: the unconditional rows of inputs whose null is None (negative prompt embeddings), same form.
+        ``x_init``: a given initial state (float32, shaped like the state) instead of t_0 times the seeds' noise;
+        the seeds then only key the plan's own noise (churn, stochastic stages).  ``x_init_scale``: the initial state
+        is ``x_init_scale * x_init``, computed into the engine's buffer (``edmrt.solve`` passes t_0 and its noise
+        rather than allocating t_0 * noise)."""
+        return self.run_request(self.request(seeds, cond, guidance, x_init, uncond, x_init_scale))
+
+    def request(self, seeds: torch.Tensor, cond=None, guidance: float | None = None, x_init: torch.Tensor | None = None,
+                uncond: dict | None = None, x_init_scale: float = 1.0) -> Request:
+        """``run``'s arguments as a ``Request``, checked against this engine's buffers; ValueError naming the argument."""
+        B = self.batch
+        _check_int64("seeds", seeds, B)
+        cond = self._check_cond("cond", cond)
+        uncond = self._check_cond("uncond", uncond) if uncond is not None else {}
+        if x_init is not None and (not isinstance(x_init, torch.Tensor) or x_init.dtype != torch.float32
+                                   or x_init.shape != self.x.shape or x_init.device != self.device):
+            raise ValueError(f"x_init must be a float32 tensor of shape {tuple(self.x.shape)} on {self.device}")
+        if not is_real(x_init_scale) or not math.isfinite(float(x_init_scale)):
+            raise ValueError(f"x_init_scale must be a finite real number, got {x_init_scale!r}")
+        if x_init is None and x_init_scale != 1.0:
+            raise ValueError("x_init_scale scales x_init: pass x_init too")
+        if self.guidance:
+            if guidance is None:
+                raise ValueError("this engine was built for classifier-free guidance: pass a guidance weight")
+            if cond is None:
+                raise ValueError("classifier-free guidance needs cond (the conditional half: labels, embeddings)")
+            missing = [c.name for c in self.cond_inputs if c.null is None and c.name not in uncond]
+            if missing:
+                raise ValueError(f"classifier-free guidance needs uncond for {missing} (e.g. negative prompt "
+                                 "embeddings): these inputs have no null value")
+        elif guidance is not None:
+            raise ValueError("this engine was built without guidance (Engine(..., guidance=True) enables it)")
+        elif uncond:
+            raise ValueError("uncond is used only with classifier-free guidance (pass guidance=w)")
+        w = check_guidance(guidance) if self.guidance else None
+        return Request(seeds, cond, w, uncond, x_init, float(x_init_scale))
+
+    def run_request(self, req: Request) -> torch.Tensor:
+        """Sample the checked request ``req`` (``make_request`` or ``request``); returns a new tensor.  Only that it
+        fits this engine is checked here: its batch, guidance on or off, the inputs its buffers hold."""
+        cond_names = None if req.cond is None else set(req.cond)
+        if (req.batch != self.batch or (req.guidance is not None) != self.guidance
+                or (self.guidance and req.cond is None)
+                or (cond_names is not None and cond_names != {c.name for c in self.cond_inputs})):
+            raise ValueError(f"the request (batch {req.batch}, guidance {req.guidance}, inputs "
+                             f"{sorted(cond_names or ())}) is not one this engine runs (batch {self.batch}, guidance "
+                             f"{'on' if self.guidance else 'off'}, inputs {[c.name for c in self.cond_inputs]})")
+        with self.lock:
+            self._copy_inputs(req)
+            key = (req.guidance, req.cond is not None, req.x_init is not None)
+            if self.use_graph:
+                lru_get(self._graphs, key, lambda: self._capture(key), MAX_GUIDANCE_VALUES).replay()
+            else:
+                self._loop(*key)
+            x = self.x.clone()
+            if not all_finite(x):  # one reduction per request
+                raise FloatingPointError(f"sampling produced NaN or Inf, first in {self._first_nonfinite(*key)}")
+            return x
+
+    def _check_cond(self, what: str, cond) -> dict | None:
+        """``cond`` as {name: (B, *shape) tensor of the input's dtype on this device}, or None; ValueError naming it."""
+        if cond is None:
+            if what == "cond" and not self.optional_cond and self.cond_inputs:
+                raise ValueError(f"cond must give the model's conditioning inputs {[c.name for c in self.cond_inputs]}")
+            return None
+        if not isinstance(cond, (dict, torch.Tensor)):
+            raise ValueError(f"{what} must be a dict of tensors (name -> (B, ...) tensor), got {type(cond).__name__}")
+        cond = named_cond(cond)
+        known = {c.name: c for c in self.cond_inputs}
+        unknown = sorted(set(cond) - set(known))
+        if unknown or not self.cond_inputs:
+            raise ValueError(f"{what} has inputs {unknown or sorted(cond)} the model does not take; it takes {sorted(known)}")
+        if what == "cond" and set(cond) != set(known):
+            raise ValueError(f"cond must give every conditioning input {sorted(known)}, got {sorted(cond)}")
+        for name, t in cond.items():
+            c, shape = known[name], (self.batch,) + known[name].shape
+            if not isinstance(t, torch.Tensor) or t.dtype != c.dtype or tuple(t.shape) != shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                dt = str(c.dtype).removeprefix("torch.")
+                raise ValueError(f"{name} must be {'an' if dt[0] == 'i' else 'a'} {dt} tensor of shape {shape}, got {got}")
+        return cond
+
+    def _copy_inputs(self, req: Request) -> None:
+        """The request into the static buffers: seeds, both halves of every conditioning input, the initial state."""
+        B, cond, uncond, x_init, scale = self.batch, req.cond, req.uncond, req.x_init, req.x_init_scale
+        self.seeds.copy_(req.seeds)
+        if cond is not None:
+            for c in self.cond_inputs:
+                buf = self.cond[c.name]
+                buf[-B:].copy_(cond[c.name])
+                if self.guidance:  # the unconditional half
+                    if c.name in uncond:
+                        buf[:B].copy_(uncond[c.name])
+                    elif c.null == "cond":
+                        buf[:B].copy_(cond[c.name])
+                    else:
+                        buf[:B].fill_(c.null)
+        if x_init is not None:
+            if self.x0 is None:
+                self.x0 = torch.empty_like(self.x)
+            if scale == 1.0:
+                self.x0.copy_(x_init.detach())  # the engine's buffers never join an autograd graph
+            else:
+                torch.mul(x_init.detach(), scale, out=self.x0)
+
+    def _capture(self, key) -> "torch.cuda.CUDAGraph":
+        """Warm up on a side stream (Triton compilation, cuDNN autotuning), then capture the whole loop."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._loop(*key)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._loop(*key)
+        return g
