@@ -163,3 +163,27 @@ def test_sampler_with_a_unet_on_torch_and_onnxruntime(tmp_path, monkeypatch):
     assert torch.equal(b, c)
     with pytest.raises(ValueError, match="unknown backend"):
         Sampler(model, backend="tensorflow")
+
+
+def test_a_backend_checks_an_engines_buffers_once_and_other_tensors_every_time(monkeypatch):
+    """TorchBackend and CallableBackend check the protocol once per set of buffers (BoundCheck, as the Stepper binds
+    its own): an engine's loop passes the same tensors at every stage; any other tensor is checked at its call."""
+    from edmrt.backends import CallableBackend, TorchBackend, base
+
+    calls = []
+    real = base.check_backend_args
+    monkeypatch.setattr(base, "check_backend_args", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    class Net(torch.nn.Module):
+        def forward(self, x_in, c_noise):
+            return 2 * x_in
+
+    for backend in (TorchBackend(Net()), CallableBackend(lambda x, c: 2 * x)):
+        calls.clear()
+        x, c, out = torch.randn(2, 1, 3, 3), torch.zeros(2), torch.empty(2, 1, 3, 3)
+        for _ in range(5):
+            backend(x, c, None, out)
+        assert len(calls) == 1
+        with pytest.raises(ValueError, match="out must be"):
+            backend(x, c, None, torch.empty(2, 1, 3, 4))   # another tensor: checked, and refused
+        backend(x.clone(), c, None, out)
+        assert len(calls) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import as_cond, check_backend_args, cond_inputs_of
+from .base import BoundCheck, as_cond, cond_inputs_of
 from .custom import CallableBackend
 
 __all__ = ["TorchBackend"]
@@ -24,6 +24,8 @@ class TorchBackend:
     ``autocast``: None, or torch.bfloat16 / torch.float16 to run the network under ``torch.autocast`` on its device
     (the "torch-bf16" entry: bf16 matrix work on CPUs that have it), I/O and the sampler's state staying float32.
     """
+
+    shares_weights = True   # runs the module's own parameters: an in-place adapter swap reaches it at once
 
     def __init__(self, net: nn.Module, compile: bool = False, dtype: torch.dtype = torch.float32, cond_inputs=None,
                  autocast: torch.dtype | None = None, **compile_options):
@@ -45,8 +47,7 @@ class TorchBackend:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype (of x_in, c_noise and out) must be float32, float16 or bfloat16, got {dtype}")
         self.dtype = dtype
-
-    shares_weights = True   # runs the module's own parameters: an in-place adapter swap reaches it at once
+        self._check = BoundCheck(cond_inputs=self.cond_inputs, in_dtype=dtype, out_dtype=dtype, ndim=None)
 
     @classmethod
     def from_model(cls, model, device: torch.device, digest=None, **options):
@@ -58,7 +59,7 @@ class TorchBackend:
         return cls(net.to(device) if isinstance(net, nn.Module) else net, cond_inputs=model.cond, **options)
 
     def __call__(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict | None, out: torch.Tensor) -> None:
-        check_backend_args(x_in, c_noise, cond, out, self.cond_inputs, self.dtype, self.dtype, ndim=None)
+        self._check(x_in, c_noise, cond, out)
         cond = as_cond(cond)
         if self.device is not None and x_in.device != self.device:
             raise ValueError(f"x_in is on {x_in.device} but the network is on {self.device}")
