@@ -36,7 +36,7 @@ from ..precond import EDMPrecond, EpsilonPrecond, LCMPrecond, Precond, VPredicti
     sigmas_from_alphas_cumprod
 
 __all__ = ["from_diffusers", "load_diffusers", "VAEDecoder", "guidance_embedding", "precond_from_scheduler",
-           "scheduler_sigmas", "initial_noise", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork"]
+           "scheduler_sigmas", "initial_noise", "live_config", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork"]
 
 # Discrete-time schedulers: class -> (sigma -> t map, the edmrt solver running the same method or None).
 _DISCRETE = {
@@ -325,13 +325,28 @@ def _class_inputs(config) -> list:
     return [CondInput("class_labels", (), torch.int64, null=None, num_classes=int(n))] if n else []
 
 
+def live_config(module: nn.Module) -> dict:
+    """A diffusers module's config as its forward reads it: diffusers' loaders change a loaded model's config by
+    attribute (``load_ip_adapter`` sets ``unet.config.encoder_hid_dim_type = "ip_image_proj"``, ``unload_ip_adapter``
+    sets it back), which ``FrozenDict`` keeps as an attribute beside the unchanged item; the attribute wins."""
+    cfg = module.config
+    live = dict(cfg)
+    live.update({k: v for k, v in vars(cfg).items() if not k.startswith("_")})
+    return live
+
+
+def _ip_adapter_processors(unet) -> list[str]:
+    """The attention processors of a UNet that take IP-Adapter image tokens (``load_ip_adapter`` installs them)."""
+    return [name for name, proc in getattr(unet, "attn_processors", {}).items() if "IPAdapter" in type(proc).__name__]
+
+
 def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
     """(wrapped network, num_classes for the Model, sample shape) of a diffusers model; ValueError for others."""
     name = type(net).__name__
     if name not in _NETWORKS:
         raise ValueError(f"network must be a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel, "
                          f"got {name}")
-    cfg = net.config
+    cfg = live_config(net)
     size = cfg.get("sample_size")
     hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
     shape = (int(cfg["in_channels"]),) + hw
@@ -343,6 +358,14 @@ def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
             raise ValueError(f"the UNet's encoder_hid_dim_type {hid!r} is not supported (None, 'text_proj' or "
                              "'ip_image_proj')")
         images, names = _image_inputs(net, shapes) if hid == "ip_image_proj" else ([], ())
+        ip_procs = _ip_adapter_processors(net)
+        if ip_procs and not images:   # image tokens the network would attend to and edmrt could not give
+            raise ValueError(f"the UNet has IP-Adapter attention processors ({ip_procs[0]}, ...) but no IP-Adapter "
+                             f"image projection (encoder_hid_dim_type {hid!r}): load the adapter with "
+                             "pipe.load_ip_adapter(...) or remove it with pipe.unload_ip_adapter()")
+        if hid == "ip_image_proj" and not ip_procs:
+            raise ValueError("the UNet has an IP-Adapter image projection (encoder_hid_dim_type 'ip_image_proj') but "
+                             "no IP-Adapter attention processors: the image embeddings would be projected and unused")
         return ConditionalUNetNetwork(net, _text_inputs(cfg, shapes) + _class_inputs(cfg) + images, names), 0, shape
     n = int(cfg["num_embeds_ada_norm"])  # DiT: its label embedding has a null row n (class dropout), DiTPipeline's 1000
     labels = CondInput("class_labels", (), torch.int64, null=n, num_classes=n)
