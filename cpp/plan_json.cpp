@@ -332,10 +332,10 @@ void read_field(Reader& r, const std::string& key, Fields& f) {
 
 // ---------------------------------------------------------------- the checks of engine/src/plan.py's Plan
 void check_schedule(const std::vector<double>& s) {
-  if (s.size() < 2) bad("plan field 'sigmas' must hold at least 2 values (t_0 ... t_N = 0)");
+  if (s.size() < 2) bad("plan field 'sigmas' must hold at least 2 values (t_0 ... t_N)");
   for (double v : s)
     if (!std::isfinite(v)) bad("plan field 'sigmas' must be finite");
-  if (s.back() != 0.0) bad("plan field 'sigmas' must end in 0 (EDM's t_N = 0)");
+  if (s.back() < 0.0) bad("plan field 'sigmas' must end in 0 (EDM's t_N = 0) or a positive level");
   for (std::size_t i = 0; i + 1 < s.size(); ++i) {
     if (s[i] <= 0.0) bad("plan field 'sigmas' must be > 0 before its last value");
     if (s[i + 1] >= s[i]) bad("plan field 'sigmas' must be strictly descending");

@@ -99,7 +99,8 @@ BAD = [
     (lambda: S.given(3, [3.0, float("inf"), 0.5]), "finite"),
     (lambda: S.given(3, [3.0, -1.0]), "> 0"),
     (lambda: edmrt.make_sigmas("cosine", 10), "unknown schedule"),
-    (lambda: S.check_sigmas([3.0, 1.0]), "end in 0"),
+    (lambda: S.check_sigmas([3.0, -1.0]), "end in 0"),
+    (lambda: S.check_sigmas([3.0, 1e-9]), r"must lie in \[1e-06"),
 ]
 
 
@@ -107,3 +108,15 @@ BAD = [
 def test_bad_arguments_raise_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_schedule_may_stop_at_a_positive_level():
+    """diffusers' final_sigmas_type="sigma_min": t_N > 0, the result keeps that noise.  A list of steps + 1 values is
+    the full schedule as it is; other lengths keep their meaning (levels, then 0)."""
+    np.testing.assert_array_equal(S.check_sigmas([3.0, 1.0]), [3.0, 1.0])
+    np.testing.assert_array_equal(S.given(2, [3.0, 1.0, 0.5]), [3.0, 1.0, 0.5])
+    np.testing.assert_array_equal(S.given(3, [3.0, 1.0, 0.5]), [3.0, 1.0, 0.5, 0.0])
+    np.testing.assert_array_equal(S.given(2, [3.0, 1.0, 0.0]), [3.0, 1.0, 0.0])
+    for solver in sorted(edmrt.SOLVERS):
+        plan = edmrt.plan(solver, [80.0, 5.0, 0.5, 0.05], edmrt.EDMPrecond())
+        assert plan.sigmas[-1] == 0.05 and edmrt.Plan.from_json(plan.to_json()).sigmas[-1] == 0.05

@@ -1,4 +1,5 @@
-"""Noise schedules: ``sigmas(steps, ...) -> float64[steps + 1]``, strictly descending, ending in 0.
+"""Noise schedules: ``sigmas(steps, ...) -> float64[steps + 1]``, strictly descending, ending in 0 (an explicit list
+may stop at a positive level instead: ``given``, ``check_sigmas``).
 
 ``steps`` is N of EDM (Karras et al. 2022, arXiv 2206.00364): N noise levels
 t_0 > ... > t_{N-1} > 0 followed by t_N = 0, so Heun with N = 18 makes 35
@@ -74,22 +75,25 @@ def _numeric(name: str, sigmas) -> np.ndarray:
 
 
 def check_sigmas(sigmas, name: str = "sigmas") -> np.ndarray:
-    """Validate a full schedule: 1-D float64, finite, >= 2 entries, strictly descending, last entry 0, the positive
-    levels within [SIGMA_FLOOR, SIGMA_LIMIT]."""
+    """Validate a full schedule t_0 > ... > t_N: 1-D float64, finite, >= 2 entries, strictly descending, the last
+    entry 0 (EDM's t_N = 0: the result is denoised) or a positive level where sampling stops (diffusers'
+    ``final_sigmas_type="sigma_min"``: the result keeps that noise), the positive levels within [SIGMA_FLOOR,
+    SIGMA_LIMIT]."""
     s = sigmas if isinstance(sigmas, np.ndarray) and sigmas.dtype == np.float64 else _numeric(name, sigmas)
     if s.ndim != 1 or s.size < 2:
-        raise ValueError(f"{name} must be a 1-D sequence of at least 2 values (t_0 ... t_N = 0), got shape {s.shape}")
+        raise ValueError(f"{name} must be a 1-D sequence of at least 2 values (t_0 ... t_N), got shape {s.shape}")
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{name} must be finite (no NaN or Inf), got {s.tolist()}")
-    if s[-1] != 0.0:
-        raise ValueError(f"{name} must end in 0 (EDM's t_N = 0), got last value {s[-1]!r}")
+    if s[-1] < 0.0:
+        raise ValueError(f"{name} must end in 0 (EDM's t_N = 0) or a positive level, got last value {s[-1]!r}")
     if np.any(s[:-1] <= 0.0):
         raise ValueError(f"{name}[:-1] must all be > 0, got {s.tolist()}")
     if np.any(np.diff(s) >= 0.0):
         raise ValueError(f"{name} must be strictly descending, got {s.tolist()}")
-    if s[0] > SIGMA_LIMIT or s[-2] < SIGMA_FLOOR:
-        raise ValueError(f"{name} must lie in [{SIGMA_FLOOR:g}, {SIGMA_LIMIT:g}] before the final 0 "
-                         f"(schedules.SIGMA_FLOOR, SIGMA_LIMIT), got {s[0]!r} ... {s[-2]!r}")
+    last = s[-1] if s[-1] > 0.0 else s[-2]
+    if s[0] > SIGMA_LIMIT or last < SIGMA_FLOOR:
+        raise ValueError(f"{name} must lie in [{SIGMA_FLOOR:g}, {SIGMA_LIMIT:g}] but for a final 0 "
+                         f"(schedules.SIGMA_FLOOR, SIGMA_LIMIT), got {s[0]!r} ... {last!r}")
     return s
 
 
@@ -230,11 +234,13 @@ def polyexponential(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.
 
 
 def given(steps: int, sigmas: Sequence[float]) -> np.ndarray:
-    """An explicit list of noise levels (e.g. Align-Your-Steps anchors).
+    """An explicit list of noise levels (e.g. Align-Your-Steps anchors, or a diffusers scheduler's own sigmas).
 
-    ``sigmas``: strictly descending positive values, optionally ending in 0.  With exactly
-    ``steps`` positive values they are used as they are; otherwise they are interpolated
-    linearly in log sigma over a uniform index grid to ``steps`` values (as AYS does).
+    ``sigmas``: strictly descending positive values, optionally ending in 0.  ``steps + 1`` values are the full
+    schedule t_0 .. t_N as it is: ending in 0, or in a positive t_N where sampling stops (diffusers'
+    ``final_sigmas_type="sigma_min"``; ``scheduler_sigmas`` gives such lists).  Exactly ``steps`` positive values
+    (and an optional trailing 0) are used as they are, then 0; other lengths are interpolated linearly in log sigma
+    over a uniform index grid to ``steps`` values (as AYS does), then 0.
     """
     n = _check_steps(steps)
     s = _numeric("sigmas", sigmas)
@@ -242,6 +248,8 @@ def given(steps: int, sigmas: Sequence[float]) -> np.ndarray:
         raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {s.shape}")
     if not np.all(np.isfinite(s)):
         raise ValueError(f"sigmas must be finite (no NaN or Inf), got {s.tolist()}")
+    if s.size == n + 1 and s[-1] > 0.0:   # the full schedule, stopping at a positive t_N
+        return check_sigmas(s, "sigmas")
     if s[-1] == 0.0:
         s = s[:-1]
     if s.size == 0 or np.any(s <= 0.0):

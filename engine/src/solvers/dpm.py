@@ -13,7 +13,7 @@ __all__ = ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde"]
 
 
 def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, *, order: int, eta: float, S_noise: float,
-                   solver_type: str, options: dict) -> Plan:
+                   solver_type: str, options: dict, first_order_last: bool = False) -> Plan:
     """DPM-Solver++(2M/3M) with the SDE variant's eta (Lu et al. 2022, Sec. 5; Gonzalez et al. 2023 for 3M SDE).
 
     With h_eta = (1 + eta) h, the exponential-integrator step on D is
@@ -37,7 +37,9 @@ def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, *, order: in
         phi_1 = -math.expm1(-h_eta)
         phi_2 = 1.0 - phi_1 / h_eta          # = expm1(-h_eta)/h_eta + 1
         coef = phi_1 * D0
-        if order == 3 and h_2 is not None:
+        if first_order_last and i == N - 1:
+            pass   # first order on the last step (diffusers' lower_order_final / euler_at_final)
+        elif order == 3 and h_2 is not None:
             # Third order: divided differences over (h_1, h_2).
             r0, r1 = h_1 / h, h_2 / h
             d1_0 = (D0 - D1) / r0
@@ -58,13 +60,22 @@ def _sde_multistep(name: str, sigmas: np.ndarray, precond: Precond, *, order: in
     return p.build()
 
 
-def dpmpp_2m(sigmas, precond: Precond) -> Plan:
+def _first_order_last(value) -> dict:
+    """The plan's record of ``first_order_last`` (only when set): a first-order last step, diffusers'
+    ``lower_order_final`` / ``euler_at_final`` on a schedule that stops at a positive level (a step to 0 is D)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"first_order_last must be True or False, got {value!r}")
+    return {"first_order_last": True} if value else {}
+
+
+def dpmpp_2m(sigmas, precond: Precond, *, first_order_last: bool = False) -> Plan:
     """DPM-Solver++(2M), Lu et al. (2022, arXiv 2211.01095) Algorithm 2, in lambda = -ln sigma:
     x_{i+1} = (t_{i+1}/t_i) x_i - expm1(-h_i) ((1 + 1/(2 r_i)) D_i - D_{i-1} / (2 r_i)), r_i = h_{i-1} / h_i;
     first order on the first step and on the step to sigma = 0 (x_N = D_{N-1}).  (The 2M SDE at eta = 0,
-    midpoint: phi_1 D_i + phi_1 / (2 r_i) (D_i - D_{i-1}) is the same update.)"""
+    midpoint: phi_1 D_i + phi_1 / (2 r_i) (D_i - D_{i-1}) is the same update.)  ``first_order_last``: the last step
+    first order too, for a schedule that stops at a positive level (diffusers' ``lower_order_final``)."""
     return _sde_multistep("dpmpp_2m", sigmas, precond, order=2, eta=0.0, S_noise=1.0, solver_type="midpoint",
-                          options={})
+                          options=_first_order_last(first_order_last), first_order_last=first_order_last)
 
 
 def dpmpp_3m(sigmas, precond: Precond) -> Plan:
@@ -75,13 +86,15 @@ def dpmpp_3m(sigmas, precond: Precond) -> Plan:
 
 
 def dpmpp_2m_sde(sigmas, precond: Precond, *, eta: float = 1.0, S_noise: float = 1.0,
-                 solver_type: str = "midpoint") -> Plan:
+                 solver_type: str = "midpoint", first_order_last: bool = False) -> Plan:
     """DPM-Solver++(2M) SDE, Lu et al. (2022) Sec. 5 (k-diffusion's sample_dpmpp_2m_sde):
     x_{i+1} = (t_{i+1}/t_i) e^{-eta h} x_i + phi_1 D_i + c (D_i - D_{i-1}) / r + t_{i+1} sqrt(1 - e^{-2 eta h}) z,
-    c = phi_1 / 2 (midpoint) or phi_2 (heun); eta = 0 with midpoint is ``dpmpp_2m``."""
+    c = phi_1 / 2 (midpoint) or phi_2 (heun); eta = 0 with midpoint is ``dpmpp_2m``.  ``first_order_last``: as
+    ``dpmpp_2m``'s."""
     choice("solver_type", solver_type, ("midpoint", "heun"))
     return _sde_multistep("dpmpp_2m_sde", sigmas, precond, order=2, eta=eta, S_noise=S_noise, solver_type=solver_type,
-                          options=dict(eta=eta, S_noise=S_noise, solver_type=solver_type))
+                          options=dict(eta=eta, S_noise=S_noise, solver_type=solver_type,
+                                       **_first_order_last(first_order_last)), first_order_last=first_order_last)
 
 
 def dpmpp_3m_sde(sigmas, precond: Precond, *, eta: float = 1.0, S_noise: float = 1.0) -> Plan:
