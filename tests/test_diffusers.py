@@ -51,12 +51,12 @@ EDM = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
 SEEDS = [11, 12]
 
 
-def _rel(x, ref) -> float:
+def rel(x, ref) -> float:
     """max |x - ref| relative to the largest |ref|."""
     return (x.float() - ref.float()).abs().max().item() / ref.abs().max().item()
 
 
-def _unet(seed=0, sdxl=False, **kw):
+def tiny_unet(seed=0, sdxl=False, **kw):
     """diffusers' tiny test UNets (tests/pipelines/stable_diffusion*), at sample_size 8."""
     torch.manual_seed(seed)
     extra = dict(attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
@@ -69,7 +69,7 @@ def _unet(seed=0, sdxl=False, **kw):
         **extra, **kw).eval()
 
 
-def _vae(**kw):
+def tiny_vae(**kw):
     torch.manual_seed(1)
     return diffusers.AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
                                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
@@ -78,17 +78,17 @@ def _vae(**kw):
 
 @pytest.fixture(scope="module")
 def sd():
-    return _unet(), _vae()
+    return tiny_unet(), tiny_vae()
 
 
 @pytest.fixture(scope="module")
 def sdxl():
     # Playground v2.5's VAE config carries latents_mean / latents_std (and scaling_factor 0.5).
-    return _unet(sdxl=True), _vae(scaling_factor=0.5, latents_mean=[0.1, -0.2, 0.3, 0.0],
+    return tiny_unet(sdxl=True), tiny_vae(scaling_factor=0.5, latents_mean=[0.1, -0.2, 0.3, 0.0],
                                   latents_std=[0.9, 1.1, 0.8, 1.2])
 
 
-def _sd_pipe(unet, vae, sched):
+def sd_pipe(unet, vae, sched):
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -102,14 +102,14 @@ def _sdxl_pipe(unet, vae, sched):
     return pipe
 
 
-def _inputs(dim, seed=1, tokens=TOKENS):
+def sd_inputs(dim, seed=1, tokens=TOKENS):
     """Initial latents L and (prompt, negative prompt) embeddings, from a seeded generator."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, tokens, dim, generator=g), \
         torch.randn(B, tokens, dim, generator=g)
 
 
-def _sampler(model, sched, solver, **options):
+def scheduler_sampler(model, sched, solver, **options):
     sig = scheduler_sigmas(sched)
     # On the CPU, where the pipelines run: a Sampler on a GPU would move the shared network there.
     return edmrt.Sampler(model, solver=solver, steps=sig.size - 1, schedule=sig, backend="torch", device="cpu",
@@ -148,25 +148,25 @@ def test_stable_diffusion_pipeline_parity(sd, cls, config, solver, options, othe
     denoisers, here on the UNet with text conditioning and CFG."""
     unet, vae = sd
     sched = getattr(diffusers, cls)(**config)
-    L, emb, neg = _inputs(32)
-    theirs = _sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
+    L, emb, neg = sd_inputs(32)
+    theirs = sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
                                         num_inference_steps=6, guidance_scale=w, output_type="latent",
                                         height=16, width=16).images
     model = from_diffusers(unet, sched, vae, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
     args = dict(cond={"encoder_hidden_states": emb}, guidance=_guided(w), noise=initial_noise(L, sched),
                 output="latent", uncond={"encoder_hidden_states": neg} if w != 1.0 else None)
-    ours = _sampler(model, sched, solver, **options).sample(SEEDS, **args)
+    ours = scheduler_sampler(model, sched, solver, **options).sample(SEEDS, **args)
     # Measured (w = 7.5 / w = 1): Euler 8.8e-7 / 1.8e-7, DPM-Solver++(2M) 1.1e-6 / 2.2e-7, UniPC 9.9e-7 / 4.4e-7.
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)
-    assert _rel(_sampler(model, sched, other).sample(SEEDS, **args), theirs) > 100 * RTOL  # the check can fail
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)
+    assert rel(scheduler_sampler(model, sched, other).sample(SEEDS, **args), theirs) > 100 * RTOL  # the check can fail
 
 
 def test_stable_diffusion_euler_float64_reference(sd):
     """The same Euler case through ``edmrt.execute``, the float64 reference loop (the network in float32)."""
     unet, vae = sd
     sched, w = diffusers.EulerDiscreteScheduler(**SD_LEADING), 7.5
-    L, emb, neg = _inputs(32)
-    theirs = _sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
+    L, emb, neg = sd_inputs(32)
+    theirs = sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
                                         num_inference_steps=6, guidance_scale=w, output_type="latent",
                                         height=16, width=16).images
     model = from_diffusers(unet, sched, vae, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
@@ -179,7 +179,7 @@ def test_stable_diffusion_euler_float64_reference(sd):
         return F_u + w * (F_c - F_u)
 
     x = edmrt.execute(edmrt.plan("euler", sig, model.precond), net, sig[0] * initial_noise(L, sched).double())
-    assert _rel(x, theirs) <= RTOL, _rel(x, theirs)  # measured 8.5e-7
+    assert rel(x, theirs) <= RTOL, rel(x, theirs)  # measured 8.5e-7
 
 
 # ----------------------------------------------------------------------------- LCM and TCD (few-step, stochastic)
@@ -210,8 +210,8 @@ def test_lcm_and_tcd_parity_with_the_same_noise(sd, monkeypatch, cls, solver, ga
     sched = getattr(diffusers, cls)(**SD)
     calls = _philox_draws(monkeypatch, scheduling_lcm if cls == "LCMScheduler" else scheduling_tcd, (4, 8, 8))
     last = _last_x0(sched, monkeypatch)
-    L, emb, neg = _inputs(32)
-    out = _sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
+    L, emb, neg = sd_inputs(32)
+    out = sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
                                      num_inference_steps=4, guidance_scale=w, output_type="latent", height=16,
                                      width=16, eta=gamma or 0.0).images
     assert len(calls) == (3 if gamma != 0.0 else 0)  # one draw per step but the last (none for gamma = 0)
@@ -220,28 +220,28 @@ def test_lcm_and_tcd_parity_with_the_same_noise(sd, monkeypatch, cls, solver, ga
         out = (last["x"] - (1 - a).sqrt() * last["eps"]) / a.sqrt()
     model = from_diffusers(unet, sched, vae, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
     options = {} if gamma is None else dict(gamma=gamma)
-    ours = _sampler(model, sched, solver, **options).sample(
+    ours = scheduler_sampler(model, sched, solver, **options).sample(
         SEEDS, cond={"encoder_hidden_states": emb}, uncond={"encoder_hidden_states": neg} if w != 1.0 else None,
         guidance=_guided(w), noise=initial_noise(L, sched), output="latent")
     # Measured (w = 7.5 / w = 1): LCM 2.1e-6 / 3.5e-7, TCD gamma 0.3 1.8e-6 / 3.2e-7, gamma 0 1.5e-6 / 3.0e-7.
-    assert _rel(ours, out) <= RTOL, _rel(ours, out)
+    assert rel(ours, out) <= RTOL, rel(ours, out)
 
 
 def test_lcm_with_guidance_embedding_parity(monkeypatch):
     """An LCM-distilled UNet (``time_cond_proj_dim``): no CFG in the pipeline; the guidance scale enters as
     ``timestep_cond`` = the embedding of w - 1 (``guidance_embedding``), an input whose unconditional row repeats
     the conditional one (null="cond")."""
-    unet, vae = _unet(time_cond_proj_dim=32), _vae()
+    unet, vae = tiny_unet(time_cond_proj_dim=32), tiny_vae()
     sched, w = diffusers.LCMScheduler(**SD), 7.5
     _philox_draws(monkeypatch, scheduling_lcm, (4, 8, 8))
-    L, emb, _ = _inputs(32)
-    theirs = _sd_pipe(unet, vae, sched)(prompt_embeds=emb, latents=L.clone(), num_inference_steps=4,
+    L, emb, _ = sd_inputs(32)
+    theirs = sd_pipe(unet, vae, sched)(prompt_embeds=emb, latents=L.clone(), num_inference_steps=4,
                                         guidance_scale=w, output_type="latent", height=16, width=16).images
     model = from_diffusers(unet, sched, vae, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
     assert [(c.name, c.shape, c.null) for c in model.cond][1] == ("timestep_cond", (32,), "cond")
     cond = {"encoder_hidden_states": emb, "timestep_cond": guidance_embedding(w - 1.0, 32)[0]}
-    ours = _sampler(model, sched, "lcm").sample(SEEDS, cond=cond, noise=initial_noise(L, sched), output="latent")
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)  # measured 2.6e-7
+    ours = scheduler_sampler(model, sched, "lcm").sample(SEEDS, cond=cond, noise=initial_noise(L, sched), output="latent")
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)  # measured 2.6e-7
 
 
 def test_guidance_embedding_matches_diffusers():
@@ -261,7 +261,7 @@ def _sdxl_case(sdxl, sched, w=5.0):
     """SDXL pipeline latents and edmrt's, with pooled text_embeds (uncond: the negative pooled embedding) and
     time_ids (original size, crop corner, target size: (16, 16, 0, 0, 16, 16); unconditional row = the same)."""
     unet, vae = sdxl
-    L, emb, neg = _inputs(64)
+    L, emb, neg = sd_inputs(64)
     g = torch.Generator().manual_seed(2)
     pooled, npooled = torch.randn(B, 32, generator=g), torch.randn(B, 32, generator=g)
     theirs = _sdxl_pipe(unet, vae, sched)(
@@ -279,8 +279,8 @@ def _sdxl_case(sdxl, sched, w=5.0):
 def test_sdxl_pipeline_euler_parity(sdxl):
     sched = diffusers.EulerDiscreteScheduler(**SD_LEADING)
     model, theirs, args = _sdxl_case(sdxl, sched)
-    ours = _sampler(model, sched, "euler").sample(SEEDS, output="latent", **args)
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)  # measured 6.8e-7
+    ours = scheduler_sampler(model, sched, "euler").sample(SEEDS, output="latent", **args)
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)  # measured 6.8e-7
 
 
 @pytest.mark.parametrize("cls,solver,extra", [
@@ -295,8 +295,8 @@ def test_playground_style_edm_pipeline_parity(sdxl, cls, solver, extra):
     sched = getattr(diffusers, cls)(**EDM, **extra)
     model, theirs, args = _sdxl_case(sdxl, sched)
     assert model.precond == edmrt.EDMPrecond(0.5, prediction=extra.get("prediction_type", "epsilon"))
-    ours = _sampler(model, sched, solver).sample(SEEDS, output="latent", **args)
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)  # measured 2.3e-6 (DPM), 1.7e-6 (Euler), 1.5e-6 (v)
+    ours = scheduler_sampler(model, sched, solver).sample(SEEDS, output="latent", **args)
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)  # measured 2.3e-6 (DPM), 1.7e-6 (Euler), 1.5e-6 (v)
 
 
 def _ip_adapter_unet():
@@ -305,7 +305,7 @@ def _ip_adapter_unet():
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
-    unet = _unet()
+    unet = tiny_unet()
     torch.manual_seed(3)
     procs = {}
     for name in unet.attn_processors:
@@ -323,18 +323,18 @@ def test_ip_adapter_image_embeds_parity(sd):
     its unconditional row is zeros, as the pipelines' ``prepare_ip_adapter_image_embeds`` makes it."""
     unet, vae = _ip_adapter_unet(), sd[1]
     sched, w = diffusers.EulerDiscreteScheduler(**SD_LEADING), 7.5
-    L, emb, neg = _inputs(32)
+    L, emb, neg = sd_inputs(32)
     image = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(4))
-    theirs = _sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
+    theirs = sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
                                         num_inference_steps=5, guidance_scale=w, output_type="latent", height=16,
                                         width=16, ip_adapter_image_embeds=[torch.cat([torch.zeros_like(image), image])]
                                         ).images
     model = from_diffusers(unet, sched, vae, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
     assert model.cond[1] == edmrt.CondInput("image_embeds", (1, 16), null=0.0)
-    ours = _sampler(model, sched, "euler").sample(
+    ours = scheduler_sampler(model, sched, "euler").sample(
         SEEDS, cond={"encoder_hidden_states": emb, "image_embeds": image[0]}, uncond={"encoder_hidden_states": neg},
         guidance=w, noise=initial_noise(L, sched), output="latent")
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)  # measured 9.3e-7
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)  # measured 9.3e-7
 
 
 # ----------------------------------------------------------------------------- DiT, UNet2DModel
@@ -348,7 +348,7 @@ def test_dit_pipeline_dpm_parity(monkeypatch):
                                          num_attention_heads=2, in_channels=4, out_channels=8,
                                          num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
                                          norm_elementwise_affine=False).eval()
-    vae = _vae()
+    vae = tiny_vae()
     sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
     pipe = diffusers.DiTPipeline(transformer=tr, vae=vae, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
@@ -361,9 +361,9 @@ def test_dit_pipeline_dpm_parity(monkeypatch):
     L = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(5))  # the pipeline's draw
     model = from_diffusers(tr, sched, vae)
     assert model.num_classes == 1000 and model.cond[0].null == 1000
-    ours = _sampler(model, sched, "dpmpp_2m").sample(SEEDS, cond=labels, guidance=w, noise=initial_noise(L, sched),
+    ours = scheduler_sampler(model, sched, "dpmpp_2m").sample(SEEDS, cond=labels, guidance=w, noise=initial_noise(L, sched),
                                                      output="latent")
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)  # measured 4.9e-7
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)  # measured 4.9e-7
     assert (model.decoder(ours) / 2 + 0.5 - images).abs().max().item() <= 1e-5
 
 
@@ -385,8 +385,8 @@ def test_unet2d_ddim_pipeline_parity(monkeypatch):
     L = torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(6))
     model = from_diffusers(unet, sched)
     assert model.cond == () and model.precond.timestep == "nearest" and model.sample_shape == (3, 8, 8)
-    ours = _sampler(model, sched, "euler").sample(SEEDS, noise=initial_noise(L, sched))
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)  # measured 3.9e-7
+    ours = scheduler_sampler(model, sched, "euler").sample(SEEDS, noise=initial_noise(L, sched))
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)  # measured 3.9e-7
 
 
 def test_class_labelled_unet2d_and_dit_networks():
@@ -411,11 +411,11 @@ def test_class_labelled_unet2d_and_dit_networks():
 def test_vae_decoder_matches_the_pipelines_images(sd, sdxl, kind):
     """``VAEDecoder``: latents / scaling_factor (SD), latents * std / scaling_factor + mean (SDXL pipeline with a
     Playground VAE); pipeline images are (x / 2 + 0.5).clamp(0, 1) of the same decode."""
-    L, emb, neg = _inputs(32 if kind == "sd" else 64)
+    L, emb, neg = sd_inputs(32 if kind == "sd" else 64)
     g = torch.Generator().manual_seed(2)
     if kind == "sd":
         unet, vae = sd
-        pipe, extra = _sd_pipe(unet, vae, diffusers.EulerDiscreteScheduler(**SD_LEADING)), {}
+        pipe, extra = sd_pipe(unet, vae, diffusers.EulerDiscreteScheduler(**SD_LEADING)), {}
     else:
         unet, vae = sdxl
         pipe = _sdxl_pipe(unet, vae, diffusers.EDMEulerScheduler(**EDM))
@@ -440,18 +440,18 @@ def test_load_diffusers_folder_samples_the_same_latents(sd, tmp_path):
     samples bit for bit what the in-memory model samples."""
     unet, vae = sd
     sched = diffusers.DPMSolverMultistepScheduler(**SD)
-    _sd_pipe(unet, vae, sched).save_pretrained(tmp_path)
+    sd_pipe(unet, vae, sched).save_pretrained(tmp_path)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = edmrt.load(tmp_path)
     assert loaded.metadata["diffusers"]["scheduler"] == "DPMSolverMultistepScheduler"
     assert loaded.metadata["sampling"] == {"solver": "dpmpp_2m", "steps": 25}
     assert loaded.cond[0].shape == (77, 32) and loaded.decoder is not None  # no text encoder saved: 77 tokens
-    L, emb, neg = _inputs(32, tokens=77)
+    L, emb, neg = sd_inputs(32, tokens=77)
     args = dict(cond={"encoder_hidden_states": emb}, uncond={"encoder_hidden_states": neg}, guidance=7.5,
                 noise=L, output="latent")
     sched.set_timesteps(4)
-    x_mem = _sampler(from_diffusers(unet, sched, vae), sched, "dpmpp_2m").sample(SEEDS, **args)
-    x_disk = _sampler(loaded, sched, "dpmpp_2m").sample(SEEDS, **args)
+    x_mem = scheduler_sampler(from_diffusers(unet, sched, vae), sched, "dpmpp_2m").sample(SEEDS, **args)
+    x_disk = scheduler_sampler(loaded, sched, "dpmpp_2m").sample(SEEDS, **args)
     assert torch.equal(x_mem, x_disk)
     short = load_diffusers(str(tmp_path), cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
     assert short.cond[0].shape == (TOKENS, 32)
@@ -473,7 +473,7 @@ def test_load_diffusers_refuses_what_it_cannot_read(sd, tmp_path):
         edmrt.load("sdxl")
     unet, vae = sd
     bins = tmp_path / "bins"
-    _sd_pipe(unet, vae, diffusers.EulerDiscreteScheduler(**SD)).save_pretrained(bins, safe_serialization=False)
+    sd_pipe(unet, vae, diffusers.EulerDiscreteScheduler(**SD)).save_pretrained(bins, safe_serialization=False)
     with pytest.raises(ValueError, match="only pickled PyTorch weights.*safetensors only"):
         load_diffusers(bins)
     index = json.loads((bins / "model_index.json").read_text())

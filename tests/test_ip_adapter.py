@@ -15,7 +15,7 @@ import edmrt
 diffusers = pytest.importorskip("diffusers", reason="diffusers==0.42.1 (the 'test' extra) is not installed")
 
 from edmrt.adapters.diffusers import from_diffusers, initial_noise, live_config  # noqa: E402
-from test_diffusers import RTOL, SD_LEADING, SEEDS, TOKENS, _inputs, _rel, _sampler, _sd_pipe, _unet, _vae  # noqa: E402
+from test_diffusers import RTOL, SD_LEADING, SEEDS, TOKENS, sd_inputs, rel, scheduler_sampler, sd_pipe, tiny_unet, tiny_vae  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
@@ -40,8 +40,8 @@ def _ip_state_dict(unet, seed: int) -> dict:
 
 
 def _pipe(adapters: int, scales=None):
-    unet, vae = _unet(), _vae()
-    pipe = _sd_pipe(unet, vae, diffusers.EulerDiscreteScheduler(**SD_LEADING))
+    unet, vae = tiny_unet(), tiny_vae()
+    pipe = sd_pipe(unet, vae, diffusers.EulerDiscreteScheduler(**SD_LEADING))
     dicts = [_ip_state_dict(unet, 10 + i) for i in range(adapters)]
     pipe.load_ip_adapter(dicts if adapters > 1 else dicts[0], subfolder="", weight_name=[f"ip{i}.bin" for i in
                          range(adapters)] if adapters > 1 else "ip.bin", image_encoder_folder=None)
@@ -64,7 +64,7 @@ def test_an_ip_adapter_loaded_by_the_pipeline_conditions_edmrt_as_it_conditions_
     sched = pipe.scheduler
     assert pipe.unet.config.get("encoder_hid_dim_type") is None   # the item load_ip_adapter leaves as it was
     assert live_config(pipe.unet)["encoder_hid_dim_type"] == "ip_image_proj"
-    L, emb, neg = _inputs(32)
+    L, emb, neg = sd_inputs(32)
     images = _images(adapters)
     guided = w != 1.0
     embeds = [torch.cat([torch.zeros_like(im), im]) if guided else im for im in images]
@@ -75,15 +75,15 @@ def test_an_ip_adapter_loaded_by_the_pipeline_conditions_edmrt_as_it_conditions_
     names = ["image_embeds"] if adapters == 1 else [f"image_embeds_{i}" for i in range(adapters)]
     assert [c.name for c in model.cond] == ["encoder_hidden_states", *names]
     cond = {"encoder_hidden_states": emb, **{n: im[0] for n, im in zip(names, images)}}
-    ours = _sampler(model, sched, "euler").sample(
+    ours = scheduler_sampler(model, sched, "euler").sample(
         SEEDS, cond=cond, uncond={"encoder_hidden_states": neg} if guided else None, guidance=w if guided else None,
         noise=initial_noise(L, sched), output="latent")
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)  # measured 1.5e-6, 1.6e-7, 9.6e-7
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)  # measured 1.5e-6, 1.6e-7, 9.6e-7
     # The adapter matters: without the image tokens the result is far away.
     plain = pipe(prompt_embeds=emb, negative_prompt_embeds=neg if guided else None, latents=L.clone(),
                  num_inference_steps=5, guidance_scale=w, output_type="latent", height=16, width=16,
                  ip_adapter_image_embeds=[torch.zeros_like(e) for e in embeds]).images
-    assert _rel(plain, theirs) > 100 * RTOL
+    assert rel(plain, theirs) > 100 * RTOL
 
 
 def test_unload_ip_adapter_gives_back_the_plain_unet():
@@ -92,13 +92,13 @@ def test_unload_ip_adapter_gives_back_the_plain_unet():
     sched = pipe.scheduler
     model = from_diffusers(pipe.unet, sched, pipe.vae, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
     assert [c.name for c in model.cond] == ["encoder_hidden_states"]
-    L, emb, neg = _inputs(32)
+    L, emb, neg = sd_inputs(32)
     theirs = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(), num_inference_steps=5,
                   guidance_scale=7.5, output_type="latent", height=16, width=16).images
-    ours = _sampler(model, sched, "euler").sample(SEEDS, cond={"encoder_hidden_states": emb},
+    ours = scheduler_sampler(model, sched, "euler").sample(SEEDS, cond={"encoder_hidden_states": emb},
                                                   uncond={"encoder_hidden_states": neg}, guidance=7.5,
                                                   noise=initial_noise(L, sched), output="latent")
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)
 
 
 def test_a_half_installed_ip_adapter_is_refused_by_name():
@@ -110,7 +110,7 @@ def test_a_half_installed_ip_adapter_is_refused_by_name():
     pipe.unet.config.encoder_hid_dim_type = None
     with pytest.raises(ValueError, match="IP-Adapter attention processors"):
         from_diffusers(pipe.unet, pipe.scheduler, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
-    fresh = _unet()
+    fresh = tiny_unet()
     fresh.encoder_hid_proj = proj
     fresh.config.encoder_hid_dim_type = "ip_image_proj"   # as the loader writes it
     with pytest.raises(ValueError, match="no IP-Adapter attention processors"):
@@ -124,8 +124,8 @@ def test_edmrt_sampler_matches_with_the_scale_changed_after_building():
     sched = pipe.scheduler
     sched.set_timesteps(5)   # the schedule the pipeline call below sets again
     model = from_diffusers(pipe.unet, sched, pipe.vae, cond_shapes={"encoder_hidden_states": (TOKENS, 32)})
-    s = _sampler(model, sched, "euler")
-    L, emb, neg = _inputs(32)
+    s = scheduler_sampler(model, sched, "euler")
+    L, emb, neg = sd_inputs(32)
     (image,) = _images(1)
     pipe.set_ip_adapter_scale(0.3)
     theirs = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(), num_inference_steps=5,
@@ -133,4 +133,4 @@ def test_edmrt_sampler_matches_with_the_scale_changed_after_building():
                   ip_adapter_image_embeds=[torch.cat([torch.zeros_like(image), image])]).images
     ours = s.sample(SEEDS, cond={"encoder_hidden_states": emb, "image_embeds": image[0]},
                     uncond={"encoder_hidden_states": neg}, guidance=7.5, noise=initial_noise(L, sched), output="latent")
-    assert _rel(ours, theirs) <= RTOL, _rel(ours, theirs)
+    assert rel(ours, theirs) <= RTOL, rel(ours, theirs)

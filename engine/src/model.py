@@ -12,7 +12,7 @@ from .checks import check_signature
 from .precond import EDMPrecond, Precond
 from .schedules import check_range, check_sigmas
 
-__all__ = ["Model", "CondInput", "sampling_defaults", "check_sampling"]
+__all__ = ["Model", "CondInput", "sampling_defaults", "check_sampling", "card_options"]
 
 _COND_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
 
@@ -169,6 +169,15 @@ def check_sampling(sampling) -> None:
                          f"(\"2\": [80, tau_1, 0]), got {levels!r}")
     for k, v in levels.items():
         check_sigmas(v, f"the model card's sampling.levels[{k!r}]")
+    options = sampling.get("options", {})
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ValueError(f"the model card's sampling.options must map option names to values, got {options!r}")
+
+
+def card_options(model: Model) -> dict:
+    """The options of the model card's default solver (``sampling.options``: e.g. a diffusers UniPC's order and
+    variant), which a Sampler takes when the caller chose neither the solver nor any option."""
+    return dict((model.metadata.get("sampling") or {}).get("options") or {})
 
 
 def sampling_defaults(model: Model, solver: str | None, steps: int | None, schedule) -> tuple[str, int, Any]:

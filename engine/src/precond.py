@@ -218,7 +218,9 @@ class _Foreign(Precond):
     k-diffusion's ``DiscreteSchedule.sigma_to_t`` and diffusers' ``EulerDiscreteScheduler._sigma_to_t``;
     ``"nearest"``: the nearest t in ln sigma, the integer timestep that diffusers' multistep schedulers
     (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``: ``_sigma_to_t(...).round()``) and the
-    integer-timestep ones (DDIM, LCM, TCD) give the network).
+    integer-timestep ones (DDIM, LCM, TCD) give the network; ``"floor"``: the interpolated t truncated to an
+    integer, what those multistep schedulers give on exponential and beta sigmas, whose fractional
+    ``_sigma_to_t`` they store as int64).
 
     Levels may exceed the table's range by float32 rounding (relative ``_LEVEL_SLACK``): diffusers keeps
     its sigmas in float32, and its schedules are accepted as they are (clipped to the table's ends)."""
@@ -230,8 +232,8 @@ class _Foreign(Precond):
 
     def __post_init__(self):
         _positive("sigma_data", self.sigma_data)
-        if self.timestep not in ("interpolate", "nearest"):
-            raise ValueError(f"timestep must be 'interpolate' or 'nearest', got {self.timestep!r}")
+        if self.timestep not in ("interpolate", "nearest", "floor"):
+            raise ValueError(f"timestep must be 'interpolate', 'nearest' or 'floor', got {self.timestep!r}")
         if self.alphas_cumprod is not None:
             acp = tuple(float(a) for a in np.asarray(self.alphas_cumprod, dtype=np.float64).ravel())
             object.__setattr__(self, "alphas_cumprod", acp)
@@ -252,7 +254,8 @@ class _Foreign(Precond):
         ln_s = np.clip(np.log(s), ls[0], ls[-1])
         if self.timestep == "nearest":
             return np.abs(ls[None, :] - ln_s.reshape(-1, 1)).argmin(axis=1).reshape(s.shape).astype(np.float64)
-        return np.interp(ln_s, ls, t_grid)
+        t = np.interp(ln_s, ls, t_grid)
+        return np.floor(t) if self.timestep == "floor" else t
 
     def to_dict(self) -> dict:
         return {"name": self.name, "alphas_cumprod": None if self.alphas_cumprod is None else list(self.alphas_cumprod),

@@ -19,7 +19,7 @@ import torch
 from .backends import Backend, resolve_backend
 from .checks import check_device, check_signature
 from .engine import Engine, lru_get
-from .model import Model, sampling_defaults
+from .model import Model, card_options, sampling_defaults
 from .request import make_request
 from .schedules import make_sigmas
 from .solvers import build_plan
@@ -52,6 +52,8 @@ class Sampler:
         self.model, self.max_engines = model, max_engines
         self.device = check_device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        if solver is None and not options:
+            options = card_options(model)   # the card's solver runs with the card's options
         self.solver, self.steps, schedule = sampling_defaults(model, solver, steps, schedule)
         sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho)
         self.plan = build_plan(self.solver, sigmas, model.precond, **options)

@@ -36,7 +36,8 @@ from ..precond import EDMPrecond, EpsilonPrecond, LCMPrecond, Precond, VPredicti
     sigmas_from_alphas_cumprod
 
 __all__ = ["from_diffusers", "load_diffusers", "VAEDecoder", "guidance_embedding", "precond_from_scheduler",
-           "scheduler_sigmas", "initial_noise", "live_config", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork"]
+           "scheduler_sigmas", "sampler_args", "initial_noise", "keeps_ve_state", "live_config", "SCHEDULER_KEYS",
+           "SUPPORTED_SCHEDULERS", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork"]
 
 # Discrete-time schedulers: class -> (sigma -> t map, the edmrt solver running the same method or None).
 _DISCRETE = {
@@ -70,6 +71,7 @@ _VE_STATE = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunD
              "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
              "DPMSolverSDEScheduler", *_EDM}
 _PREDICTIONS = {"epsilon": EpsilonPrecond, "v_prediction": VPredictionPrecond, "sample": X0Precond}
+SUPPORTED_SCHEDULERS = tuple(sorted({*_DISCRETE, *_EDM}))   # the scheduler classes from_diffusers takes
 _DEFAULT_STEPS = {"lcm": 4, "tcd": 4}
 _MODEL_KW = ("sample_shape", "sigma_min", "sigma_max", "metadata")
 _NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
@@ -119,6 +121,20 @@ def _alphas_cumprod(sched) -> np.ndarray:
     return acp
 
 
+def _timestep_map(name: str, cfg) -> str:
+    """How the scheduler gives its network the time of a noise level: "interpolate" (ln-sigma interpolation),
+    "nearest" (the integer timestep) or "floor".  The integer schedulers (DPM-Solver, UniPC, ...) round their Karras
+    and Lu timesteps (but not on squaredcos_cap_v2 betas), and truncate exponential and beta sigmas' fractional
+    timesteps (stored as int64)."""
+    mode = _DISCRETE[name][0]
+    if mode != "nearest":
+        return mode
+    if cfg.get("use_exponential_sigmas") or cfg.get("use_beta_sigmas") or (
+            (cfg.get("use_karras_sigmas") or cfg.get("use_lu_lambdas")) and cfg.get("beta_schedule") == "squaredcos_cap_v2"):
+        return "floor"
+    return mode
+
+
 def precond_from_scheduler(scheduler_config, timestep: str | None = None) -> tuple[Precond, float, float]:
     """(precond, sigma_min, sigma_max) of a diffusers scheduler config (module docstring); ``timestep`` overrides
     the sigma -> t map of the discrete-time ones ("interpolate" or "nearest").
@@ -136,7 +152,7 @@ def precond_from_scheduler(scheduler_config, timestep: str | None = None) -> tup
     if pred not in _PREDICTIONS:
         raise ValueError(f"prediction_type {pred!r} of {name} is not supported; expected one of {sorted(_PREDICTIONS)}")
     acp = _alphas_cumprod(sched)
-    mode = timestep if timestep is not None else _DISCRETE[name][0]
+    mode = timestep if timestep is not None else _timestep_map(name, cfg)
     if name == "LCMScheduler":
         pre = LCMPrecond(alphas_cumprod=acp, timestep=mode, prediction=pred,
                          timestep_scaling=float(cfg.get("timestep_scaling", 10.0)))
@@ -146,32 +162,195 @@ def precond_from_scheduler(scheduler_config, timestep: str | None = None) -> tup
     return pre, float(levels.min()), float(levels.max())
 
 
-def _solver(name: str, config) -> str | None:
-    """The edmrt solver that runs the scheduler's method (the model card's default), or None."""
-    if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"):
-        algorithm, order = config.get("algorithm_type", "dpmsolver++"), int(config.get("solver_order", 2))
-        if algorithm not in ("dpmsolver++", "sde-dpmsolver++") or order not in (2, 3):
-            return None
-        return f"dpmpp_{order}m" + ("_sde" if algorithm == "sde-dpmsolver++" else "")
-    return (_DISCRETE.get(name) or _EDM.get(name))[1]
+# Every config key of the schedulers from_diffusers accepts, by what edmrt does with it (tests/test_scheduler_keys.py
+# walks them all; a key missing here, at a value other than its class's default, is refused by name):
+# - "training": the parameterisation the network was trained with.  The preconditioning is built from the scheduler
+#   itself: its alphas_cumprod, prediction_type, EDM's sigma_data (and range), LCM's timestep_scaling.
+# - "schedule": the noise levels set_timesteps makes, which edmrt samples on when given
+#   schedule=scheduler_sigmas(sched), and the timesteps the network is given there (``_timestep_map``).
+# - "method": how the scheduler steps.  Where edmrt runs the scheduler's method (the card's default solver and its
+#   options, ``_method``), each value maps onto the solver or is refused by name; a scheduler whose method edmrt does
+#   not run gives the model no default solver, and its method keys do not enter the model.
+SCHEDULER_KEYS = {
+    **dict.fromkeys(("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "prediction_type", "rescale_betas_zero_snr", "sigma_data", "timestep_scaling"), "training"),
+    **dict.fromkeys(("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
+                     "use_beta_sigmas", "use_lu_lambdas", "sigma_schedule", "rho", "sigma_min", "sigma_max",
+                     "set_alpha_to_one", "final_sigmas_type", "original_inference_steps", "interpolation_type",
+                     "timestep_type", "lambda_min_clipped", "skip_prk_steps", "use_flow_sigmas", "flow_shift",
+                     "shift_terminal", "use_dynamic_shifting", "time_shift_type"), "schedule"),
+    **dict.fromkeys(("solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+                     "predict_x0", "solver_p", "disable_corrector", "corrector_order", "predictor_order", "tau_func",
+                     "noise_sampler_seed", "variance_type", "clip_sample", "clip_sample_range", "thresholding",
+                     "dynamic_thresholding_ratio", "sample_max_value"), "method"),
+}
+# Values edmrt does not sample with, for any scheduler: {key: (the values it takes, why not the others)}.
+_UNSUPPORTED = {
+    "rescale_betas_zero_snr": ((False,), "a zero-terminal-SNR schedule has an infinite last level (diffusers puts "
+                               "alpha_bar_T = 2^-24 in its place, which makes its levels non-monotonic)"),
+    "use_flow_sigmas": ((False,), "flow-matching sigmas are a flow model's time, not diffusion noise levels"),
+    "use_dynamic_shifting": ((False,), "a resolution-dependent shift of flow-matching time"),
+    "interpolation_type": (("linear",), "log-linear interpolation gives the network timesteps that are not the "
+                           "time of its noise levels"),
+}
+# x0 clipping and dynamic thresholding: not linear in D, so not a plan (their values only matter when switched on).
+_CLIPPING = {"clip_sample": False, "thresholding": False}
+
+
+def _config_value(config, key, default=None):
+    return config[key] if key in config else default
+
+
+def _refuse(name: str, key: str, value, takes, why: str):
+    raise ValueError(f"scheduler_config: {name} with {key}={value!r} is not supported ({why}); edmrt takes "
+                     f"{key} in {list(takes)}: pass a config with one of those, e.g. from_diffusers(net, "
+                     f"dict(scheduler.config, {key}={takes[0]!r})) or load_diffusers(folder, "
+                     f"scheduler_overrides={{{key!r}: {takes[0]!r}}})")
+
+
+def _check_keys(sched) -> None:
+    """Every config key of ``sched`` known (``SCHEDULER_KEYS``) or at its class's default; every value edmrt samples
+    with (``_UNSUPPORTED``).  ValueError naming the key."""
+    name, cfg = type(sched).__name__, sched.config
+    defaults = type(sched)().config
+    for key in cfg:
+        if key.startswith("_"):
+            continue
+        if key not in SCHEDULER_KEYS and cfg[key] != defaults.get(key):
+            raise ValueError(f"scheduler_config: {name}'s {key}={cfg[key]!r} is a key edmrt does not know (a newer "
+                             f"diffusers?); leave it at its default {defaults.get(key)!r} or update edmrt")
+        if key in _UNSUPPORTED and cfg[key] not in _UNSUPPORTED[key][0]:
+            _refuse(name, key, cfg[key], *_UNSUPPORTED[key])
+
+
+def _method(name: str, config) -> tuple[str | None, dict]:
+    """(edmrt solver, options) that run the scheduler's method (the card's default), or (None, {}) for a scheduler
+    whose method edmrt does not run; ValueError naming a method key whose value edmrt's solver does not run."""
+    solver = (_DISCRETE.get(name) or _EDM.get(name))[1]
+    if solver is None:
+        return None, {}
+    for key, off in _CLIPPING.items():
+        if _config_value(config, key, off) != off:
+            _refuse(name, key, config[key], (off,), "x0 clipping / dynamic thresholding is not linear in D, and "
+                    "edmrt's solvers do not run it; with it off edmrt runs the scheduler's method")
+    if name == "CosineDPMSolverMultistepScheduler":
+        return None, {}   # its only method is the 2M SDE on torchsde's Brownian-tree noise, which edmrt does not draw
+    if "DPMSolverMultistep" in name:
+        return _dpm_method(name, config)
+    if name == "UniPCMultistepScheduler":
+        return _unipc_method(name, config)
+    return solver, {}
+
+
+def _dpm_method(name: str, config) -> tuple[str, dict]:
+    """DPM-Solver++ multistep: order 1 is Euler in VE (the first-order step); 2M (midpoint) ODE and SDE; the
+    3M ODE of k-diffusion (diffusers' solver_type "heun" without lower_order_final)."""
+    algorithm = _config_value(config, "algorithm_type", "dpmsolver++")
+    order, kind = int(_config_value(config, "solver_order", 2)), _config_value(config, "solver_type", "midpoint")
+    lower = bool(_config_value(config, "lower_order_final", True))
+    if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
+        _refuse(name, "algorithm_type", algorithm, ("dpmsolver++", "sde-dpmsolver++"), "edmrt runs DPM-Solver++")
+    sde = algorithm == "sde-dpmsolver++"
+    if order == 1 and not sde:
+        return "euler", {}
+    if order == 3:
+        if sde or kind != "heun" or lower:
+            _refuse(name, "solver_order", 3, (2,), "edmrt's dpmpp_3m is diffusers' order 3 with solver_type='heun' "
+                    "and lower_order_final=False (the ODE) only")
+        return "dpmpp_3m", {}
+    if order != 2:
+        _refuse(name, "solver_order", order, (2, 3), "edmrt's SDE variants are 2M and 3M" if sde else
+                "no DPM-Solver++ of that order")
+    if kind != "midpoint" and not sde:
+        _refuse(name, "solver_type", kind, ("midpoint",), "edmrt's dpmpp_2m is the midpoint 2M")
+    # lower_order_final / euler_at_final act on the last step only, which on a schedule to 0 is D anyway; on one that
+    # stops at a positive level they depend on the steps: sampler_args sets first_order_last from them.
+    if sde:
+        return "dpmpp_2m_sde", dict(solver_type=kind)
+    return "dpmpp_2m", {}
+
+
+def _unipc_method(name: str, config) -> tuple[str, dict]:
+    """UniPC (bh1 / bh2, orders 1-3, data prediction, the corrector on every step, diffusers' lower_order_final)."""
+    checks = [("predict_x0", True, "edmrt's UniPC predicts data (x0)"), ("solver_p", None, "another solver as the "
+              "predictor"), ("disable_corrector", [], "edmrt's UniPC corrects every step"),
+              ("lower_order_final", True, "edmrt's UniPC lowers the order over its last steps, as diffusers' default")]
+    for key, want, why in checks:
+        value = _config_value(config, key, want)
+        if (list(value) if isinstance(value, (list, tuple)) else value) != want:
+            _refuse(name, key, value, (want,), why)
+    return "unipc", dict(order=int(_config_value(config, "solver_order", 2)),
+                         variant=_config_value(config, "solver_type", "bh2"))
 
 
 def scheduler_sigmas(scheduler) -> np.ndarray:
     """The noise levels of a diffusers scheduler after ``set_timesteps``, as an edmrt schedule (float64, ending in 0).
 
     Schedulers with ``sigmas`` (Euler, DPM-Solver, UniPC, EDM: VE sigma, one per timestep plus the final one) give
-    them as they are (float32 values); the others (LCM, TCD, DDIM) give sigma_t of their timesteps, then 0.  LCM's
-    last step returns its denoised sample, i.e. sigma = 0; TCD's and DDIM's stop at timestep 0 instead."""
+    them as they are (float32 values), ending in 0 or, with ``final_sigmas_type="sigma_min"``, at the positive
+    level where their sampling stops; Heun's, which repeats each level for its two evaluations, once each.  The
+    others (LCM, TCD, DDIM) give sigma_t of their timesteps, then 0.  LCM's last step returns its denoised sample,
+    i.e. sigma = 0; TCD's and DDIM's stop at timestep 0 instead."""
     ts = scheduler.timesteps
     sig = getattr(scheduler, "sigmas", None)
+    if isinstance(sig, torch.Tensor) and type(scheduler).__name__ == "HeunDiscreteScheduler":
+        s = sig.detach().double().cpu().numpy()
+        return np.concatenate([s[:1], s[1:-1:2], s[-1:]])   # t_0, then t_1, t_1, t_2, t_2, ..., t_{N-1}, t_{N-1}, 0
     if isinstance(sig, torch.Tensor) and sig.numel() == ts.numel() + 1:
         s = sig.detach().double().cpu().numpy()
-        if s[-1] != 0.0:
-            raise ValueError("the scheduler's schedule must end at sigma = 0 (final_sigmas_type='zero'), got "
-                             f"{s[-1]!r}")
-        return s
+        # final_sigmas_type="sigma_min" can repeat the last level (to float32 rounding: EDM's DPM-Solver ends
+        # 0.0019999996, 0.0020000001): a step of zero length changes nothing (Euler's x + 0 d, DPM-Solver's h = 0),
+        # so it is dropped.
+        repeated = s.size > 2 and s[-1] > 0.0 and abs(s[-1] - s[-2]) <= 1e-6 * s[-1]
+        return s[:-1] if repeated else s
     levels = sigmas_from_alphas_cumprod(_alphas_cumprod(scheduler))
-    return np.concatenate([levels[ts.long().cpu().numpy()], [0.0]])
+    steps = ts.long().cpu().numpy()
+    final = 0.0
+    if type(scheduler).__name__ == "DDIMScheduler":
+        # DDIM steps timestep t to t - T // N (then to alpha_bar = 1, or alpha_bar_0 without set_alpha_to_one): a
+        # schedule only where that is the next timestep.
+        prev = steps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        if not np.array_equal(prev[:-1], steps[1:]):
+            raise ValueError(f"scheduler: DDIMScheduler with timestep_spacing={scheduler.config.timestep_spacing!r} "
+                             f"steps each timestep to t - {steps[0] - prev[0]}, not to the next one ({steps.tolist()}"
+                             "): no schedule of noise levels; use timestep_spacing='leading'")
+        if prev[-1] >= 0:
+            final = float(levels[prev[-1]])
+        elif not scheduler.config.set_alpha_to_one:
+            final = float(levels[0])
+        if final > 0.0 and final == levels[steps[-1]]:   # from timestep 0 to alpha_bar_0: a step of zero length
+            return np.concatenate([levels[steps[:-1]], [final]])
+    return np.concatenate([levels[steps], [final]])
+
+
+def sampler_args(scheduler) -> dict:
+    """``Sampler`` keywords that run a scheduler's own method on its own schedule, after its ``set_timesteps``: the
+    solver and options (``_method``), ``steps`` and ``schedule=scheduler_sigmas(scheduler)``, so that
+    ``edmrt.Sampler(model, **sampler_args(sched)).sample(seeds, noise=initial_noise(latents, sched))`` follows
+    diffusers' loop.  DPM-Solver's ``lower_order_final`` / ``euler_at_final`` become ``first_order_last`` on a
+    schedule that stops at a positive level (on a repeated final level they acted on the zero-length step that
+    ``scheduler_sigmas`` drops).  ValueError naming the key where edmrt does not run the method."""
+    name = type(scheduler).__name__
+    if name not in _DISCRETE and name not in _EDM:
+        raise ValueError(f"scheduler: {name} is not supported; expected one of {sorted(_DISCRETE) + sorted(_EDM)}")
+    _check_keys(scheduler)
+    solver, options = _method(name, scheduler.config)
+    if solver is None:
+        raise ValueError(f"scheduler: edmrt does not run {name}'s method; choose an edmrt solver (edmrt.SOLVERS) "
+                         "with schedule=scheduler_sigmas(scheduler)")
+    sigmas = scheduler_sigmas(scheduler)
+    if solver.startswith("dpmpp_2m") and sigmas[-1] > 0.0:
+        cfg, steps = scheduler.config, len(scheduler.timesteps)
+        first = cfg.get("euler_at_final", False) or (cfg.get("lower_order_final", True) and steps < 15)
+        if first and sigmas.size - 1 == steps:
+            options["first_order_last"] = True
+    return dict(solver=solver, steps=sigmas.size - 1, schedule=sigmas, **options)
+
+
+def keeps_ve_state(scheduler) -> bool:
+    """Whether the scheduler's state (a pipeline's latents) is edmrt's VE x itself (Euler-type and EDM schedulers);
+    the others keep x_vp = x / sqrt(sigma^2 + 1), at sigma = 0 the same."""
+    return type(scheduler).__name__ in _VE_STATE
 
 
 def initial_noise(latents: torch.Tensor, scheduler) -> torch.Tensor:
@@ -181,7 +360,7 @@ def initial_noise(latents: torch.Tensor, scheduler) -> torch.Tensor:
     x / sqrt(sigma_0^2 + 1) for the others; call after ``set_timesteps``."""
     s0 = float(scheduler_sigmas(scheduler)[0])
     x = latents * float(scheduler.init_noise_sigma)
-    if type(scheduler).__name__ not in _VE_STATE:
+    if not keeps_ve_state(scheduler):
         x = x * float(np.sqrt(s0 ** 2 + 1.0))
     return x / s0
 
@@ -383,7 +562,13 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, timestep: str | 
     overrides the sigma -> t map ("interpolate" / "nearest").  ``cond_shapes``: per-sample shapes by input name
     where the config does not say (``{"encoder_hidden_states": (77, 768)}`` is the default for text; SDXL's
     refiner has ``{"time_ids": (5,)}``).  ``kw``: ``sample_shape``, ``sigma_min``, ``sigma_max``, ``metadata``
-    (merged into the card) for ``Model``.  The sigma range is the scheduler's discrete levels (EDM: its config)."""
+    (merged into the card) for ``Model``.  The sigma range is the scheduler's discrete levels (EDM: its config).
+
+    Every scheduler config key is honoured or refused by name (``SCHEDULER_KEYS``): the parameterisation is read
+    from the scheduler; where edmrt runs the scheduler's method the card's default solver and options are it
+    (``_method``), and ``sampler_args(scheduler)`` follows its own schedule; x0 clipping and dynamic thresholding,
+    zero-terminal-SNR betas, flow-matching sigmas and method variants edmrt does not run raise ValueError naming
+    the key and a value that runs."""
     unknown = sorted(set(kw) - set(_MODEL_KW))
     if unknown:
         raise ValueError(f"unknown keyword(s) {unknown} for from_diffusers; expected {list(_MODEL_KW)}, timestep, "
@@ -395,14 +580,16 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, timestep: str | 
         raise ValueError(f"cond_shapes names {unused}, which are not inputs of this network "
                          f"({[c.name for c in wrapped.cond_inputs]})")
     sched = _scheduler(scheduler_config)
+    _check_keys(sched)
     precond, lo, hi = precond_from_scheduler(sched, timestep)
     name = type(sched).__name__
-    solver = _solver(name, sched.config)
+    solver, options = _method(name, sched.config)
     card = {"name": type(network).__name__, "source": "diffusers",
             "diffusers": {"network": type(network).__name__, "scheduler": name,
                           "prediction_type": sched.config.get("prediction_type", "epsilon")}}
     if solver is not None:
-        card["sampling"] = {"solver": solver, "steps": _DEFAULT_STEPS.get(solver, 25)}
+        card["sampling"] = {"solver": solver, "steps": _DEFAULT_STEPS.get(solver, 25), **({"options": options}
+                                                                                          if options else {})}
     card.update(kw.pop("metadata", None) or {})
     decoder = VAEDecoder(vae) if vae is not None else None
     args = {"sample_shape": shape, "sigma_min": lo, "sigma_max": hi, **kw}
@@ -537,10 +724,12 @@ def _from_pretrained(cls_name: str, folder: Path, component: str, dtype: torch.d
 
 
 def load_diffusers(path, device=None, dtype: torch.dtype = torch.float32, variant: str | None = None,
-                   **kw) -> Model:
+                   scheduler_overrides: dict | None = None, **kw) -> Model:
     """An ``edmrt.Model`` from a local diffusers pipeline folder (``pipe.save_pretrained(folder)``): its ``unet``
     or ``transformer``, ``scheduler`` and optional ``vae`` (the Model's decoder), weights from safetensors only
-    (``use_safetensors=True``, ``local_files_only=True``: nothing is downloaded).  ``kw`` go to ``from_diffusers``.
+    (``use_safetensors=True``, ``local_files_only=True``: nothing is downloaded).  ``scheduler_overrides``: entries
+    that replace the folder's scheduler config (e.g. ``{"clip_sample": False}`` for a DDIM config that clips x0,
+    which ``from_diffusers`` refuses).  ``kw`` go to ``from_diffusers``.
 
     ValueError: a path that is not an existing folder (a Hub id: edmrt loads local folders only), no
     model_index.json, an unsupported network class, or weights only in pickled .bin files."""
@@ -563,6 +752,10 @@ def load_diffusers(path, device=None, dtype: torch.dtype = torch.float32, varian
     if sched_cls is None:
         raise ValueError(f"scheduler: class {index['scheduler']!r} (model_index.json) is not in diffusers")
     config = sched_cls.load_config(str(folder), subfolder="scheduler", local_files_only=True)
+    if scheduler_overrides is not None:
+        if not isinstance(scheduler_overrides, dict) or not all(isinstance(k, str) for k in scheduler_overrides):
+            raise ValueError(f"scheduler_overrides must be a dict of config entries, got {scheduler_overrides!r:.100}")
+        config = {**config, **scheduler_overrides}
     meta = {"path": str(folder), **(kw.pop("metadata", None) or {})}
     if kw.get("cond_shapes") is None and index.get("text_encoder") and type(net).__name__ == "UNet2DConditionModel":
         kw["cond_shapes"] = _text_shape(folder, net.config)
