@@ -78,12 +78,20 @@ def with_adapters(model: Model, adapters, combination: str = "linear", **merge_k
 
     if not isinstance(adapters, dict) or not adapters:
         raise ValueError(f"adapters must be a non-empty dict {{name or path: weight}}, got {adapters!r:.80}")
-    weights = {}
+    weights, sources = {}, {}
     for key, w in adapters.items():
         path, name = _adapter_source(key)
+        where = str(Path(path).resolve())
+        if name in sources:   # two sources under one name: the second would silently be the first
+            raise ValueError(f"adapters {sources[name][0]!r} and {str(key)!r} would both be named {name!r} (an adapter "
+                             "is named after its folder or file): rename one of them")
+        sources[name] = (str(key), where)
         loaded = adapters_of(model)
         if loaded is None or name not in loaded.names:
             loaded = load_adapter(model, path, name)
+        elif loaded.sources.get(name) not in (None, where):
+            raise ValueError(f"an adapter named {name!r} is already loaded from {loaded.sources[name]!r}; "
+                             f"{str(key)!r} is another: rename it")
         weights[name] = w
     loaded = adapters_of(model)
     few = loaded.few_step_card(weights)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 __all__ = ["COMBINATIONS", "ADAPTER_CARD", "AdapterSet", "adapters_of", "import_peft", "load_adapter",
-           "read_adapter_card"]
+           "read_adapter_card", "MAX_RANK"]
 
 ADAPTER_CARD = "edmrt.json"
 _CARD_BYTES_MAX = 1 << 20
@@ -119,6 +119,7 @@ class AdapterSet:
         self.names: list[str] = []
         self.configs: dict = {}
         self.cards: dict = {}            # name -> the adapter folder's edmrt card (dict) or None
+        self.sources: dict = {}          # name -> the resolved path it was loaded from (None: a state dict)
         self.active: dict = {}
         self.lock = threading.RLock()
 
@@ -133,9 +134,12 @@ class AdapterSet:
         memo.update({id(t): t for t in self.root.buffers()})
         return copy.deepcopy(self.root, memo)
 
-    def add(self, name: str, config, state_dict: Mapping, card: dict | None = None) -> AdapterSet:
+    def add(self, name: str, config, state_dict: Mapping, card: dict | None = None, source: str | None = None,
+            where: str | None = None) -> AdapterSet:
         """Add adapter ``name``: a peft ``LoraConfig`` and its peft-format state dict (keys as peft's
-        ``get_peft_model_state_dict`` / ``save_pretrained`` write them); ``card``: its edmrt card, if any."""
+        ``get_peft_model_state_dict`` / ``save_pretrained`` write them); ``card``: its edmrt card, if any;
+        ``source``: where it was read from (kept in ``sources``); ``where``: what errors name (the weights file)."""
+        where = where or source or name
         peft = import_peft()
         from peft.tuners.lora import LoraLayer
 
@@ -146,6 +150,9 @@ class AdapterSet:
             if not isinstance(config, peft.LoraConfig):
                 raise ValueError(f"{name}: only LoRA / DoRA adapters (peft LoraConfig) are supported, got "
                                  f"{type(config).__name__}")
+            # Before peft allocates anything: every tensor a LoRA / DoRA weight with the config's rank and the layer's
+            # dims.
+            _check_lora_tensors(dict(state_dict), config, self.root, where)
             config = copy.deepcopy(config)
             # Weights come from the file; keep an init that never touches the base weights (PiSSA / OLoRA would).
             # (The init draws from torch's RNG as peft's does, so a seeded DARE merge reproduces peft's masks.)
@@ -162,7 +169,11 @@ class AdapterSet:
                 state_dict = dict(state_dict)
                 if not any(k.startswith("base_model.model.") for k in state_dict):  # keys relative to the module
                     state_dict = {f"base_model.model.{k}": v for k, v in state_dict.items()}
-                result = peft.set_peft_model_state_dict(self._peft_model, state_dict, adapter_name=name)
+                try:
+                    result = peft.set_peft_model_state_dict(self._peft_model, state_dict, adapter_name=name)
+                except RuntimeError as exc:   # torch's size mismatch: said with the adapter's name and source
+                    raise ValueError(f"{where}: the adapter's weights do not fit this network: "
+                                     f"{str(exc).strip()[:400]}") from None
                 unexpected = [k for k in result.unexpected_keys if "lora" in k]
                 missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
                 if unexpected or missing:
@@ -180,6 +191,7 @@ class AdapterSet:
             self.names.append(name)
             self.configs[name] = config
             self.cards[name] = card
+            self.sources[name] = source
         return self
 
     def _separate(self, name: str, lora_layer, bias: bool) -> list[str]:
@@ -338,6 +350,16 @@ class AdapterSet:
         return f"AdapterSet(names={self.names}, targets={len(self._base)}, active={self.active})"
 
 
+def _check_given_tensors(state: Mapping) -> None:
+    """A state dict given in memory: tensors only, real floating point, finite; ValueError naming the key."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.dtype not in _FLOAT_DTYPES:
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"adapter state dict: {key!r} is {got}; adapter weights are real floating-point tensors")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"adapter state dict: {key!r} holds NaN or Inf")
+
+
 def _detached():
     """What a pickled or copied network holds in place of its AdapterSet: nothing."""
     return
@@ -350,10 +372,126 @@ def _refuse_pickled(path: Path) -> None:
                      "(nothing is unpickled); save it with safe_serialization=True where you trust the file")
 
 
+# The largest LoRA / DoRA rank a config may ask for: far above published adapters (<= 256), and a bound that keeps
+# an absurd r or rank_pattern from allocating before the file's own tensors are compared with it.
+MAX_RANK = 4096
+_LORA_KEYS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _read_adapter_weights(path: Path) -> dict:
+    """The tensors of an adapter's safetensors file: the header checked first (``weights_header``: truncation, lying
+    shapes or offsets, a pickle under the name), then every tensor real floating point and finite; ValueError
+    naming the file and the key."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from ..models.bundled import weights_header
+
+    for key, (dtype, _) in weights_header(path).items():
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{str(path)!r}: tensor {key!r} is {dtype}; adapter weights are real floating point "
+                             "(float16, bfloat16, float32 or float64)")
+    try:
+        with open(path, "rb") as f:
+            state = load(f.read())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r} as safetensors (corrupt or not safetensors): {exc}") from None
+    bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"{str(path)!r}: tensor {bad!r} holds NaN or Inf")
+    return state
+
+
+# adapter_config.json fields edmrt reads (through peft), with the types peft needs: {field: (check, expected)}.
+def _is_int(lo, hi):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_num(lo, hi):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+def _is_names(v):
+    return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+
+
+_CONFIG_FIELDS = {
+    "r": (_is_int(1, MAX_RANK), f"an int in [1, {MAX_RANK}]"),
+    "lora_alpha": (_is_num(1e-6, 1e6), "a number in (0, 1e6]"),
+    "lora_dropout": (_is_num(0.0, 0.999), "a number in [0, 1)"),
+    "target_modules": (_is_names, "module names (a list of strings or one regex string)"),
+    "exclude_modules": (_is_names, "module names (a list of strings or one regex string)"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(1, MAX_RANK)(r)
+                                                          for k, r in v.items()),
+                     f"a dict {{module name: rank in [1, {MAX_RANK}]}}"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_num(1e-6, 1e6)(a)
+                                                           for k, a in v.items()), "a dict {module name: alpha}"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+                        "null or a list of module names"),
+    "layers_to_transform": (lambda v: v is None or _is_int(0, 1 << 20)(v) or (
+        isinstance(v, list) and all(_is_int(0, 1 << 20)(i) for i in v)), "null, an int or a list of ints"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a peft init name"),
+}
+
+
+def _check_config_fields(cfg, path: Path) -> None:
+    """Each field of adapter_config.json that peft reads has its type (``_CONFIG_FIELDS``); ValueError naming it."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(cfg).__name__}")
+    for field, (ok, want) in _CONFIG_FIELDS.items():
+        if field in cfg and not (cfg[field] is None and field in ("target_modules", "exclude_modules")) \
+                and not ok(cfg[field]):
+            raise ValueError(f"{str(path)!r}: {field} must be {want}, got {cfg[field]!r:.100}")
+
+
+def _rank_of(config, module_path: str) -> int:
+    """The rank peft gives the adapter on ``module_path``: its rank_pattern entry, else r (peft's own matching)."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = getattr(config, "rank_pattern", None) or {}
+    key = get_pattern_key(pattern.keys(), module_path) if pattern else None
+    return int(pattern[key]) if key in pattern else int(config.r)
+
+
+def _check_lora_tensors(state: dict, config, root: nn.Module, where: str) -> None:
+    """Every tensor of a peft state dict is a LoRA / DoRA weight of a layer of ``root`` with the config's rank and
+    the layer's dims (checked before peft allocates anything); ValueError naming ``where``, the key and the shape
+    expected."""
+    modules = dict(root.named_modules())
+    for key, value in state.items():
+        path = key.removeprefix("base_model.model.")
+        part = next((p for p in _LORA_KEYS if f".{p}" in f".{path}"), None)
+        if part is None:
+            raise ValueError(f"{where}: {key!r} is not a LoRA / DoRA weight (expected keys holding "
+                             f"{' / '.join(_LORA_KEYS)}); an adapter file must not replace base weights")
+        module_path = path.split(f".{part}", 1)[0]
+        base = modules.get(module_path)
+        weight = getattr(getattr(base, "base_layer", base), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"{where}: {key!r} names the layer {module_path!r}, which is not a weighted layer of "
+                             f"this {type(root).__name__}")
+        rank = _rank_of(config, module_path)
+        out_dim, in_dim = weight.shape[0], weight.shape[1] if weight.ndim > 1 else 1
+        if isinstance(base, nn.Conv2d):
+            in_dim = weight.shape[1] * base.groups
+        expect = {"lora_A": (rank, in_dim), "lora_B": (out_dim, rank)}.get(part)
+        if part == "lora_embedding_A":
+            expect = (rank, weight.shape[0])
+        elif part == "lora_embedding_B":
+            expect = (weight.shape[1], rank)
+        if expect is not None and tuple(value.shape[:2]) != expect:
+            raise ValueError(f"{where}: {key!r} has shape {list(value.shape)}; the config (rank {rank}) and the layer "
+                             f"{module_path!r} ({list(weight.shape)}) need {list(expect)} in its first two dims")
+
+
 def _peft_folder(folder: Path, weight_name: str | None):
     """(LoraConfig, state dict) of a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    from safetensors.torch import load_file
-
     peft = import_peft()
     weights = folder / (weight_name or "adapter_model.safetensors")
     if weights.suffix in _PICKLED:
@@ -364,15 +502,21 @@ def _peft_folder(folder: Path, weight_name: str | None):
             raise ValueError(f"{str(folder)!r} holds only pickled adapter weights ({', '.join(pickled)}): edmrt "
                              "reads safetensors only (nothing is unpickled); save with safe_serialization=True")
         raise ValueError(f"{str(folder)!r} has no {weights.name}")
+    cfg_path = folder / "adapter_config.json"
     try:
-        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{str(folder)!r}: adapter_config.json is not readable JSON ({exc})") from None
+    _check_config_fields(cfg, cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{str(folder)!r}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only, "
                          "with use_dora for DoRA)")
-    config = peft.LoraConfig.from_pretrained(str(folder))
-    return config, load_file(str(weights)), read_adapter_card(folder)
+    try:
+        config = peft.LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise ValueError(f"{str(cfg_path)!r} is not a LoRA config peft reads: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}") from None
+    return config, _read_adapter_weights(weights), read_adapter_card(folder)
 
 
 def read_adapter_card(folder: Path) -> dict | None:
@@ -442,17 +586,20 @@ def load_adapter(target, source, name: str, weight_name: str | None = None) -> A
     _check_name(name)
     if name in adapters.names:
         raise ValueError(f"adapter {name!r} is already loaded (loaded: {adapters.names})")
-    card = None
+    card, where, file = None, None, None
     if isinstance(source, Mapping):
+        _check_given_tensors(source)
         config, sd = _diffusers_lora(adapters.root, source, name, None)
     else:
         path = Path(source)
+        where = str(path.resolve())
         if path.suffix in _PICKLED or (weight_name or "").endswith(_PICKLED):
             _refuse_pickled(path if path.suffix in _PICKLED else path / weight_name)
         if not path.exists():
             raise ValueError(f"{str(path)!r} does not exist")
         if path.is_dir() and (path / "adapter_config.json").is_file():
             config, sd, card = _peft_folder(path, weight_name)
+            file = str(path / (weight_name or "adapter_model.safetensors"))
         else:
             if path.is_dir():
                 files = sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors")
@@ -471,8 +618,9 @@ def load_adapter(target, source, name: str, weight_name: str | None = None) -> A
                 src, weight_name = path.parent, path.name
             else:
                 raise ValueError(f"{str(path)!r}: expected a peft adapter folder or a .safetensors LoRA file")
+            _read_adapter_weights(src / weight_name)   # the file checked before diffusers parses it
             config, sd = _diffusers_lora(adapters.root, src, name, weight_name)
-    adapters.add(name, config, sd, card)
+    adapters.add(name, config, sd, card, source=where, where=file)
     from ..model import Model
 
     if isinstance(target, Model):

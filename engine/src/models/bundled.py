@@ -8,6 +8,7 @@ adapter folder ``weights/NAME/`` (adapter_config.json, adapter_model.safetensors
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -72,21 +73,45 @@ def read_card(name: str, root: Path) -> dict:
 
 def weights_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """name -> (dtype, shape) of every tensor in a safetensors file, from its header alone (nothing else is read):
-    8 bytes little-endian header length, then that many bytes of JSON."""
+    8 bytes little-endian header length, then that many bytes of JSON.  Each tensor's data_offsets must be its
+    shape's bytes, in order, within the file (a truncated file, or one whose header lies about a shape or an offset,
+    is refused here, naming the tensor, before any data is read)."""
     path = _regular_file(Path(path), "weights file")
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= min(_HEADER_BYTES_MAX, path.stat().st_size - 8):
-                raise ValueError(f"its header length {n} does not fit the file")
+            if not 2 <= n <= min(_HEADER_BYTES_MAX, size - 8):
+                raise ValueError(f"its header length {n} does not fit the file ({size} bytes): not safetensors, or "
+                                 "truncated")
             header = json.loads(f.read(n).decode("utf-8"))
-        out = {}
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        out, spans = {}, []
         for k, v in header.items():
-            if k != "__metadata__":
-                dtype = _ST_DTYPES.get(v["dtype"])
-                if dtype is None:
-                    raise ValueError(f"tensor {k!r} has dtype {v['dtype']!r}, which edmrt does not read")
-                out[k] = (dtype, tuple(int(d) for d in v["shape"]))
+            if k == "__metadata__":
+                continue
+            dtype = _ST_DTYPES.get(v["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {k!r} has dtype {v['dtype']!r}, which edmrt does not read")
+            shape = tuple(v["shape"])
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {k!r} has shape {list(shape)}: expected non-negative integers")
+            begin, end = v["data_offsets"]
+            want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != want:
+                raise ValueError(f"tensor {k!r}: data_offsets {[begin, end]} hold {end - begin} bytes, its "
+                                 f"{v['dtype']} shape {list(shape)} needs {want}")
+            spans.append((begin, end, k))
+            out[k] = (dtype, shape)
+        pos = 0
+        for begin, end, k in sorted(spans):
+            if begin != pos:
+                raise ValueError(f"tensor {k!r}: data_offsets start at {begin}, expected {pos} (overlapping or "
+                                 "gapped data)")
+            pos = end
+        if 8 + n + pos != size:
+            raise ValueError(f"its tensors need {8 + n + pos} bytes, the file has {size} (truncated or padded)")
         return out
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError(f"cannot read {str(path)!r} as safetensors (corrupt or not safetensors): {exc}") from None
