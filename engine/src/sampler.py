@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 import torch
 
+from .adapters.lora import adapters_of
 from .backends import Backend, resolve_backend
 from .checks import check_device, check_signature
 from .engine import Engine, lru_get
@@ -82,16 +83,14 @@ class Sampler:
 
         The fused weights (``AdapterSet.fused_weights``: one adapter scaled by its weight; several combined by peft's
         ``add_weighted_adapter`` with ``combination`` and ``merge_kw``: density, majority_sign_method, seed) are
-        copied into the same parameter tensors (same data_ptr), under every engine's lock, so no request sees half
-        a swap.  ``weights`` {} or None restores the base weights bit for bit.  A backend that runs the network's own
+        copied into the same parameter tensors (same data_ptr) once no request reads them (the network's
+        ``AdapterSet.swap``: every Sampler and engine on it), so no request sees half a swap.  ``weights`` {} or None restores the base weights bit for bit.  A backend that runs the network's own
         parameters (``shares_weights``: torch, torch-compile, torch-bf16, custom) sees the change at once; one that
         holds a copy is told by ``update_weights({param_name: tensor})`` (an ONNX session taking ``AdapterSet.targets``
         as inputs, a refittable TensorRT engine); a backend with neither is refused.
 
         ValueError: no adapters loaded, an unknown adapter name, a weight that is not finite, an unknown
         combination, or a backend that baked the weights in."""
-        from .adapters.lora import adapters_of
-
         adapters = adapters_of(self.model)
         if adapters is None:
             raise ValueError("this model has no adapters loaded (edmrt.adapters.lora.load_adapter(model, ...))")
@@ -108,19 +107,14 @@ class Sampler:
             raise ValueError(f"adapters {dict(weights or {})} need the preconditioning {needed}, this sampler's plan is "
                              f"built for {current} (a few-step adapter changes it): load the model with "
                              "edmrt.load(name, adapters=...) and build a new Sampler")
-        with self._lock:
-            engines = list(self._engines.values())
-            for e in engines:
-                e.lock.acquire()
-            try:
-                adapters.write(fused, adapters.check_weights(weights))
-                if callable(update):
-                    update(fused)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-            finally:
-                for e in reversed(engines):
-                    e.lock.release()
+        # The weights are the network's: the swap waits for every request that reads them (this Sampler's, an evicted
+        # engine's, another Sampler's on the same network) and holds new ones back until it is done.
+        with adapters.swap.writing():
+            adapters.write(fused, adapters.check_weights(weights))
+            if callable(update):
+                update(fused)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
 
     def sample(self, seeds, cond=None, guidance: float | None = None, uncond=None, noise=None,
                output: str | None = None) -> torch.Tensor:
@@ -140,7 +134,13 @@ class Sampler:
         output = self._check_output(output)
         req = make_request(self.model.cond, self.model.sample_shape, self.device, seeds, cond, guidance, uncond, noise,
                            t0=float(self.plan.sigmas[0]))
-        x = self.engine(req.batch, req.guidance is not None).run_request(req)
+        engine = self.engine(req.batch, req.guidance is not None)
+        adapters = adapters_of(self.model)
+        if adapters is None:
+            x = engine.run_request(req)
+        else:   # the live weights are read for the whole run: an adapter swap waits (SwapLock)
+            with adapters.swap.reading():
+                x = engine.run_request(req)
         return self.decode(x) if output == "image" else x
 
     def _check_output(self, output):

@@ -33,6 +33,7 @@ LCM-LoRA needs the LCM scheduler).  ``AdapterSet.cards`` holds it; ``edmrt.load(
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["COMBINATIONS", "ADAPTER_CARD", "AdapterSet", "adapters_of", "import_peft", "load_adapter",
+__all__ = ["COMBINATIONS", "ADAPTER_CARD", "AdapterSet", "SwapLock", "adapters_of", "import_peft", "load_adapter",
            "read_adapter_card", "MAX_RANK"]
 
 ADAPTER_CARD = "edmrt.json"
@@ -101,6 +102,50 @@ def _check_name(name) -> str:
     return name
 
 
+class SwapLock:
+    """The weights of one network: requests read them (shared), a swap writes them (exclusive).  A swap waits until
+    every running request has finished, whichever Sampler or engine runs it (an engine just evicted from a Sampler's
+    LRU, a second Sampler on the same Model), and holds new requests back until it is done, so a result is the base's
+    or the adapter's, never a mix.  A waiting swap goes before requests that arrive after it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._cond:
+            while self._writing or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self):
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 class AdapterSet:
     """The adapters loaded onto one network and the base values of every parameter they touch (module docstring).
 
@@ -122,6 +167,7 @@ class AdapterSet:
         self.sources: dict = {}          # name -> the resolved path it was loaded from (None: a state dict)
         self.active: dict = {}
         self.lock = threading.RLock()
+        self.swap = SwapLock()           # requests read the live weights under it, a swap writes them
 
     # ------------------------------------------------------------------ loading
     @property
@@ -308,12 +354,15 @@ class AdapterSet:
             return fused
 
     def apply(self, weights, combination: str = "linear", **kw) -> None:
-        """Fuse ``weights`` into the live parameters in place (``copy_``: same tensors, same data_ptr)."""
-        self.write(self.fused_weights(weights, combination, **kw), self.check_weights(weights))
+        """Fuse ``weights`` into the live parameters in place (``copy_``: same tensors, same data_ptr), once no request
+        reads them (``swap``)."""
+        fused, active = self.fused_weights(weights, combination, **kw), self.check_weights(weights)
+        with self.swap.writing():
+            self.write(fused, active)
 
     def write(self, fused: Mapping, active: dict) -> None:
         """Copy ``fused`` ({live parameter name: tensor}, from ``fused_weights``) into the live parameters in place
-        and record ``active`` (the weights they came from).  The caller holds any engine locks it needs."""
+        and record ``active`` (the weights they came from).  The caller holds ``swap.writing()``."""
         unknown = [n for n in fused if n not in self._base]
         if unknown:
             raise ValueError(f"not adapter targets of this network: {unknown[:3]}")
@@ -333,8 +382,8 @@ class AdapterSet:
         return found[0] if found else None
 
     def restore(self) -> None:
-        """The base values back into the live parameters, bit for bit (in place)."""
-        with self.lock, torch.no_grad():
+        """The base values back into the live parameters, bit for bit (in place), once no request reads them."""
+        with self.swap.writing(), self.lock, torch.no_grad():
             for n, p in self._base.items():
                 self._live[n].copy_(p)
             self.active = {}
