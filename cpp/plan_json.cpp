@@ -335,6 +335,13 @@ void check_schedule(const std::vector<double>& s) {
   if (s.size() < 2) bad("plan field 'sigmas' must hold at least 2 values (t_0 ... t_N)");
   for (double v : s)
     if (!std::isfinite(v)) bad("plan field 'sigmas' must be finite");
+  if (s.front() < s.back()) {  // upward: an inversion, from a clean image at t_0 to noise at t_N
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      if (s[i] <= 0.0) bad("plan field 'sigmas' runs upward (an inversion) and must be > 0 throughout");
+      if (i + 1 < s.size() && s[i + 1] <= s[i]) bad("plan field 'sigmas' runs upward and must be strictly ascending");
+    }
+    return;
+  }
   if (s.back() < 0.0) bad("plan field 'sigmas' must end in 0 (EDM's t_N = 0) or a positive level");
   for (std::size_t i = 0; i + 1 < s.size(); ++i) {
     if (s[i] <= 0.0) bad("plan field 'sigmas' must be > 0 before its last value");

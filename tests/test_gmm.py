@@ -43,6 +43,10 @@ def test_ode_matches_closed_form_for_one_gaussian(gen):
         exact = mu + torch.sqrt(s ** 2 + sigma_to ** 2) / torch.sqrt(s ** 2 + 80.0 ** 2) * (x80 - mu)
         got = g.ode(x80, 80.0, sigma_to)
         np.testing.assert_allclose(got.numpy(), exact.numpy(), rtol=0, atol=1e-9)
+    # Upward (an inversion), from near the data to noise: the same closed form.
+    x0 = mu + 0.5 * torch.randn(3, 16, dtype=torch.float64, generator=gen)
+    exact = mu + torch.sqrt(s ** 2 + 80.0 ** 2) / torch.sqrt(s ** 2 + 0.002 ** 2) * (x0 - mu)
+    np.testing.assert_allclose(g.ode(x0, 0.002, 80.0).numpy(), exact.numpy(), rtol=1e-9, atol=1e-8)
 
 
 def test_shapes_dtypes_and_errors(gen):
@@ -59,8 +63,9 @@ def test_shapes_dtypes_and_errors(gen):
         GaussianMixture(np.zeros((2, 3)), 0.0)
     with pytest.raises(ValueError, match="weights"):
         GaussianMixture(np.zeros((2, 3)), 1.0, [0.5, 0.6])
-    with pytest.raises(ValueError, match="sigma_from"):
-        g.ode(x, 1.0, 2.0)
+    for a, b in ((1.0, 1.0), (0.0, 2.0), (float("nan"), 1.0), (1.0, -1.0)):
+        with pytest.raises(ValueError, match="sigma_from"):
+            g.ode(x, a, b)
     s = g.sample(1000, seed=2)
     assert s.shape == (1000, 12) and s.dtype == torch.float64
     assert abs(float(s.mean()) - float((g.weights[:, None] * g.means).sum(0).mean())) < 0.1

@@ -76,7 +76,8 @@ def test_the_runtime_never_imports_the_lab_or_the_cli():
 def test_no_arrow_back_up_from_the_backends_to_the_sampler():
     """The backends sit below the Sampler (which resolves them) and above the engine (which runs one): int8's
     calibration runs an Engine, never a Sampler; nothing above the Sampler is imported from below it."""
-    above = ("edmrt.sampler", "edmrt.solve", "edmrt.loading", "edmrt.render", "edmrt.serve", "edmrt.optimize")
+    above = ("edmrt.sampler", "edmrt.solve", "edmrt.loading", "edmrt.render", "edmrt.serve", "edmrt.optimize",
+             "edmrt.pipelines")
     bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources()
            if p.is_relative_to(ROOT / "engine/src/backends") or p.name in ("engine.py", "request.py")
            for m, _ in _imports(p) if any(m == a or m.startswith(a + ".") for a in above)]
@@ -203,3 +204,12 @@ def test_a_skipped_kernel_family_fails_the_run_when_ci_requires_the_kernels(tmp_
     strict = subprocess.run(cmd, capture_output=True, text=True, env={**env, "EDMRT_REQUIRE_KERNELS": "1"}, cwd=ROOT)
     assert relaxed.returncode == 0 and "1 skipped" in relaxed.stdout, relaxed.stdout[-2000:]
     assert strict.returncode == 1 and "kernel test(s) skipped" in strict.stdout, strict.stdout[-2000:]
+
+
+def test_the_pipelines_sit_above_the_sampler():
+    """Inversion (and the pipelines to come) build Samplers; nothing of the runtime under them imports them: only the
+    package's front door (``edmrt.invert``) and the command line do."""
+    bad = [f"{p.relative_to(ROOT)} imports {m}" for p in _sources() if _room(p) in ("runtime", "kernels", "export")
+           and not p.is_relative_to(ROOT / "engine/src/pipelines") and p != ROOT / "engine/src/__init__.py"
+           for m, _ in _imports(p) if m == "edmrt.pipelines" or m.startswith("edmrt.pipelines.")]
+    assert not bad, bad

@@ -11,6 +11,9 @@ Stage ``s`` of a plan is one network evaluation (docs/ARCHITECTURE.md; ``edmrt.k
 
 before stage 0: ``x = x_init + n_init * eps[0]`` (churn on the first step), ``x_eval = x``.
 Noise stream ``eps[0]`` belongs to the start, ``eps[s + 1]`` to stage ``s``.
+
+A plan runs down its schedule (sampling: t_0 > ... > t_N >= 0) or up it (an inversion: 0 < t_0 < ... < t_N, from an
+image to noise: ``direction``); the stage equations are the same, with steps of the other sign.
 """
 from __future__ import annotations
 
@@ -195,6 +198,11 @@ class Plan:
     def history(self) -> int:
         """K: how many history entries Y[s], Y[s-1], ... a stage may combine."""
         return int(self.b.shape[1])
+
+    @property
+    def direction(self) -> str:
+        """"down" (sampling: noise at t_0 to data at t_N) or "up" (an inversion: an image at t_0 to noise at t_N)."""
+        return "up" if self.sigmas[0] < self.sigmas[-1] else "down"
 
     @property
     def stochastic(self) -> bool:

@@ -63,13 +63,14 @@ def check_guidance(guidance) -> float | None:
 
 
 def make_request(inputs: Sequence[CondInput], sample_shape: Sequence[int], device: torch.device, seeds, cond=None,
-                 guidance=None, uncond=None, noise=None, t0: float = 1.0) -> Request:
+                 guidance=None, uncond=None, noise=None, t0: float = 1.0, x_init=None) -> Request:
     """The checked request of a ``Sampler.sample`` call for a model with conditioning ``inputs`` (``Model.cond``).
 
     ``cond``: {name: value} ((N, *shape) or one (*shape) for all), or class labels for a model whose only input they
     are; inputs left out take their null value or are refused.  ``uncond``: the unconditional rows, with guidance
     only.  ``noise``: (N, *sample_shape) standard normal noise; the initial state is ``t0 * noise`` (float64 product,
-    then float32).  ValueError names what is wrong."""
+    then float32).  ``x_init``: the initial state itself (an image an inversion starts from, an inversion's end), in
+    place of noise.  ValueError names what is wrong."""
     seeds_t = torch.tensor(check_seeds(seeds), dtype=torch.int64)
     N = seeds_t.numel()
     w = check_guidance(guidance)
@@ -85,7 +86,11 @@ def make_request(inputs: Sequence[CondInput], sample_shape: Sequence[int], devic
         if missing:
             raise ValueError(f"classifier-free guidance needs uncond for {missing} (e.g. negative prompt "
                              "embeddings): these inputs have no null value")
-    return Request(seeds_t.to(device), cond_t, w, uncond_t, _x_init(noise, N, sample_shape, device, t0))
+    if noise is not None and x_init is not None:
+        raise ValueError("pass noise (the state starts at sigma_0 * noise) or x_init (the state itself), not both")
+    start = _x_init(noise, N, sample_shape, device, t0) if x_init is None else \
+        _x_init(x_init, N, sample_shape, device, 1.0, "x_init")
+    return Request(seeds_t.to(device), cond_t, w, uncond_t, start)
 
 
 def _cond(inputs: tuple, cond, N: int, device: torch.device, what: str) -> dict | None:
@@ -143,15 +148,16 @@ def _cond_value(c: CondInput, value, N: int, device: torch.device, what: str) ->
     return t.detach().to(device=device, dtype=c.dtype).contiguous()
 
 
-def _x_init(noise, N: int, sample_shape, device: torch.device, t0: float) -> torch.Tensor | None:
+def _x_init(noise, N: int, sample_shape, device: torch.device, t0: float, what: str = "noise"
+            ) -> torch.Tensor | None:
     """t0 * noise as the initial state, after checking noise: (N, *sample_shape), real, finite."""
     if noise is None:
         return None
     shape = (N,) + tuple(sample_shape)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or tuple(noise.shape) != shape:
         got = f"{noise.dtype} {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ValueError(f"noise must be a floating-point tensor of shape {shape}, got {got}")
+        raise ValueError(f"{what} must be a floating-point tensor of shape {shape}, got {got}")
     x = (noise.detach().to(device, torch.float64) * float(t0)).float()
     if not bool(torch.isfinite(x).all()):
-        raise ValueError("noise must be finite (and sigma_max * noise within float32)")
+        raise ValueError(f"{what} must be finite" + (" (and sigma_max * noise within float32)" if what == "noise" else ""))
     return x

@@ -11,6 +11,7 @@ engine, TensorRT under a lock); an engine serves one request at a time.
 """
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 
@@ -21,6 +22,7 @@ from .backends import Backend, resolve_backend
 from .checks import check_device, check_signature
 from .engine import Engine, lru_get
 from .model import Model, card_options, sampling_defaults
+from .plan import Plan
 from .request import make_request
 from .schedules import make_sigmas
 from .solvers import build_plan
@@ -35,6 +37,8 @@ class Sampler:
 
     ``solver``, ``steps`` and ``schedule`` left at None take the model card's defaults (``sampling_defaults``:
     Heun with 18 steps for the teacher; the consistency solver with 2 steps on its chosen levels for a student).
+    ``plan``: a ``Plan`` built for this model's preconditioning (``edmrt.plan(solver, sigmas, model.precond)``: a
+    schedule that runs upward, a fitted plan, a plan read from JSON) instead of solver, steps, schedule and options.
     ``backend``: a name (``edmrt.backends``) or a backend object.  Engines are built on first use for each
     (batch size, guidance on/off) and reused; at most ``max_engines`` are kept (least recently used evicted).
     Safe to share between threads (module docstring).
@@ -42,7 +46,7 @@ class Sampler:
 
     def __init__(self, model, solver: str | None = None, steps: int | None = None, backend: str | Backend = "auto",
                  schedule=None, rho: float = 7.0, device: torch.device | str | None = None, graph: bool = True,
-                 max_engines: int = MAX_ENGINES, **options):
+                 max_engines: int = MAX_ENGINES, plan: Plan | None = None, **options):
         if callable(model) and not isinstance(model, Model) and not isinstance(model, torch.nn.Module):
             raise ValueError("Sampler takes an edmrt Model (edmrt.load(...) or Model(network, ...)); "
                              "for a bare denoiser(x, sigma) use edmrt.solve")
@@ -53,11 +57,15 @@ class Sampler:
         self.model, self.max_engines = model, max_engines
         self.device = check_device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        if solver is None and not options:
-            options = card_options(model)   # the card's solver runs with the card's options
-        self.solver, self.steps, schedule = sampling_defaults(model, solver, steps, schedule)
-        sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho)
-        self.plan = build_plan(self.solver, sigmas, model.precond, **options)
+        if plan is not None:
+            self.plan = self._check_plan(plan, model, solver, steps, schedule, options)
+            self.solver, self.steps = plan.solver, plan.steps
+        else:
+            if solver is None and not options:
+                options = card_options(model)   # the card's solver runs with the card's options
+            self.solver, self.steps, schedule = sampling_defaults(model, solver, steps, schedule)
+            sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho)
+            self.plan = build_plan(self.solver, sigmas, model.precond, **options)
         if callable(backend) and not isinstance(backend, str):
             check_signature(backend, "backend", "backend(x_in, c_noise, cond, out)", 4)
             self.backend_name, self.backend = "custom", backend
@@ -69,6 +77,21 @@ class Sampler:
         self.graph = graph
         self._engines: OrderedDict[tuple, Engine] = OrderedDict()
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _check_plan(plan, model: Model, solver, steps, schedule, options) -> Plan:
+        """A given plan: a Plan, alone (no solver, steps, schedule or options beside it), built for the model's
+        preconditioning (another one's coefficients would sample garbage)."""
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be an edmrt Plan (edmrt.plan(...), Plan.load(...)), got {type(plan).__name__}")
+        given = [k for k, v in (("solver", solver), ("steps", steps), ("schedule", schedule)) if v is not None]
+        if given or options:
+            raise ValueError(f"plan is the whole sampler: pass it without {given + sorted(options)}")
+        want = json.loads(json.dumps(model.precond.to_dict()))
+        if json.loads(json.dumps(plan.precond)) != want:
+            raise ValueError(f"plan was built for the preconditioning {plan.precond}, the model's is {want}: build it "
+                             "with edmrt.plan(solver, sigmas, model.precond)")
+        return plan
 
     def engine(self, batch: int, guidance: bool) -> Engine:
         """The engine for (batch, guidance on/off), built on first use (under the Sampler's lock)."""
@@ -117,7 +140,7 @@ class Sampler:
                 torch.cuda.synchronize(self.device)
 
     def sample(self, seeds, cond=None, guidance: float | None = None, uncond=None, noise=None,
-               output: str | None = None) -> torch.Tensor:
+               output: str | None = None, x_init=None, inversion=None) -> torch.Tensor:
         """Samples for N seeds: (N, *sample_shape) latents, or (N, 3, H, W) uint8 images when decoded.
 
         ``cond``: {name: tensor} for the model's conditioning inputs, each (N, *shape) or one (*shape) for all
@@ -129,11 +152,16 @@ class Sampler:
         given ``latents=L`` starts at L * init_noise_sigma, in its own variance-preserving state for most discrete
         schedulers: ``edmrt.adapters.diffusers.initial_noise(L, scheduler)`` is the noise that starts at the same
         point.
+        ``x_init``: the initial state itself instead (e.g. the images a plan that runs upward inverts).
+        ``inversion``: an ``edmrt.invert`` result: the state starts where it ended (its latents), so sampling with
+        the inverted solver and steps reconstructs its images; this plan must start at the level it reached.
         ``output``: "latent" (the final state) or "image" (decoded by the model's decoder; the default when it has
         one).  Raises FloatingPointError, naming the stage, when the result holds NaN or Inf."""
         output = self._check_output(output)
+        if inversion is not None:
+            x_init = self._inversion_start(inversion, x_init, noise)
         req = make_request(self.model.cond, self.model.sample_shape, self.device, seeds, cond, guidance, uncond, noise,
-                           t0=float(self.plan.sigmas[0]))
+                           t0=float(self.plan.sigmas[0]), x_init=x_init)
         engine = self.engine(req.batch, req.guidance is not None)
         adapters = adapters_of(self.model)
         if adapters is None:
@@ -142,6 +170,19 @@ class Sampler:
             with adapters.swap.reading():
                 x = engine.run_request(req)
         return self.decode(x) if output == "image" else x
+
+    def _inversion_start(self, inversion, x_init, noise) -> torch.Tensor:
+        """The latents an inversion reached, checked against this sampler's plan (it starts at that level)."""
+        latents, level = getattr(inversion, "latents", None), getattr(inversion, "sigma_end", None)
+        if not isinstance(latents, torch.Tensor) or level is None:
+            raise ValueError(f"inversion must be an edmrt.invert result (an Inversion), got {type(inversion).__name__}")
+        if x_init is not None or noise is not None:
+            raise ValueError("inversion gives the initial state: pass it without noise or x_init")
+        if self.plan.direction != "down" or abs(float(self.plan.sigmas[0]) - level) > 1e-9 * level:
+            raise ValueError(f"inversion ended at sigma = {level:g}; this sampler's plan starts at "
+                             f"{float(self.plan.sigmas[0]):g} ({self.plan.direction}): sample with the plan it inverted "
+                             "(inversion.sampler_args)")
+        return latents
 
     def _check_output(self, output):
         if output is None:

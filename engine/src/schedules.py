@@ -18,7 +18,7 @@ from .checks import is_real
 
 __all__ = [
     "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential",
-    "given", "make_sigmas", "MAX_STEPS", "SIGMA_LIMIT", "SIGMA_FLOOR", "RHO_RANGE", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
+    "given", "make_sigmas", "upward", "MAX_STEPS", "SIGMA_LIMIT", "SIGMA_FLOOR", "RHO_RANGE", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
 ]
 
 
@@ -78,12 +78,20 @@ def check_sigmas(sigmas, name: str = "sigmas") -> np.ndarray:
     """Validate a full schedule t_0 > ... > t_N: 1-D float64, finite, >= 2 entries, strictly descending, the last
     entry 0 (EDM's t_N = 0: the result is denoised) or a positive level where sampling stops (diffusers'
     ``final_sigmas_type="sigma_min"``: the result keeps that noise), the positive levels within [SIGMA_FLOOR,
-    SIGMA_LIMIT]."""
+    SIGMA_LIMIT].  Or a schedule that runs upward (an inversion: the probability-flow ODE from a clean image at
+    t_0 to noise at t_N): strictly ascending, every level positive and within [SIGMA_FLOOR, SIGMA_LIMIT]."""
     s = sigmas if isinstance(sigmas, np.ndarray) and sigmas.dtype == np.float64 else _numeric(name, sigmas)
     if s.ndim != 1 or s.size < 2:
         raise ValueError(f"{name} must be a 1-D sequence of at least 2 values (t_0 ... t_N), got shape {s.shape}")
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{name} must be finite (no NaN or Inf), got {s.tolist()}")
+    if s[0] < s[-1]:   # upward: an inversion
+        if np.any(np.diff(s) <= 0.0):
+            raise ValueError(f"{name} runs upward (an inversion) and must be strictly ascending, got {s.tolist()}")
+        if s[0] < SIGMA_FLOOR or s[-1] > SIGMA_LIMIT:
+            raise ValueError(f"{name} runs upward (an inversion) and must lie in [{SIGMA_FLOOR:g}, {SIGMA_LIMIT:g}] "
+                             f"(it starts at a positive level), got {s[0]!r} ... {s[-1]!r}")
+        return s
     if s[-1] < 0.0:
         raise ValueError(f"{name} must end in 0 (EDM's t_N = 0) or a positive level, got last value {s[-1]!r}")
     if np.any(s[:-1] <= 0.0):
@@ -113,6 +121,22 @@ def _ramp(steps: int) -> np.ndarray:
     if steps == 1:
         return np.zeros(1)
     return np.arange(steps, dtype=np.float64) / (steps - 1)
+
+
+def upward(sigmas, sigma_min: float) -> np.ndarray:
+    """The schedule that inverts a sampling schedule: its levels in reverse, the final 0 replaced by ``sigma_min``
+    (where a clean image is taken to sit: d = (x - D) / sigma is undefined at 0), a repeat of it dropped.  The
+    inversion then runs from the image up to the sampling schedule's t_0."""
+    s = check_sigmas(sigmas)
+    if s[0] < s[-1]:
+        raise ValueError(f"sigmas must be a sampling (descending) schedule to invert, got {s.tolist()}")
+    lo = _check_positive("sigma_min", sigma_min)
+    rev = s[::-1].copy()
+    if rev[0] == 0.0:
+        rev = rev[1:] if rev[1] <= lo * (1 + 1e-12) else np.concatenate([[lo], rev[1:]])
+    if rev.size < 2:
+        raise ValueError(f"the schedule {s.tolist()} has no levels above sigma_min={lo!r} to invert through")
+    return check_sigmas(rev, "the inversion schedule")
 
 
 # ----------------------------------------------------------------------------- schedules

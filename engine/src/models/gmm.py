@@ -104,14 +104,17 @@ class GaussianMixture:
     # ------------------------------------------------------------------ exact ODE
     def ode(self, x: torch.Tensor, sigma_from: float, sigma_to: float, rtol: float = 1e-10,
             atol: float = 1e-10, chunk: int = 32) -> torch.Tensor:
-        """Exact probability-flow ODE solution from sigma_from to sigma_to (scipy DOP853 in u = ln sigma).
+        """Exact probability-flow ODE solution from sigma_from to sigma_to (scipy DOP853 in u = ln sigma): down
+        (sampling) or up (an inversion, sigma_to > sigma_from > 0).
 
         ``sigma_to = 0`` integrates to 1e-8 * min(stds), below which x - D = O(sigma^2 / s^2) (x - mu)
         leaves the state unchanged to ~1e-16 relative, then returns that state.  Samples are solved
         ``chunk`` at a time, so one hard sample (near a mode boundary) does not set every sample's step size.
         """
-        if not (math.isfinite(sigma_from) and sigma_from > 0 and math.isfinite(sigma_to) and 0 <= sigma_to < sigma_from):
-            raise ValueError(f"need sigma_from > sigma_to >= 0, got sigma_from={sigma_from}, sigma_to={sigma_to}")
+        if not (math.isfinite(sigma_from) and sigma_from > 0 and math.isfinite(sigma_to) and sigma_to >= 0
+                and sigma_to != sigma_from):
+            raise ValueError(f"need sigma_from > 0, sigma_to >= 0 and sigma_to != sigma_from, got "
+                             f"sigma_from={sigma_from}, sigma_to={sigma_to}")
         xf = self._flat(x).cpu()
         parts = [self._ode(xf[i:i + chunk], sigma_from, sigma_to, rtol, atol) for i in range(0, xf.shape[0], chunk)]
         return torch.cat(parts).reshape(x.shape).to(dtype=x.dtype, device=x.device)

@@ -18,7 +18,7 @@ from .fewstep import consistency, lcm, tcd
 from .multistep import ipndm, ipndm_afs, lms
 from .unipc import unipc
 
-__all__ = ["SOLVERS", "get_solver", "build_plan", "solver_options"]
+__all__ = ["SOLVERS", "UPWARD_SOLVERS", "get_solver", "build_plan", "solver_options"]
 
 SOLVERS: dict[str, Callable[..., Plan]] = {
     "euler": euler,
@@ -36,6 +36,12 @@ SOLVERS: dict[str, Callable[..., Plan]] = {
     "lms": lms,
     "unipc": unipc,
 }
+
+
+# The solvers that also run a schedule upward (an inversion: the probability-flow ODE from an image to noise): the
+# deterministic ones whose updates hold for either sign of the step (tests/test_inversion.py: their error against the
+# exact ODE falls at their order).  Stochastic and few-step solvers add noise or jump to the data: not an inversion.
+UPWARD_SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "ipndm", "lms")
 
 
 def get_solver(name: str) -> Callable[..., Plan]:
@@ -59,6 +65,9 @@ def build_plan(solver: str, sigmas, precond: Precond | None = None, **options) -
         if k not in known:
             raise ValueError(f"unknown option {k!r} for solver {solver!r}; expected one of {sorted(known) or 'none'}")
     s = check_sigmas(sigmas)
+    if s[0] < s[-1] and (solver not in UPWARD_SOLVERS or float(options.get("S_churn", 0.0) or 0.0) != 0.0):
+        raise ValueError(f"solver {solver!r}{' with S_churn' if solver in UPWARD_SOLVERS else ''} does not run a "
+                         f"schedule upward (an inversion); expected one of {list(UPWARD_SOLVERS)}, deterministic")
     if precond is None:
         precond = Identity()
     if not isinstance(precond, Precond):
