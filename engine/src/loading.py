@@ -37,19 +37,6 @@ def _is_diffusers_folder(name) -> bool:
         return False
 
 
-def load(name: str = "digits", root: str | Path | None = None, device: str | torch.device = "cpu",
-         adapters=None, combination: str = "linear", **merge_kw):
-    """The bundled model ``name`` (``BUNDLED``) as an ``edmrt.Model`` in eval mode; ``root``: another weights folder.
-
-    Raises ValueError for an unknown name, a missing, corrupt or mismatched weights file, or a bad card.
-    A local diffusers folder (a directory holding model_index.json) loads through
-    ``edmrt.adapters.diffusers.load_diffusers``.  ``adapters`` {source: weight}: LoRA / DoRA adapters loaded and
-    fused into the weights (``with_adapters``), e.g. ``load("digits", adapters={"digits-cd-lora": 1.0})``.
-    """
-    model = _load(name, root, device)
-    return with_adapters(model, adapters, combination, **merge_kw) if adapters else model
-
-
 def _adapter_source(key) -> tuple[Path, str]:
     """(path, adapter name) of an ``adapters`` key: a bundled adapter's name or a path to an adapter folder /
     .safetensors file (named after its stem, other characters than letters, digits, '-' and '_' made '_')."""
