@@ -142,6 +142,10 @@ def test_invert_and_reconstruct_refuse_what_does_not_fit(digits):
         edmrt.invert(model, x[:, :, :4], cond=y)
     with pytest.raises(ValueError, match="finite"):
         edmrt.invert(model, x.clone().fill_(float("nan")), cond=y)
+    with pytest.raises(ValueError, match=r"of shape \(N, 1, 8, 8\)"):   # latents are checked as images are
+        edmrt.invert(model, x[:, :, :4], cond=y, latents=True)
+    with pytest.raises(ValueError, match="finite"):
+        edmrt.invert(model, x.clone().fill_(float("inf")), cond=y, latents=True)
     inv = edmrt.invert(model, x[:2], steps=4, cond=y[:2], backend="torch")
     with pytest.raises(ValueError, match="inversion ended at sigma = 80"):
         edmrt.Sampler(model, plan=edmrt.plan("euler", [40.0, 1.0, 0.0], model.precond),

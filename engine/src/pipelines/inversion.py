@@ -44,17 +44,18 @@ class Inversion:
         return dict(solver=self.solver, steps=int(self.sigmas.size - 1), schedule=self.sigmas.tolist(), **self.options)
 
 
-def _as_state(images, model: Model) -> torch.Tensor:
+def _as_state(images, model: Model, latents: bool) -> torch.Tensor:
     """The images as the model's state: (N, *sample_shape) floating point in the data's range ([-1, 1] for pixel
-    models), or uint8 images (0..255, mapped to [-1, 1]); ValueError naming what is wrong."""
+    models), or uint8 images (0..255, mapped to [-1, 1]); with ``latents`` the state itself (floating point).
+    ValueError naming what is wrong."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"images must be a tensor of shape (N, {', '.join(map(str, model.sample_shape))}), got "
                          f"{type(images).__name__}")
-    if model.decoder is not None:
+    if model.decoder is not None and not latents:
         raise ValueError("images: this model samples latents through a decoder; inverting its images needs the VAE "
-                         "encoder, which edmrt.invert does not run yet: pass latents as x (edmrt.invert(model, "
-                         "latents)) after encoding them yourself")
-    if images.dtype == torch.uint8:
+                         "encoder, which edmrt.invert does not run yet: encode them yourself and pass the latents "
+                         "(edmrt.invert(model, latents, latents=True))")
+    if images.dtype == torch.uint8 and not latents:
         images = images.float() / 127.5 - 1.0
     if not images.is_floating_point() or tuple(images.shape[1:]) != tuple(model.sample_shape) or images.ndim < 2:
         raise ValueError(f"images must be floating point (or uint8) of shape (N, {', '.join(map(str, model.sample_shape))}),"
@@ -87,7 +88,7 @@ def invert(model: Model, images, solver: str = "dpmpp_2m", steps: int | None = N
         raise ValueError(f"solver {solver!r} does not run upward (an inversion); expected one of {list(UPWARD_SOLVERS)}")
     if not isinstance(model, Model):
         raise ValueError(f"model must be an edmrt Model, got {type(model).__name__}")
-    x = images.detach().float() if latents and isinstance(images, torch.Tensor) else _as_state(images, model)
+    x = _as_state(images, model, latents)
     forward = Sampler(model, solver=solver, steps=steps, schedule=schedule, backend=backend, device=device,
                       **options)
     plan = build_plan(solver, upward(forward.plan.sigmas, model.sigma_min), model.precond, **options)
