@@ -147,17 +147,24 @@ class BoundStep {
     a_.sigma_in = writable<float>(sigma_in_, "sigma_in", {nin});
     a_.seeds = checked<int64_t>(seeds_, "seeds", {batch});
     f_shape_ = with_rows(xs, cfg ? 2 * batch : batch);
+    x_shape_ = xs;
     disjoint(outputs(), {{"table", &table_}, {"seeds", &seeds_}});
   }
 
-  void operator()(int64_t stage, const py::array& F) const {
+  // noise: this stage's given noise z (float32, shaped like x), used in place of the Philox draw; None: Philox.
+  void operator()(int64_t stage, const py::array& F, const std::optional<py::array>& noise) const {
     if (stage < 0 || stage >= S_ || stage > std::numeric_limits<int>::max())
       throw py::value_error("stage must be in [0, " + std::to_string(S_) + "), got " + std::to_string(stage));
     edmrt::StepArgs a = a_;
     a.row = tab_ + stage * (edmrt::kFixedCols + a.K);
     a.stage = static_cast<int>(stage);
     a.F = checked<float>(F, "F", f_shape_);
-    disjoint(outputs(), {{"F", &F}});
+    if (noise) {
+      a.noise = checked<float>(*noise, "noise", x_shape_);
+      disjoint(outputs(), {{"F", &F}, {"noise", &*noise}});
+    } else {
+      disjoint(outputs(), {{"F", &F}});
+    }
     py::gil_scoped_release release;
     edmrt::fused_step(a);
   }
@@ -170,13 +177,14 @@ class BoundStep {
   py::array table_, x_, x_eval_, Y_, x_in_, sigma_in_, seeds_;
   const double* tab_ = nullptr;
   int64_t S_ = 0;
-  Shape f_shape_;
+  Shape f_shape_, x_shape_;
   edmrt::StepArgs a_{};
 };
 
 void fused_step(py::array table, int64_t stage, py::array x, py::array x_eval, py::array F, py::array Y,
-                py::array x_in, py::array sigma_in, py::array seeds, int64_t batch, double guidance) {
-  BoundStep(table, x, x_eval, Y, x_in, sigma_in, seeds, batch, guidance)(stage, F);
+                py::array x_in, py::array sigma_in, py::array seeds, int64_t batch, double guidance,
+                std::optional<py::array> noise) {
+  BoundStep(table, x, x_eval, Y, x_in, sigma_in, seeds, batch, guidance)(stage, F, noise);
 }
 
 void init_state(py::array table, double t0, double n_init, py::array seeds, py::array x, py::array x_eval,
@@ -248,13 +256,14 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "edmrt compiled core (C++17)";
   m.def("fused_step", &fused_step, py::arg("table"), py::arg("stage"), py::arg("x"), py::arg("x_eval"), py::arg("F"),
         py::arg("Y"), py::arg("x_in"), py::arg("sigma_in"), py::arg("seeds"), py::arg("batch"),
-        py::arg("guidance") = std::nan(""),
-        "One plan stage on float32 CPU buffers (OpenMP, GIL released); guidance NaN = no CFG.");
+        py::arg("guidance") = std::nan(""), py::arg("noise") = py::none(),
+        "One plan stage on float32 CPU buffers (OpenMP, GIL released); guidance NaN = no CFG; noise: the stage's "
+        "given noise (float32, shaped like x) instead of the Philox draw.");
   py::class_<BoundStep>(m, "BoundStep", "fused_step bound to one set of buffers, checked once; call(stage, F).")
       .def(py::init<py::array, py::array, py::array, py::array, py::array, py::array, py::array, int64_t, double>(),
            py::arg("table"), py::arg("x"), py::arg("x_eval"), py::arg("Y"), py::arg("x_in"), py::arg("sigma_in"),
            py::arg("seeds"), py::arg("batch"), py::arg("guidance") = std::nan(""))
-      .def("__call__", &BoundStep::operator(), py::arg("stage"), py::arg("F"));
+      .def("__call__", &BoundStep::operator(), py::arg("stage"), py::arg("F"), py::arg("noise") = py::none());
   m.def("step_isa", &edmrt::step_isa, "The instruction set of the fused step's deterministic update.");
   m.def("init_state", &init_state, py::arg("table"), py::arg("t0"), py::arg("n_init"), py::arg("seeds"), py::arg("x"),
         py::arg("x_eval"), py::arg("x_in"), py::arg("sigma_in"), py::arg("batch"), py::arg("x0") = py::none(),

@@ -102,9 +102,10 @@ void extra_terms(const StepArgs& p, int from, int terms, const float* bk, const 
 }
 
 // A stochastic stage in one pass: the update of update<> (every flag at run time), then x_eval += n z with z the
-// Philox normal keyed by (sample seed, stage's stream, element), then the stores.  The same float operations in the
-// same order as the deterministic update followed by a noise pass, so the result is the same bit for bit; the
-// second read and write of x_eval, x and x_in is gone.  Philox dominates here, so the loop is not specialised.
+// Philox normal keyed by (sample seed, stage's stream, element), or the given noise (StepArgs::noise: an inversion's
+// noise map), then the stores.  The same float operations in the same order as the deterministic update followed by
+// a noise pass, so the result is the same bit for bit; the second read and write of x_eval, x and x_in is gone.
+// Philox dominates here, so the loop is not specialised.
 void update_noisy(const StepArgs& p, const float (&c)[8], float n, bool commit, int terms, const float* bk,
                   const float* const* yk) {
   const int64_t total = p.batch * p.per_sample;
@@ -115,6 +116,7 @@ void update_noisy(const StepArgs& p, const float (&c)[8], float n, bool commit, 
   const float* __restrict__ F = p.F;
   const bool cfg = p.guidance, twice = p.x_in_twice, write_y = p.K > 1, has_x = c[4] != 0.0f;
   const float* __restrict__ Fc = cfg ? p.F + total : p.F;
+  const float* __restrict__ given = p.noise;
   const float c_skip = c[0], c_out = c[1], alpha = c[2], beta = c[3], a = c[4], e = c[5], b0 = c[6], c_in = c[7];
   const float w = p.w;
   const uint32_t stream = kStage0Stream + static_cast<uint32_t>(p.stage);
@@ -131,9 +133,15 @@ void update_noisy(const StepArgs& p, const float (&c)[8], float n, bool commit, 
       if (write_y) y0[i] = y;
       float acc = has_x ? a * x[i] + e * xev + b0 * y : e * xev + b0 * y;
       for (int t = 0; t < terms; ++t) acc += bk[t] * yk[t][i];
-      uint32_t ctr[4] = {static_cast<uint32_t>(j), stream, 0u, 0u};
-      philox4x32(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-      acc = acc + n * normal_from_words(ctr[0], ctr[1]);
+      float z;
+      if (given != nullptr) {
+        z = given[i];
+      } else {
+        uint32_t ctr[4] = {static_cast<uint32_t>(j), stream, 0u, 0u};
+        philox4x32(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+        z = normal_from_words(ctr[0], ctr[1]);
+      }
+      acc = acc + n * z;
       xe[i] = acc;
       if (commit) x[i] = acc;
       xin[i] = c_in * acc;

@@ -135,7 +135,7 @@ def test_inverting_real_digits_and_sampling_back_reconstructs_them(digits):
 def test_invert_and_reconstruct_refuse_what_does_not_fit(digits):
     model, x, y = digits
     with pytest.raises(ValueError, match="kind must be one of"):
-        edmrt.invert(model, x, kind="ddpm")
+        edmrt.invert(model, x, kind="sde")
     with pytest.raises(ValueError, match="does not run upward"):
         edmrt.invert(model, x, solver="tcd")
     with pytest.raises(ValueError, match=r"images must be floating point .* of shape \(N, 1, 8, 8\)"):
@@ -168,6 +168,10 @@ def test_edmrt_invert_draws_the_reconstruction_and_refuses_bad_arguments(tmp_pat
     assert main(["invert", "--digits", "0-3", "--steps", "6", "--backend", "torch", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert out.stat().st_size > 1000 and "RMSE per image" in text and "(5 NFE)" in text
+    assert main(["invert", "--kind", "ddpm", "--digits", "0-3", "--steps", "6", "--backend", "torch", "-o",
+                 str(out)]) == 0
+    mean = float(capsys.readouterr().out.split("(mean ")[1].split(",")[0])
+    assert mean < 1e-5   # DDPM inversion: exact
     Image.fromarray(((torch.rand(8, 8) * 255).to(torch.uint8)).numpy()).save(tmp_path / "a.png")
     assert main(["invert", "--image", str(tmp_path / "a.png"), "--steps", "4", "--backend", "torch", "-o",
                  str(tmp_path / "b.png")]) == 0

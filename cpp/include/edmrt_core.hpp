@@ -63,6 +63,8 @@ struct StepArgs {
   bool x_in_twice;
   float* sigma_in;         // (B or 2B) next network noise input c_noise[s+1]
   const int64_t* seeds;    // (B) per-sample seeds
+  const float* noise = nullptr;  // (B, per_sample) this stage's given noise z (an inversion's noise map), or
+                                 // nullptr: z is the Philox normal of (seed, stage stream, element)
 };
 
 // One stage of a plan (the equations of kernels/src/reference.py): D, the history entry, the linear update, noise,

@@ -90,6 +90,7 @@ class Engine:
         self.x = torch.zeros((B,) + shp, device=dev)                          # (B, C, H, W) committed state
         self.x_eval = torch.zeros_like(self.x)                               # (B, C, H, W) evaluation point
         self.x0: torch.Tensor | None = None                                  # (B, C, H, W) a given initial state
+        self.Z: torch.Tensor | None = None                                   # (S, B, C, H, W) given noise maps
         self.Y = torch.zeros((plan.history, B) + shp, device=dev)             # (K, B, C, H, W) history ring
         self.x_in = torch.zeros((nB,) + shp, device=dev, dtype=in_dtype)      # (B or 2B, C, H, W) network input
         self.sigma_in = torch.zeros(nB, device=dev, dtype=in_dtype)           # (B or 2B,) c_noise
@@ -130,10 +131,11 @@ class Engine:
         """The class-label buffer (B or 2B,), when the model has class labels."""
         return self.cond.get("class_labels")
 
-    def _loop(self, w: float | None, conditioned: bool, given: bool) -> None:
+    def _loop(self, w: float | None, conditioned: bool, given: bool, maps: bool = False) -> None:
         step = self.stepper(w)
         self._init(step, given)
         cond = self.cond if conditioned else None
+        Z = self.Z if maps else None
         for s in range(self.plan.stages):
             # Network evaluation, then the fused update (which writes the next network input).  A backend may hand
             # back its own output tensor to be read as F (CallableBackend(pass_through=True)); else F is self.F.
@@ -142,9 +144,9 @@ class Engine:
                 F = self.F
             elif self.use_graph:  # a captured graph replays fixed addresses
                 F = self.F.copy_(F)
-            step(s, F)
+            step(s, F, None if Z is None else Z[s])
 
-    def _first_nonfinite(self, w: float | None, conditioned: bool, given: bool) -> str:
+    def _first_nonfinite(self, w: float | None, conditioned: bool, given: bool, maps: bool = False) -> str:
         """Run the loop again (eagerly), checking after every stage: where NaN or Inf first appears."""
         step = self.stepper(w)
         self._init(step, given)
@@ -157,14 +159,15 @@ class Engine:
             where = f"stage {s} of {self.plan.stages} (sigma = {float(self.plan.sigma[s]):.4g})"
             if not bool(torch.isfinite(F).all()):
                 return f"the network's output at {where}: check the network and its weights"
-            step(s, F)
+            step(s, F, self.Z[s] if maps else None)
             if not bool(torch.isfinite(self.x_eval).all()):
                 return (f"the update of {where}: the network's output is finite but too large "
                         f"(max |F| = {float(self.F.abs().max()):.3g})")
         return "no stage when run again (the network is not deterministic?)"
 
     def run(self, seeds: torch.Tensor, cond=None, guidance: float | None = None, x_init: torch.Tensor | None = None,
-            uncond: dict | None = None, x_init_scale: float = 1.0) -> torch.Tensor:
+            uncond: dict | None = None, x_init_scale: float = 1.0,
+            noise_maps: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``batch`` images for ``seeds`` (B,) int64; returns a new tensor.
 
         ``cond``: {name: (B, *shape) tensor} for every conditioning input (a bare (B,) int64 tensor is class labels);
@@ -172,11 +175,13 @@ class Engine:
         ``x_init``: a given initial state (float32, shaped like the state) instead of t_0 times the seeds' noise;
         the seeds then only key the plan's own noise (churn, stochastic stages).  ``x_init_scale``: the initial state
         is ``x_init_scale * x_init``, computed into the engine's buffer (``edmrt.solve`` passes t_0 and its noise
-        rather than allocating t_0 * noise)."""
-        return self.run_request(self.request(seeds, cond, guidance, x_init, uncond, x_init_scale))
+        rather than allocating t_0 * noise).  ``noise_maps``: (stages, B, *shape) float32, stage s's noise z in place
+        of its Philox draw (a DDPM inversion's maps, ``fit_noise_maps``)."""
+        return self.run_request(self.request(seeds, cond, guidance, x_init, uncond, x_init_scale, noise_maps))
 
     def request(self, seeds: torch.Tensor, cond=None, guidance: float | None = None, x_init: torch.Tensor | None = None,
-                uncond: dict | None = None, x_init_scale: float = 1.0) -> Request:
+                uncond: dict | None = None, x_init_scale: float = 1.0,
+                noise_maps: torch.Tensor | None = None) -> Request:
         """``run``'s arguments as a ``Request``, checked against this engine's buffers; ValueError naming the argument."""
         B = self.batch
         _check_int64("seeds", seeds, B)
@@ -189,6 +194,12 @@ class Engine:
             raise ValueError(f"x_init_scale must be a finite real number, got {x_init_scale!r}")
         if x_init is None and x_init_scale != 1.0:
             raise ValueError("x_init_scale scales x_init: pass x_init too")
+        maps_shape = (self.plan.stages,) + tuple(self.x.shape)
+        if noise_maps is not None and (not isinstance(noise_maps, torch.Tensor) or noise_maps.dtype != torch.float32
+                                       or tuple(noise_maps.shape) != maps_shape or noise_maps.device != self.device
+                                       or not all_finite(noise_maps)):
+            raise ValueError(f"noise_maps must be a finite float32 tensor of shape {maps_shape} (stages, batch, "
+                             f"*shape) on {self.device}")
         if self.guidance:
             if guidance is None:
                 raise ValueError("this engine was built for classifier-free guidance: pass a guidance weight")
@@ -203,12 +214,16 @@ class Engine:
         elif uncond:
             raise ValueError("uncond is used only with classifier-free guidance (pass guidance=w)")
         w = check_guidance(guidance) if self.guidance else None
-        return Request(seeds, cond, w, uncond, x_init, float(x_init_scale))
+        return Request(seeds, cond, w, uncond, x_init, float(x_init_scale), noise_maps)
 
     def run_request(self, req: Request) -> torch.Tensor:
         """Sample the checked request ``req`` (``make_request`` or ``request``); returns a new tensor.  Only that it
         fits this engine is checked here: its batch, guidance on or off, the inputs its buffers hold."""
         cond_names = None if req.cond is None else set(req.cond)
+        maps = req.noise_maps
+        if maps is not None and tuple(maps.shape) != (self.plan.stages,) + tuple(self.x.shape):
+            raise ValueError(f"the request's noise maps {tuple(maps.shape)} are not this engine's (stages, batch, "
+                             f"*shape) = {(self.plan.stages,) + tuple(self.x.shape)}")
         if (req.batch != self.batch or (req.guidance is not None) != self.guidance
                 or (self.guidance and req.cond is None)
                 or (cond_names is not None and cond_names != {c.name for c in self.cond_inputs})):
@@ -217,7 +232,7 @@ class Engine:
                              f"{'on' if self.guidance else 'off'}, inputs {[c.name for c in self.cond_inputs]})")
         with self.lock:
             self._copy_inputs(req)
-            key = (req.guidance, req.cond is not None, req.x_init is not None)
+            key = (req.guidance, req.cond is not None, req.x_init is not None, maps is not None)
             if self.use_graph:
                 lru_get(self._graphs, key, lambda: self._capture(key), MAX_GUIDANCE_VALUES).replay()
             else:
@@ -226,6 +241,44 @@ class Engine:
             if not all_finite(x):  # one reduction per request
                 raise FloatingPointError(f"sampling produced NaN or Inf, first in {self._first_nonfinite(*key)}")
             return x
+
+    def fit_noise_maps(self, req: Request, targets: torch.Tensor) -> torch.Tensor:
+        """The noise maps that take this engine's loop, started from ``req.x_init``, through ``targets``
+        (stages, B, *shape): stage s's map z_s makes its update land on targets[s] (the edit-friendly DDPM
+        inversion, Huberman-Spiegelglas et al. 2024, Eq. 5: z_s = (x_{s+1} - mu_s(x_s)) / n_s).
+
+        Teacher-forced and exact in the kernel's own arithmetic: each stage runs once with z = 0 to give its mean
+        mu_s (the update without noise, as the fused step computes it), z_s = (targets[s] - mu_s) / n_s in float64,
+        then the stage runs again from the same buffers with z_s, so the state is the one ``run`` with these maps
+        computes, float for float (same engine, same request).  Stages with n_s = 0 keep their update (z_s = 0).
+        Returns (stages, B, *shape) float32; run the request with ``noise_maps=`` to follow them."""
+        shape = (self.plan.stages,) + tuple(self.x.shape)
+        if (not isinstance(targets, torch.Tensor) or not targets.is_floating_point() or tuple(targets.shape) != shape
+                or targets.device != self.device or not all_finite(targets)):
+            raise ValueError(f"targets must be a finite floating-point tensor of shape {shape} on {self.device}")
+        if req.x_init is None:
+            raise ValueError("fit_noise_maps starts from a given state: the request needs x_init")
+        Z = torch.zeros(shape, device=self.device)
+        with self.lock:
+            self._copy_inputs(req)
+            step = self.stepper(req.guidance)
+            self._init(step, True)
+            cond = self.cond if req.cond is not None else None
+            zero = torch.zeros_like(self.x)
+            for s in range(self.plan.stages):
+                F = self.backend(self.x_in, self.sigma_in, cond, self.F)
+                F = self.F if F is None else F
+                n = float(self.plan.n[s])
+                if n != 0.0:
+                    x, x_eval = self.x.clone(), self.x_eval.clone()
+                    step(s, F, zero)     # writes x_eval = mu_s (and x, x_in); Y[s] does not depend on z
+                    Z[s] = ((targets[s].double() - self.x_eval.double()) / n).float()
+                    self.x.copy_(x)
+                    self.x_eval.copy_(x_eval)
+                step(s, F, Z[s] if n != 0.0 else None)
+            if not all_finite(self.x):
+                raise FloatingPointError("fitting noise maps produced NaN or Inf: check the network and the targets")
+        return Z
 
     def _check_cond(self, what: str, cond) -> dict | None:
         """``cond`` as {name: (B, *shape) tensor of the input's dtype on this device}, or None; ValueError naming it."""
@@ -254,6 +307,10 @@ class Engine:
         """The request into the static buffers: seeds, both halves of every conditioning input, the initial state."""
         B, cond, uncond, x_init, scale = self.batch, req.cond, req.uncond, req.x_init, req.x_init_scale
         self.seeds.copy_(req.seeds)
+        if req.noise_maps is not None:
+            if self.Z is None:
+                self.Z = torch.empty((self.plan.stages,) + tuple(self.x.shape), device=self.device)
+            self.Z.copy_(req.noise_maps.detach())
         if cond is not None:
             for c in self.cond_inputs:
                 buf = self.cond[c.name]

@@ -36,6 +36,7 @@ class Request:
     uncond: dict = field(default_factory=dict)   # {name: (B, *shape)}: unconditional rows for inputs without a null
     x_init: torch.Tensor | None = None      # (B, *sample_shape) float32: the initial state before x_init_scale
     x_init_scale: float = 1.0               # the initial state is x_init_scale * x_init
+    noise_maps: torch.Tensor | None = None  # (stages, B, *sample_shape) float32: each stage's noise (DDPM inversion)
 
     @property
     def batch(self) -> int:

@@ -11,6 +11,7 @@ engine, TensorRT under a lock); an engine serves one request at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections import OrderedDict
@@ -19,7 +20,7 @@ import torch
 
 from .adapters.lora import adapters_of
 from .backends import Backend, resolve_backend
-from .checks import check_device, check_signature
+from .checks import check_device, check_seeds, check_signature
 from .engine import Engine, lru_get
 from .model import Model, card_options, sampling_defaults
 from .plan import Plan
@@ -158,21 +159,41 @@ class Sampler:
         ``output``: "latent" (the final state) or "image" (decoded by the model's decoder; the default when it has
         one).  Raises FloatingPointError, naming the stage, when the result holds NaN or Inf."""
         output = self._check_output(output)
+        maps = None
         if inversion is not None:
-            x_init = self._inversion_start(inversion, x_init, noise)
+            x_init, maps = self._inversion_start(inversion, x_init, noise)
+            n = len(check_seeds(seeds))
+            if n != x_init.shape[0]:
+                raise ValueError(f"seeds: the inversion holds {x_init.shape[0]} images; got {n} seeds")
         req = make_request(self.model.cond, self.model.sample_shape, self.device, seeds, cond, guidance, uncond, noise,
                            t0=float(self.plan.sigmas[0]), x_init=x_init)
+        if maps is not None:
+            req = dataclasses.replace(req, noise_maps=maps.to(self.device))
+        x = self._locked(req, lambda engine: engine.run_request(req))
+        return self.decode(x) if output == "image" else x
+
+    def _locked(self, req, fn):
+        """``fn(engine)`` on the engine for ``req``, reading the live weights for the whole run: an adapter swap
+        waits (SwapLock)."""
         engine = self.engine(req.batch, req.guidance is not None)
         adapters = adapters_of(self.model)
         if adapters is None:
-            x = engine.run_request(req)
-        else:   # the live weights are read for the whole run: an adapter swap waits (SwapLock)
-            with adapters.swap.reading():
-                x = engine.run_request(req)
-        return self.decode(x) if output == "image" else x
+            return fn(engine)
+        with adapters.swap.reading():
+            return fn(engine)
 
-    def _inversion_start(self, inversion, x_init, noise) -> torch.Tensor:
-        """The latents an inversion reached, checked against this sampler's plan (it starts at that level)."""
+    def fit_noise_maps(self, seeds, x_init, targets, cond=None, guidance: float | None = None,
+                       uncond=None) -> torch.Tensor:
+        """The noise maps (stages, N, *sample_shape) with which this sampler's plan, started at ``x_init``, passes
+        through ``targets`` (stages, N, *sample_shape): the state after each stage (``Engine.fit_noise_maps``; the
+        DDPM inversion of ``edmrt.invert(kind="ddpm")``).  Arguments as ``sample``'s."""
+        req = make_request(self.model.cond, self.model.sample_shape, self.device, seeds, cond, guidance, uncond,
+                           t0=float(self.plan.sigmas[0]), x_init=x_init)
+        return self._locked(req, lambda engine: engine.fit_noise_maps(req, targets.to(self.device)))
+
+    def _inversion_start(self, inversion, x_init, noise) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The latents an inversion reached and its noise maps (None for an ODE inversion), checked against this
+        sampler's plan: it starts at that level; a DDPM inversion's maps are for this very plan."""
         latents, level = getattr(inversion, "latents", None), getattr(inversion, "sigma_end", None)
         if not isinstance(latents, torch.Tensor) or level is None:
             raise ValueError(f"inversion must be an edmrt.invert result (an Inversion), got {type(inversion).__name__}")
@@ -182,7 +203,12 @@ class Sampler:
             raise ValueError(f"inversion ended at sigma = {level:g}; this sampler's plan starts at "
                              f"{float(self.plan.sigmas[0]):g} ({self.plan.direction}): sample with the plan it inverted "
                              "(inversion.sampler_args)")
-        return latents
+        maps = getattr(inversion, "noise_maps", None)
+        if maps is not None and getattr(inversion, "plan", None) != self.plan:
+            raise ValueError(f"inversion's noise maps are for the plan it fitted ({inversion.solver}, "
+                             f"{inversion.plan.stages} stages); this sampler runs {self.plan.solver} with "
+                             f"{self.plan.stages}: sample with Sampler(model, **inversion.sampler_args)")
+        return latents, maps
 
     def _check_output(self, output):
         if output is None:

@@ -163,25 +163,37 @@ def check_init_args(table, t0, n_init, seeds, x, x_eval, x_in, sigma_in, x0, imp
     _check_disjoint({"x": x, "x_eval": x_eval, "x_in": x_in, "sigma_in": sigma_in}, read)
 
 
+def check_noise(noise, x) -> None:
+    """A stage's given noise (an inversion's noise map): float32, shaped like x, on x's device, contiguous, and not
+    one of the buffers the step writes."""
+    _tensor("noise", noise, x.device, (torch.float32,), tuple(x.shape))
+
+
 def fused_step(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
                Y: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor,
-               guidance: float | None = None, impl: str = "auto", check: bool = True) -> None:
+               guidance: float | None = None, impl: str = "auto", check: bool = True,
+               noise: torch.Tensor | None = None) -> None:
     """Run stage ``stage`` of a plan table in place on the given buffers (see ``reference.py`` for the math).
 
-    ``check=False`` skips validation: for a loop whose buffers were validated once (the engine).
+    ``check=False`` skips validation: for a loop whose buffers were validated once (the engine).  ``noise``: the
+    stage's given noise z in place of the Philox draw (``check_noise``).
     """
     impl = _resolve(impl, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
     if check:
         check_step_args(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, impl)
+        if noise is not None:
+            check_noise(noise, x)
+            _check_disjoint({"x": x, "x_eval": x_eval, "Y": Y, "x_in": x_in, "sigma_in": sigma_in}, {"noise": noise})
     if impl == "reference":
-        fused_step_reference(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance)
+        fused_step_reference(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, noise)
     elif impl == "cpp":
         if sigma_in.dtype != torch.float32 or x_in.dtype != torch.float32:
             raise ValueError("impl 'cpp' writes float32 x_in and sigma_in")
         _core.fused_step(table.numpy(), stage, x.numpy(), x_eval.numpy(), F.numpy(), Y.numpy(), x_in.numpy(),
-                         sigma_in.numpy(), seeds.numpy(), x.shape[0], math.nan if guidance is None else float(guidance))
+                         sigma_in.numpy(), seeds.numpy(), x.shape[0], math.nan if guidance is None else float(guidance),
+                         None if noise is None else noise.numpy())
     else:
-        _triton().fused_step_triton(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance)
+        _triton().fused_step_triton(table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, guidance, noise)
 
 
 class Stepper:
@@ -208,20 +220,24 @@ class Stepper:
         elif self.impl == "triton":
             self._launch = _triton().fused_step_triton
 
-    def __call__(self, stage: int, F: torch.Tensor) -> None:
+    def __call__(self, stage: int, F: torch.Tensor, noise: torch.Tensor | None = None) -> None:
+        """Stage ``stage`` with network output F; ``noise``: the stage's given noise in place of the Philox draw
+        (float32, shaped like x, e.g. a row of an engine's noise-map buffer), checked per call."""
         if F.shape != self.f_shape or F.dtype != self.f_dtype or F.device != self.x.device or not F.is_contiguous():
             raise ValueError(f"F must be a contiguous {self.f_dtype} tensor of shape {self.f_shape} on {self.x.device}, "
                              f"got {F.dtype} {tuple(F.shape)} on {F.device}")
         if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < self.stages:
             raise ValueError(f"stage must be in [0, {self.stages}) (an int), got {stage!r}")
+        if noise is not None:
+            check_noise(noise, self.x)
         if self.impl == "cpp":
-            self._bound(stage, F.numpy())
+            self._bound(stage, F.numpy(), None if noise is None else noise.numpy())
         elif self.impl == "reference":
             fused_step_reference(self.table, stage, self.x, self.x_eval, F, self.Y, self.x_in, self.sigma_in,
-                                 self.seeds, self.guidance)
+                                 self.seeds, self.guidance, noise)
         else:
             self._launch(self.table, stage, self.x, self.x_eval, F, self.Y, self.x_in, self.sigma_in, self.seeds,
-                         self.guidance)
+                         self.guidance, noise)
 
 
 def init_state(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,

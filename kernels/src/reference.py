@@ -5,7 +5,7 @@ Per element and stage s, with the plan's row r = table[s] (see ``table.py``):
     F     = F_u + w (F_c - F_u)              (classifier-free guidance; otherwise F)
     D     = c_skip x_eval + c_out F          (``precondition``, EDM Eq. 7)
     Y[s % K] = alpha x_eval + beta D         (``history_entry``)
-    x_new = a x + e x_eval + sum_{k <= s} b_k Y[(s - k) % K] + n N(seed, stage_stream(s), i)
+    x_new = a x + e x_eval + sum_{k <= s} b_k Y[(s - k) % K] + n z,  z = N(seed, stage_stream(s), i) or a given map
     x_eval = x_new;  x = x_new if commit;  x_in = c_in_next x_new (both halves with guidance);  sigma_in = c_noise_next
 
 Memory traffic per element (float32 state, F in bytes f, history depth K, guidance g in {0, 1}): reads
@@ -43,8 +43,9 @@ def bytes_moved(plan, stage: int, numel: int, guidance: bool = False, f_bytes: i
 
 def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
                          Y: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor,
-                         guidance: float | None = None) -> None:
-    """One stage in place, reading the table row as device tensors (the noise scale once on the host)."""
+                         guidance: float | None = None, noise: torch.Tensor | None = None) -> None:
+    """One stage in place, reading the table row as device tensors (the noise scale once on the host).  ``noise``:
+    the stage's given noise z (an inversion's noise map) in place of the Philox draw."""
     B = x.shape[0]
     K = table.shape[1] - FIXED
     r = table[stage].to(torch.float32)
@@ -62,7 +63,9 @@ def fused_step_reference(table: torch.Tensor, stage: int, x: torch.Tensor, x_eva
     # Noise: the one host read of the table (a sync on CUDA; this readable path is not the one a CUDA
     # graph captures), so that deterministic stages do not pay for drawing noise they multiply by 0.
     if float(table[stage, COL["n"]]) != 0.0:
-        acc = acc + col("n") * philox_normal(seeds, stage_stream(stage), x.shape[1:], torch.float32, x.device)
+        z = noise.to(torch.float32) if noise is not None else \
+            philox_normal(seeds, stage_stream(stage), x.shape[1:], torch.float32, x.device)
+        acc = acc + col("n") * z
     x_eval.copy_(acc)
     x.copy_(torch.where(col("commit") != 0, acc, x))
     nxt = (col("c_in_next") * acc).to(x_in.dtype)

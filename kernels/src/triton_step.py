@@ -78,11 +78,13 @@ if triton is not None:
         xin_ptr,          # (N,) or (2N,) next network input
         sig_ptr,          # (B,) or (2B,) next network noise input
         seed_ptr,         # (B,) int64 per-sample seeds
+        z_ptr,            # (N,) float32 given noise of this stage (read only if GIVEN_NOISE)
         N,                # elements in the batch (B * per_sample)
         per_sample,       # elements per sample
         n_sig,            # entries of sig_ptr to write
         w,                # guidance weight (unused without CFG)
         W: tl.constexpr,                 # table width = FIXED + K
+        GIVEN_NOISE: tl.constexpr,       # z from z_ptr (an inversion's noise map) instead of Philox
         K: tl.constexpr,                 # history depth
         CFG: tl.constexpr,               # F holds [F_u; F_c]
         TWICE: tl.constexpr,             # x_in holds two copies (guidance batch)
@@ -122,10 +124,13 @@ if triton is not None:
         # Linear update over the history ring.
         acc = a * x + _coef(row, COL_E) * xe + _coef(row, COL_B0) * y
         acc = _add_history(acc, row, y_ptr, stage, offs, mask, N, COL_B0, K)
-        # Philox noise keyed by (sample seed, stage's stream, element).
+        # Philox noise keyed by (sample seed, stage's stream, element), or the given noise map.
         if n != 0.0:
-            seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
-            acc += n * tl.randn(seed, _philox_offset(STAGE0_STREAM + stage, offs % per_sample))
+            if GIVEN_NOISE:
+                acc += n * tl.load(z_ptr + offs, mask=mask, other=0.0)
+            else:
+                seed = tl.load(seed_ptr + offs // per_sample, mask=mask, other=0)
+                acc += n * tl.randn(seed, _philox_offset(STAGE0_STREAM + stage, offs % per_sample))
         tl.store(xe_ptr + offs, acc, mask=mask)
         if tl.load(row + COL_COMMIT) != 0.0:
             tl.store(x_ptr + offs, acc, mask=mask)
@@ -186,17 +191,18 @@ _INIT_COLUMNS = _columns("c_in", "c_noise")
 
 def fused_step_triton(table: torch.Tensor, stage: int, x: torch.Tensor, x_eval: torch.Tensor, F: torch.Tensor,
                       Y: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor, seeds: torch.Tensor,
-                      guidance: float | None = None) -> None:
-    """Launch the kernel for one stage (arguments already validated by ``edmrt.kernels.fused_step``)."""
+                      guidance: float | None = None, noise: torch.Tensor | None = None) -> None:
+    """Launch the kernel for one stage (arguments already validated by ``edmrt.kernels.fused_step``); ``noise``: the
+    stage's given noise in place of the Philox draw."""
     B = x.shape[0]
     N = x.numel()
     K = table.shape[1] - FIXED
     grid = (triton.cdiv(max(N, sigma_in.numel()), _block(N)),)
     _fused_step_kernel[grid](
-        table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, N, N // B, sigma_in.numel(),
-        float(guidance) if guidance is not None else 1.0,
-        W=table.shape[1], K=K, CFG=guidance is not None, TWICE=x_in.shape[0] == 2 * B, STAGE0_STREAM=STAGE0_STREAM,
-        **_STEP_COLUMNS, BLOCK=_block(N))
+        table, stage, x, x_eval, F, Y, x_in, sigma_in, seeds, x if noise is None else noise, N, N // B,
+        sigma_in.numel(), float(guidance) if guidance is not None else 1.0,
+        W=table.shape[1], GIVEN_NOISE=noise is not None, K=K, CFG=guidance is not None, TWICE=x_in.shape[0] == 2 * B,
+        STAGE0_STREAM=STAGE0_STREAM, **_STEP_COLUMNS, BLOCK=_block(N))
 
 
 def init_state_triton(table: torch.Tensor, t0: float, n_init: float, seeds: torch.Tensor, x: torch.Tensor,

@@ -7,7 +7,8 @@ import time
 from .common import int_list, output_path, positive_int
 
 HELP = ("invert real images of a bundled model (PNG files, or held-out digits of the test split) with the "
-        "probability-flow ODE run upward, sample them back, and draw original | reconstruction with its error")
+        "probability-flow ODE run upward or DDPM noise maps, sample them back, and draw original | reconstruction "
+        "with its error")
 
 
 def register(sub) -> None:
@@ -22,8 +23,12 @@ def register(sub) -> None:
                    help="class label(s) to invert and sample under, cycled over the images (default: the test "
                         "split's labels for --digits, the null label, i.e. unconditional, for --image)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w for both directions")
-    p.add_argument("--solver", default="dpmpp_2m", help="an upward solver: euler (DDIM inversion), heun, dpmpp_2m, "
-                                                        "dpmpp_3m, ipndm, lms (default dpmpp_2m)")
+    p.add_argument("--kind", choices=("ode", "ddpm"), default="ode",
+                   help="ode: the probability-flow ODE run upward; ddpm: edit-friendly noise maps, an exact "
+                        "reconstruction (default ode)")
+    p.add_argument("--solver", default=None, help="ode: an upward solver, euler (DDIM inversion), heun, dpmpp_2m, "
+                                                  "dpmpp_3m, ipndm, lms (default dpmpp_2m); ddpm: dpmpp_2m_sde "
+                                                  "(default) or dpmpp_3m_sde")
     p.add_argument("--steps", type=positive_int, default=20, help="steps of the sampling schedule inverted (default 20)")
     p.add_argument("--backend", default="auto")
     p.add_argument("-o", "--output", metavar="OUT.png", default="invert.png",
@@ -66,7 +71,10 @@ def run(args) -> int:
 
     from edmrt.solvers import UPWARD_SOLVERS
 
-    if args.solver not in UPWARD_SOLVERS:   # said before the model loads
+    from edmrt.pipelines.inversion import DEFAULT_SOLVER
+
+    args.solver = args.solver or DEFAULT_SOLVER[args.kind]
+    if args.kind == "ode" and args.solver not in UPWARD_SOLVERS:   # said before the model loads
         raise ValueError(f"--solver {args.solver!r} does not run upward (an inversion); expected one of "
                          f"{list(UPWARD_SOLVERS)}")
     out = output_path(args.output)
@@ -78,7 +86,7 @@ def run(args) -> int:
     cond = labels   # None: the null label, an unconditional inversion
     t0 = time.perf_counter()
     inv = edmrt.invert(model, images, solver=args.solver, steps=args.steps, cond=cond, guidance=args.guidance,
-                       backend=args.backend)
+                       backend=args.backend, kind=args.kind)
     t1 = time.perf_counter()
     rec = edmrt.Sampler(model, backend=args.backend, **inv.sampler_args).sample(
         range(images.shape[0]), cond=cond, guidance=args.guidance, inversion=inv)
@@ -86,9 +94,9 @@ def run(args) -> int:
     err = (rec - images).pow(2).flatten(1).mean(1).sqrt()
     shown = labels if labels is not None else [-1] * images.shape[0]
     save_grid(torch.cat([images, rec]), shown + shown, out,
-              title=f"{args.model}: original (top) | reconstruction (bottom), {args.solver} {args.steps} steps, "
-                    f"RMSE {err.mean():.4f}")
+              title=f"{args.model}: original (top) | reconstruction (bottom), {args.kind} {args.solver} {args.steps} steps, "
+                    f"RMSE {err.mean():.3g}")
     print(f"inverted {images.shape[0]} images in {t1 - t0:.2f} s ({inv.nfe} NFE), reconstructed in {t2 - t1:.2f} s; "
-          f"RMSE per image {', '.join(f'{e:.4f}' for e in err.tolist())} (mean {err.mean():.4f}, images in [-1, 1])")
+          f"RMSE per image {', '.join(f'{e:.3g}' for e in err.tolist())} (mean {err.mean():.3g}, images in [-1, 1])")
     print(f"wrote {out}")
     return 0
