@@ -137,14 +137,19 @@ class Engine:
         cond = self.cond if conditioned else None
         Z = self.Z if maps else None
         for s in range(self.plan.stages):
-            # Network evaluation, then the fused update (which writes the next network input).  A backend may hand
-            # back its own output tensor to be read as F (CallableBackend(pass_through=True)); else F is self.F.
-            F = self.backend(self.x_in, self.sigma_in, cond, self.F)
-            if F is None:
-                F = self.F
-            elif self.use_graph:  # a captured graph replays fixed addresses
-                F = self.F.copy_(F)
-            step(s, F, None if Z is None else Z[s])
+            # Network evaluation, then the fused update (which writes the next network input).
+            step(s, self._network(s, cond), None if Z is None else Z[s])
+
+    def _network(self, stage: int, cond) -> torch.Tensor:
+        """The network's output F for stage ``stage`` at the current input.  A backend may hand back its own output
+        tensor to be read as F (CallableBackend(pass_through=True)); else F is self.F.  (An engine that combines
+        several rows into F, ``edmrt.pipelines.edit.EditEngine``, overrides this.)"""
+        F = self.backend(self.x_in, self.sigma_in, cond, self.F)
+        if F is None:
+            return self.F
+        if self.use_graph:  # a captured graph replays fixed addresses
+            return self.F.copy_(F)
+        return F
 
     def _first_nonfinite(self, w: float | None, conditioned: bool, given: bool, maps: bool = False) -> str:
         """Run the loop again (eagerly), checking after every stage: where NaN or Inf first appears."""
@@ -154,15 +159,14 @@ class Engine:
             return "the initial state (check x_init)"
         cond = self.cond if conditioned else None
         for s in range(self.plan.stages):
-            F = self.backend(self.x_in, self.sigma_in, cond, self.F)
-            F = self.F if F is None else F
+            F = self._network(s, cond)
             where = f"stage {s} of {self.plan.stages} (sigma = {float(self.plan.sigma[s]):.4g})"
             if not bool(torch.isfinite(F).all()):
                 return f"the network's output at {where}: check the network and its weights"
             step(s, F, self.Z[s] if maps else None)
             if not bool(torch.isfinite(self.x_eval).all()):
                 return (f"the update of {where}: the network's output is finite but too large "
-                        f"(max |F| = {float(self.F.abs().max()):.3g})")
+                        f"(max |F| = {float(F.abs().max()):.3g})")
         return "no stage when run again (the network is not deterministic?)"
 
     def run(self, seeds: torch.Tensor, cond=None, guidance: float | None = None, x_init: torch.Tensor | None = None,
@@ -266,8 +270,7 @@ class Engine:
             cond = self.cond if req.cond is not None else None
             zero = torch.zeros_like(self.x)
             for s in range(self.plan.stages):
-                F = self.backend(self.x_in, self.sigma_in, cond, self.F)
-                F = self.F if F is None else F
+                F = self._network(s, cond)
                 n = float(self.plan.n[s])
                 if n != 0.0:
                     x, x_eval = self.x.clone(), self.x_eval.clone()

@@ -211,11 +211,16 @@ class Sampler:
         return latents, maps
 
     def _check_output(self, output):
+        return self._check_output_for(self.model, output)
+
+    @staticmethod
+    def _check_output_for(model, output):
+        """"latent" or "image" (the default when the model has a decoder); ValueError otherwise."""
         if output is None:
-            return "image" if self.model.decoder is not None else "latent"
+            return "image" if model.decoder is not None else "latent"
         if output not in ("latent", "image"):
             raise ValueError(f"output must be 'latent' or 'image', got {output!r}")
-        if output == "image" and self.model.decoder is None:
+        if output == "image" and model.decoder is None:
             raise ValueError("output='image' needs a model with a decoder (a VAE: edmrt.from_diffusers(..., vae=vae))")
         return output
 

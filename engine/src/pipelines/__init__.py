@@ -1,5 +1,6 @@
 """Pipelines: what runs above the Sampler, one job each (``inversion``: a real image to the noise that samples back
-into it).  They build Samplers and plans; the Sampler and everything under it never imports them."""
+into it; ``edit``: LEDITS++ edit guidance along an inversion).  They build Samplers and plans; the Sampler and everything under it never imports them."""
+from .edit import EditEngine, edit
 from .inversion import Inversion, invert
 
-__all__ = ["Inversion", "invert"]
+__all__ = ["Inversion", "invert", "edit", "EditEngine"]
