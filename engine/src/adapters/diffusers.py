@@ -406,12 +406,15 @@ class ConditionalUNetNetwork(nn.Module):
     """``UNet2DConditionModel`` as ``network(x_in, c_noise, encoder_hidden_states, **cond) -> F``.
 
     ``text_embeds`` and ``time_ids`` (SDXL) and ``image_embeds`` / ``image_embeds_<i>`` (IP-Adapters, one tensor
-    per adapter, in order) go into ``added_cond_kwargs``; ``timestep_cond`` (LCM's guidance embedding) and
-    ``class_labels`` are passed as the UNet's own keywords."""
+    per adapter, in order) go into ``added_cond_kwargs``; ``ip_adapter_masks`` / ``ip_adapter_masks_<i>`` (one
+    (num_images, H, W) mask per sample and adapter) into ``cross_attention_kwargs["ip_adapter_masks"]``, one row
+    per UNet row (diffusers' attention processors downsample them per layer); ``timestep_cond`` (LCM's guidance
+    embedding) and ``class_labels`` are passed as the UNet's own keywords."""
 
-    def __init__(self, unet: nn.Module, cond_inputs: tuple, image_inputs: tuple = ()):
+    def __init__(self, unet: nn.Module, cond_inputs: tuple, image_inputs: tuple = (), mask_inputs: tuple = ()):
         super().__init__()
         self.unet, self.cond_inputs, self.image_inputs = unet, tuple(cond_inputs), tuple(image_inputs)
+        self.mask_inputs = tuple(mask_inputs)
         self.channels = int(unet.config.in_channels)
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, **cond):
@@ -420,10 +423,11 @@ class ConditionalUNetNetwork(nn.Module):
         added = {k: cond.pop(k) for k in ("text_embeds", "time_ids") if k in cond}
         if self.image_inputs:
             added["image_embeds"] = [cond.pop(k) for k in self.image_inputs]
+        attn = {"ip_adapter_masks": [cond.pop(k) for k in self.mask_inputs]} if self.mask_inputs else None
         out = self.unet(x_in.to(dtype), _timesteps(c_noise, x_in.shape[0]),
                         encoder_hidden_states=cond.pop("encoder_hidden_states", None),
                         class_labels=cond.pop("class_labels", None), timestep_cond=cond.pop("timestep_cond", None),
-                        added_cond_kwargs=added or None, return_dict=False)[0]
+                        added_cond_kwargs=added or None, cross_attention_kwargs=attn, return_dict=False)[0]
         return _first_channels(out, self.channels).to(x_in.dtype)
 
 
@@ -452,6 +456,26 @@ def _shape(config, key) -> tuple:
             raise ValueError(f"the UNet's {key} differs per block ({list(v)}): not supported")
         v = v[0]
     return int(v)
+
+
+def _mask_inputs(image_names: tuple, shapes: dict) -> tuple[list, tuple]:
+    """IP-Adapter masks, when ``cond_shapes`` declares them: ``ip_adapter_masks`` (one adapter) or
+    ``ip_adapter_masks_<i>`` (each of several; all or none), per sample (num_images, H, W) at the output image's
+    resolution, as ``IPAdapterMaskProcessor.preprocess`` makes them (1: the adapter's image conditions that pixel).
+    Their unconditional rows are the conditional ones (null "cond"): the pipelines mask both halves of CFG alike."""
+    names = tuple(n.replace("image_embeds", "ip_adapter_masks") for n in image_names)
+    given = [n for n in names if n in shapes]
+    stray = sorted(k for k in shapes if k.startswith("ip_adapter_masks") and k not in names)
+    if stray or (given and len(given) != len(names)):
+        raise ValueError(f"cond_shapes: IP-Adapter masks are {list(names) or 'none (no IP-Adapter is loaded)'}, one "
+                         f"per adapter (all or none); got {sorted(given + stray)}")
+    out = []
+    for n in given:
+        shape = tuple(shapes[n])
+        if len(shape) != 3:
+            raise ValueError(f"cond_shapes[{n!r}] must be (num_images, H, W), got {shape}")
+        out.append(CondInput(n, shape, null="cond"))
+    return out, tuple(given)
 
 
 def _image_inputs(unet, shapes: dict) -> tuple[list, tuple]:
@@ -545,7 +569,9 @@ def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
         if hid == "ip_image_proj" and not ip_procs:
             raise ValueError("the UNet has an IP-Adapter image projection (encoder_hid_dim_type 'ip_image_proj') but "
                              "no IP-Adapter attention processors: the image embeddings would be projected and unused")
-        return ConditionalUNetNetwork(net, _text_inputs(cfg, shapes) + _class_inputs(cfg) + images, names), 0, shape
+        masks, mask_names = _mask_inputs(names, shapes)
+        return ConditionalUNetNetwork(net, _text_inputs(cfg, shapes) + _class_inputs(cfg) + images + masks, names,
+                                      mask_names), 0, shape
     n = int(cfg["num_embeds_ada_norm"])  # DiT: its label embedding has a null row n (class dropout), DiTPipeline's 1000
     labels = CondInput("class_labels", (), torch.int64, null=n, num_classes=n)
     return DiTNetwork(net, (labels,)), n, shape
@@ -619,6 +645,28 @@ class VAEDecoder(nn.Module):
         both = mean is not None and std is not None
         self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32) if both else None)
         self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32) if both else None)
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """The sampler's (scaled) latents from the VAE's own z: ``unscale``'s inverse, as diffusers' img2img pipelines
+        scale ``vae.encode``'s latents (``(z - latents_mean) * scaling_factor / latents_std``, else
+        ``(z - shift_factor) * scaling_factor``)."""
+        if self.latents_mean is not None:
+            view = (1, -1) + (1,) * (z.ndim - 2)
+            return (z - self.latents_mean.view(view)) * self.scaling_factor / self.latents_std.view(view)
+        z = z - float(self.shift_factor) if self.shift_factor is not None else z
+        return z * self.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, h, w) of images (N, 3, H, W) in [-1, 1]: the mode of ``vae.encode``'s latent distribution
+        (LEDITS++'s and the img2img pipelines' choice), scaled (``scale``), ``batch`` images at a time."""
+        dtype = _dtype(self.vae)
+        out = []
+        for chunk in images.to(torch.float32).split(self.batch):
+            enc = self.vae.encode(chunk.to(dtype))
+            dist = enc.latent_dist if hasattr(enc, "latent_dist") else enc[0]
+            out.append(dist.mode() if hasattr(dist, "mode") else dist)
+        return self.scale(torch.cat(out).to(torch.float32))
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's own latent z from the sampler's (scaled) latents (class docstring)."""

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from ..model import Model
+from ..progress import stage_progress
 from ..plan import Plan
 from ..sampler import Sampler
 from ..schedules import upward
 from ..solvers import UPWARD_SOLVERS, build_plan
 
-__all__ = ["Inversion", "invert", "KINDS"]
+__all__ = ["Inversion", "invert", "image_state", "KINDS"]
 
 KINDS = ("ode", "ddpm")
 DEFAULT_SOLVER = {"ode": "dpmpp_2m", "ddpm": "dpmpp_2m_sde"}
@@ -56,17 +57,29 @@ class Inversion:
         return dict(solver=self.solver, steps=int(self.sigmas.size - 1), schedule=self.sigmas.tolist(), **self.options)
 
 
-def _as_state(images, model: Model, latents: bool) -> torch.Tensor:
+def image_state(images, model: Model, latents: bool) -> torch.Tensor:
     """The images as the model's state: (N, *sample_shape) floating point in the data's range ([-1, 1] for pixel
-    models), or uint8 images (0..255, mapped to [-1, 1]); with ``latents`` the state itself (floating point).
-    ValueError naming what is wrong."""
+    models), or uint8 images (0..255, mapped to [-1, 1]); with ``latents`` the state itself (floating point).  A
+    latent model's images (N, 3, H, W) go through its VAE's encoder (``VAEDecoder.encode``: the latent
+    distribution's mode, scaled as diffusers' pipelines scale it).  ValueError naming what is wrong."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"images must be a tensor of shape (N, {', '.join(map(str, model.sample_shape))}), got "
                          f"{type(images).__name__}")
     if model.decoder is not None and not latents:
-        raise ValueError("images: this model samples latents through a decoder; inverting its images needs the VAE "
-                         "encoder, which edmrt.invert does not run yet: encode them yourself and pass the latents "
-                         "(edmrt.invert(model, latents, latents=True))")
+        encode = getattr(model.decoder, "encode", None)
+        if not callable(encode):
+            raise ValueError("images: this model's decoder has no encoder (edmrt.from_diffusers(..., vae=vae) gives "
+                             "one); encode the images yourself and pass latents=True")
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1.0
+        if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W) floating point in [-1, 1] (or uint8) for a latent model, "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images must be finite (no NaN or Inf)")
+        with torch.inference_mode():
+            images = encode(images.detach().float())
+        latents = True
     if images.dtype == torch.uint8 and not latents:
         images = images.float() / 127.5 - 1.0
     if not images.is_floating_point() or tuple(images.shape[1:]) != tuple(model.sample_shape) or images.ndim < 2:
@@ -79,7 +92,7 @@ def _as_state(images, model: Model, latents: bool) -> torch.Tensor:
 
 def invert(model: Model, images, solver: str | None = None, steps: int | None = None, cond=None,
            guidance: float | None = None, uncond=None, kind: str = "ode", schedule=None, backend="auto",
-           device=None, latents: bool = False, seed: int = 0, **options) -> Inversion:
+           device=None, latents: bool = False, seed: int = 0, progress=False, **options) -> Inversion:
     """Invert ``images`` (module docstring): the noise that ``solver`` with ``steps`` on ``schedule`` (the model
     card's defaults where None) samples back into them, under the same ``cond`` / ``guidance`` / ``uncond``.
 
@@ -93,6 +106,7 @@ def invert(model: Model, images, solver: str | None = None, steps: int | None = 
     schedule    "ddpm": a named schedule is built with steps + 1 levels and stops at its last positive one
                 (sigma_min), so that every stage adds noise; a list must stop at a positive level itself
     seed        "ddpm": the seed of the path's independent noises eps_i
+    progress    True: a progress bar over the stages; or a callable given the stages done
     backend     as ``Sampler``'s; the inversion and its reconstruction share it
     options     the solver's options (``dpmpp_2m(first_order_last=True)``: diffusers' inverse scheduler's
                 lower_order_final below 15 steps)
@@ -106,18 +120,20 @@ def invert(model: Model, images, solver: str | None = None, steps: int | None = 
         raise ValueError(f"model must be an edmrt Model, got {type(model).__name__}")
     solver = DEFAULT_SOLVER[kind] if solver is None else solver
     if kind == "ddpm":
-        return _invert_ddpm(model, _as_state(images, model, latents), solver, steps, cond, guidance, uncond,
-                            schedule, backend, device, seed, options)
+        return _invert_ddpm(model, image_state(images, model, latents), solver, steps, cond, guidance, uncond,
+                            schedule, backend, device, seed, options, progress)
     if solver not in UPWARD_SOLVERS:
         raise ValueError(f"solver {solver!r} does not run upward (an inversion); expected one of {list(UPWARD_SOLVERS)}")
-    x = _as_state(images, model, latents)
+    x = image_state(images, model, latents)
     forward = Sampler(model, solver=solver, steps=steps, schedule=schedule, backend=backend, device=device,
                       **options)
     plan = build_plan(solver, upward(forward.plan.sigmas, model.sigma_min), model.precond, **options)
     up = Sampler(model, plan=plan, backend=forward.backend, device=forward.device)
     seeds = list(range(x.shape[0]))   # an ODE plan draws no noise: the seeds key nothing
     with torch.inference_mode():
-        end = up.sample(seeds, cond=cond, guidance=guidance, uncond=uncond, x_init=x, output="latent")
+        with stage_progress(progress, plan.stages, "invert") as tick:
+            end = up.sample(seeds, cond=cond, guidance=guidance, uncond=uncond, x_init=x, output="latent",
+                            progress=tick or False)
     return Inversion(latents=end, sigma_end=float(plan.sigmas[-1]), kind=kind, solver=solver,
                      sigmas=np.asarray(forward.plan.sigmas), options=dict(options), nfe=plan.nfe)
 
@@ -147,7 +163,8 @@ def _ddpm_plan(model: Model, solver: str, steps, schedule, backend, device, opti
     return forward
 
 
-def _invert_ddpm(model, x0, solver, steps, cond, guidance, uncond, schedule, backend, device, seed, options):
+def _invert_ddpm(model, x0, solver, steps, cond, guidance, uncond, schedule, backend, device, seed, options,
+                 progress=False):
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     forward = _ddpm_plan(model, solver, steps, schedule, backend, device, options)
@@ -162,7 +179,8 @@ def _invert_ddpm(model, x0, solver, steps, cond, guidance, uncond, schedule, bac
     targets = torch.stack(path[1:])
     seeds = list(range(N))   # every stage's noise is given: the seeds key nothing
     with torch.inference_mode():
-        maps = forward.fit_noise_maps(seeds, start, targets, cond=cond, guidance=guidance, uncond=uncond)
+        maps = forward.fit_noise_maps(seeds, start, targets, cond=cond, guidance=guidance, uncond=uncond,
+                                      progress=progress)
     return Inversion(latents=start, sigma_end=float(sigmas[0]), kind="ddpm", solver=solver, sigmas=sigmas,
                      options=dict(options), nfe=forward.plan.nfe, noise_maps=maps.cpu(),
                      plan=forward.plan)
