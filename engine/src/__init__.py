@@ -14,7 +14,7 @@ from .executor import SeededNoise, execute
 from .model import CondInput, Model
 from .loading import load
 from .optimize import OptimizedSchedule, optimize_schedule
-from .pipelines import Inversion, edit, invert
+from .pipelines import Inversion, edit, inpaint, invert
 from .plan import Plan
 from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, LCMPrecond, Precond, VEPrecond,
                       VPPrecond, VPredictionPrecond, X0Precond, sigmas_from_alphas_cumprod)
@@ -30,7 +30,7 @@ __all__ = [
     "Sampler",
     "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
     "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "sigmas_from_alphas_cumprod", "from_diffusers",
-    "optimize_schedule", "OptimizedSchedule", "load", "invert", "Inversion", "edit",
+    "optimize_schedule", "OptimizedSchedule", "load", "invert", "Inversion", "edit", "inpaint",
 ]
 
 
