@@ -84,7 +84,7 @@ def test_prompt_embeds_file_to_pngs_equal_to_the_api(folder, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote 2 PNGs" in r.stdout
     png = [tmp_path / "out" / f"sample_{s:06d}.png" for s in (3, 4)]
-    got = torch.stack([torch.from_numpy(__import__("numpy").asarray(Image.open(p))).permute(2, 0, 1) for p in png])
+    got = torch.stack([torch.from_numpy(__import__("numpy").array(Image.open(p))).permute(2, 0, 1) for p in png])
     s = edmrt.Sampler(edmrt.load(str(path)), solver="euler", steps=3, backend="auto")
     want = s.sample([3, 4], cond={"encoder_hidden_states": emb}, uncond={"encoder_hidden_states": neg}, guidance=5.0)
     assert got.shape == want.shape == (2, 3, 16, 16)
@@ -129,3 +129,20 @@ def test_a_hub_id_is_refused_naming_the_offline_cause():
 
     with pytest.raises(ValueError, match="local diffusers folders only.*no network"):
         edmrt.load("stabilityai/stable-diffusion-xl-base-1.0")
+
+
+def test_edmrt_edit_edits_and_inpaints_a_folders_image_by_prompt(folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path, _ = folder
+    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    for extra in ([], ["--source-prompt", "a photo of a dog"], ["--mask-half", "bottom"]):
+        out = tmp_path / f"out{len(extra)}.png"
+        r = subprocess.run([sys.executable, "-m", "edmrt.cli", "edit", "--model", str(path), "--image",
+                            str(tmp_path / "in.png"), "--prompt", "a cat", "--steps", "4", "--backend", "torch",
+                            "-o", str(out), *extra], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr
+        img = np.asarray(Image.open(out))
+        assert img.shape == (32, 16, 3)     # before over after
+        assert len(np.unique(img[16:])) > 10  # an image, not a blank (the random VAE decodes no likeness)

@@ -174,6 +174,20 @@ def test_editing_threes_into_eights(threes, svm):
         edmrt.edit(model, inv, edits[:1], cond=3, engine=engine)
 
 
+def test_progress_counts_every_stage_of_the_inversion_and_the_edit(threes, capsys):
+    model, imgs, inv = threes
+    ticks = []
+    again = edmrt.invert(model, imgs[:3], kind="ddpm", steps=7, cond=3, progress=ticks.append)
+    assert sum(ticks) == again.plan.stages == 7 and set(ticks) == {1}
+    ticks.clear()
+    edmrt.edit(model, again, [{"cond": 8}], cond=3, progress=ticks.append)
+    assert sum(ticks) == again.plan.stages
+    edmrt.edit(model, again, [{"cond": 8}], cond=3, progress=True)
+    assert "edit: 100%" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="progress must be True, False or a callable"):
+        edmrt.edit(model, again, [{"cond": 8}], cond=3, progress="yes")
+
+
 def test_bad_edits_are_refused_by_name(threes):
     model, imgs, inv = threes
     cases = [
@@ -199,3 +213,80 @@ def test_bad_edits_are_refused_by_name(threes):
         edmrt.edit(model, inv, [{"cond": 8}], guidance=2.0)
     with pytest.raises(ValueError, match="inversion must be an edmrt.invert result"):
         edmrt.edit(model, imgs, [{"cond": 8}])
+
+
+def test_a_latent_models_images_are_encoded_by_its_vae():
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_diffusers import tiny_unet, tiny_vae
+
+    import diffusers
+
+    from edmrt.adapters.diffusers import VAEDecoder, from_diffusers
+
+    img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    for kw, rule in (({}, "sd"), (dict(scaling_factor=0.5, latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                       latents_std=[0.9, 1.1, 0.8, 1.2]), "sdxl")):
+        vae = tiny_vae(**kw)
+        with torch.no_grad():
+            z = vae.encode(img).latent_dist.mode()
+        if rule == "sd":   # StableDiffusionImg2ImgPipeline / LEDITS++: scaling_factor * mode
+            want = vae.config.scaling_factor * z
+        else:              # StableDiffusionXLImg2ImgPipeline with latents_mean / latents_std
+            mean, std = torch.tensor(kw["latents_mean"]).view(1, 4, 1, 1), torch.tensor(kw["latents_std"]).view(1, 4, 1, 1)
+            want = (z - mean) * vae.config.scaling_factor / std
+        dec = VAEDecoder(vae)
+        got = dec.encode(img)
+        assert (got - want).abs().max().item() <= 1e-6, rule
+        assert (dec.unscale(got) - z).abs().max().item() <= 1e-5, rule   # encode then unscale: the VAE's own z
+    model = from_diffusers(tiny_unet(), diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), vae,
+                           cond_shapes={"encoder_hidden_states": (T, 32)})
+    U = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(4))
+    inv = edmrt.invert(model, img, kind="ddpm", steps=6, cond={"encoder_hidden_states": U}, backend="torch")
+    assert inv.latents.shape == (2, 4, 8, 8)
+    s = edmrt.Sampler(model, backend="torch", **inv.sampler_args)
+    rec = s.sample([0, 1], cond={"encoder_hidden_states": U}, inversion=inv, output="latent")
+    assert (rec - VAEDecoder(vae).encode(img)).abs().max().item() <= 1e-5   # exact to the encoded latents
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, H, W\)"):
+        edmrt.invert(model, img[:, :1], kind="ddpm", steps=6, cond={"encoder_hidden_states": U}, backend="torch")
+
+
+def test_edmrt_edit_draws_before_and_after_and_refuses_bad_arguments(tmp_path, capsys):
+    from PIL import Image
+
+    from edmrt.cli import main
+
+    out = tmp_path / "e.png"
+    assert main(["edit", "--digits", "0-4", "--class", "8", "--steps", "8", "--backend", "torch", "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000 and "edited towards class 8" in capsys.readouterr().out
+    assert main(["edit", "--model", "digits-cd", "--digits", "0-4", "--class", "8", "--mask-half", "bottom",
+                 "-o", str(out)]) == 0
+    assert "inpainted as class 8" in capsys.readouterr().out
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
+    m = np.zeros((8, 8), dtype=np.uint8)
+    m[:, 4:] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    assert main(["edit", "--model", "digits-cd", "--image", str(tmp_path / "a.png"), "--mask", str(tmp_path / "m.png"),
+                 "--class", "1", "-o", str(out)]) == 0
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(tmp_path / "small.png")
+    for argv in (["--class", "8", "--threshold", "1.5"], ["--class", "8", "--mask", str(tmp_path / "small.png")],
+                 ["--prompt", "a cat"], ["--class", "8", "--digits", "9999"], ["--class", "12"]):
+        assert main(["edit", "--backend", "torch", "--steps", "4", "-o", str(out), *argv]) == 2, argv
+    with pytest.raises(SystemExit):
+        main(["edit", "--digits", "0-3"])       # a target is required
+
+
+def test_the_gpu_edit_case_runs_as_a_cpu_smoke_test(tmp_path):
+    """benchmarks/gpu_edit.py (gpu_check.sh's LEDITS++ case) with --device cpu --tiny: parity from the pipeline's
+    noise maps, and the JSON the GPU run writes."""
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("diffusers")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks/gpu_edit.py"), "--device", "cpu", "--tiny"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_edit_tiny.json").read_text())
+    assert res["ok"] and res["parity"]["rel"] <= 1e-3 and res["edmrt_s"] > 0 and res["one_graph"] is None

@@ -131,7 +131,7 @@ class Engine:
         """The class-label buffer (B or 2B,), when the model has class labels."""
         return self.cond.get("class_labels")
 
-    def _loop(self, w: float | None, conditioned: bool, given: bool, maps: bool = False) -> None:
+    def _loop(self, w: float | None, conditioned: bool, given: bool, maps: bool = False, progress=None) -> None:
         step = self.stepper(w)
         self._init(step, given)
         cond = self.cond if conditioned else None
@@ -139,6 +139,8 @@ class Engine:
         for s in range(self.plan.stages):
             # Network evaluation, then the fused update (which writes the next network input).
             step(s, self._network(s, cond), None if Z is None else Z[s])
+            if progress is not None:
+                progress(1)
 
     def _network(self, stage: int, cond) -> torch.Tensor:
         """The network's output F for stage ``stage`` at the current input.  A backend may hand back its own output
@@ -220,9 +222,11 @@ class Engine:
         w = check_guidance(guidance) if self.guidance else None
         return Request(seeds, cond, w, uncond, x_init, float(x_init_scale), noise_maps)
 
-    def run_request(self, req: Request) -> torch.Tensor:
+    def run_request(self, req: Request, progress=None) -> torch.Tensor:
         """Sample the checked request ``req`` (``make_request`` or ``request``); returns a new tensor.  Only that it
-        fits this engine is checked here: its batch, guidance on or off, the inputs its buffers hold."""
+        fits this engine is checked here: its batch, guidance on or off, the inputs its buffers hold.
+        ``progress``: called with the number of stages done since its last call (after every stage eagerly; once,
+        with all of them, after a CUDA graph's replay), e.g. a tqdm bar's ``update``."""
         cond_names = None if req.cond is None else set(req.cond)
         maps = req.noise_maps
         if maps is not None and tuple(maps.shape) != (self.plan.stages,) + tuple(self.x.shape):
@@ -239,14 +243,16 @@ class Engine:
             key = (req.guidance, req.cond is not None, req.x_init is not None, maps is not None)
             if self.use_graph:
                 lru_get(self._graphs, key, lambda: self._capture(key), MAX_GUIDANCE_VALUES).replay()
+                if progress is not None:
+                    progress(self.plan.stages)
             else:
-                self._loop(*key)
+                self._loop(*key, progress=progress)
             x = self.x.clone()
             if not all_finite(x):  # one reduction per request
                 raise FloatingPointError(f"sampling produced NaN or Inf, first in {self._first_nonfinite(*key)}")
             return x
 
-    def fit_noise_maps(self, req: Request, targets: torch.Tensor) -> torch.Tensor:
+    def fit_noise_maps(self, req: Request, targets: torch.Tensor, progress=None) -> torch.Tensor:
         """The noise maps that take this engine's loop, started from ``req.x_init``, through ``targets``
         (stages, B, *shape): stage s's map z_s makes its update land on targets[s] (the edit-friendly DDPM
         inversion, Huberman-Spiegelglas et al. 2024, Eq. 5: z_s = (x_{s+1} - mu_s(x_s)) / n_s).
@@ -255,7 +261,8 @@ class Engine:
         mu_s (the update without noise, as the fused step computes it), z_s = (targets[s] - mu_s) / n_s in float64,
         then the stage runs again from the same buffers with z_s, so the state is the one ``run`` with these maps
         computes, float for float (same engine, same request).  Stages with n_s = 0 keep their update (z_s = 0).
-        Returns (stages, B, *shape) float32; run the request with ``noise_maps=`` to follow them."""
+        Returns (stages, B, *shape) float32; run the request with ``noise_maps=`` to follow them.  ``progress`` as
+        ``run_request``'s (after every stage)."""
         shape = (self.plan.stages,) + tuple(self.x.shape)
         if (not isinstance(targets, torch.Tensor) or not targets.is_floating_point() or tuple(targets.shape) != shape
                 or targets.device != self.device or not all_finite(targets)):
@@ -279,6 +286,8 @@ class Engine:
                     self.x.copy_(x)
                     self.x_eval.copy_(x_eval)
                 step(s, F, Z[s] if n != 0.0 else None)
+                if progress is not None:
+                    progress(1)
             if not all_finite(self.x):
                 raise FloatingPointError("fitting noise maps produced NaN or Inf: check the network and the targets")
         return Z

@@ -24,6 +24,7 @@ from .checks import check_device, check_seeds, check_signature
 from .engine import Engine, lru_get
 from .model import Model, card_options, sampling_defaults
 from .plan import Plan
+from .progress import stage_progress
 from .request import make_request
 from .schedules import make_sigmas
 from .solvers import build_plan
@@ -141,7 +142,7 @@ class Sampler:
                 torch.cuda.synchronize(self.device)
 
     def sample(self, seeds, cond=None, guidance: float | None = None, uncond=None, noise=None,
-               output: str | None = None, x_init=None, inversion=None) -> torch.Tensor:
+               output: str | None = None, x_init=None, inversion=None, progress=False) -> torch.Tensor:
         """Samples for N seeds: (N, *sample_shape) latents, or (N, 3, H, W) uint8 images when decoded.
 
         ``cond``: {name: tensor} for the model's conditioning inputs, each (N, *shape) or one (*shape) for all
@@ -157,7 +158,9 @@ class Sampler:
         ``inversion``: an ``edmrt.invert`` result: the state starts where it ended (its latents), so sampling with
         the inverted solver and steps reconstructs its images; this plan must start at the level it reached.
         ``output``: "latent" (the final state) or "image" (decoded by the model's decoder; the default when it has
-        one).  Raises FloatingPointError, naming the stage, when the result holds NaN or Inf."""
+        one).  ``progress``: True for a progress bar over the stages (tqdm), or a callable given the number of
+        stages done since its last call.  Raises FloatingPointError, naming the stage, when the result holds NaN or
+        Inf."""
         output = self._check_output(output)
         maps = None
         if inversion is not None:
@@ -169,7 +172,8 @@ class Sampler:
                            t0=float(self.plan.sigmas[0]), x_init=x_init)
         if maps is not None:
             req = dataclasses.replace(req, noise_maps=maps.to(self.device))
-        x = self._locked(req, lambda engine: engine.run_request(req))
+        with stage_progress(progress, self.plan.stages, "sample") as tick:
+            x = self._locked(req, lambda engine: engine.run_request(req, tick))
         return self.decode(x) if output == "image" else x
 
     def _locked(self, req, fn):
@@ -183,13 +187,14 @@ class Sampler:
             return fn(engine)
 
     def fit_noise_maps(self, seeds, x_init, targets, cond=None, guidance: float | None = None,
-                       uncond=None) -> torch.Tensor:
+                       uncond=None, progress=False) -> torch.Tensor:
         """The noise maps (stages, N, *sample_shape) with which this sampler's plan, started at ``x_init``, passes
         through ``targets`` (stages, N, *sample_shape): the state after each stage (``Engine.fit_noise_maps``; the
         DDPM inversion of ``edmrt.invert(kind="ddpm")``).  Arguments as ``sample``'s."""
         req = make_request(self.model.cond, self.model.sample_shape, self.device, seeds, cond, guidance, uncond,
                            t0=float(self.plan.sigmas[0]), x_init=x_init)
-        return self._locked(req, lambda engine: engine.fit_noise_maps(req, targets.to(self.device)))
+        with stage_progress(progress, self.plan.stages, "invert") as tick:
+            return self._locked(req, lambda engine: engine.fit_noise_maps(req, targets.to(self.device), tick))
 
     def _inversion_start(self, inversion, x_init, noise) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The latents an inversion reached and its noise maps (None for an ODE inversion), checked against this

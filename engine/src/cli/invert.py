@@ -86,10 +86,10 @@ def run(args) -> int:
     cond = labels   # None: the null label, an unconditional inversion
     t0 = time.perf_counter()
     inv = edmrt.invert(model, images, solver=args.solver, steps=args.steps, cond=cond, guidance=args.guidance,
-                       backend=args.backend, kind=args.kind)
+                       backend=args.backend, kind=args.kind, progress=True)
     t1 = time.perf_counter()
     rec = edmrt.Sampler(model, backend=args.backend, **inv.sampler_args).sample(
-        range(images.shape[0]), cond=cond, guidance=args.guidance, inversion=inv)
+        range(images.shape[0]), cond=cond, guidance=args.guidance, inversion=inv, progress=True)
     t2 = time.perf_counter()
     err = (rec - images).pow(2).flatten(1).mean(1).sqrt()
     shown = labels if labels is not None else [-1] * images.shape[0]

@@ -32,6 +32,7 @@ from ..adapters.lora import adapters_of
 from ..checks import is_real
 from ..engine import Engine
 from ..model import Model
+from ..progress import stage_progress
 from ..request import Request, check_guidance, make_request
 from ..sampler import Sampler
 from .inversion import Inversion
@@ -213,7 +214,7 @@ def _rows(model: Model, device, N: int, cond, uncond, concepts) -> dict:
 
 def edit(model: Model, inversion: Inversion, edits, cond=None, guidance: float | None = None, uncond=None,
          mask: str | None = "noise", backend="auto", device=None, output: str | None = None,
-         engine: EditEngine | None = None, return_masks: bool = False):
+         engine: EditEngine | None = None, return_masks: bool = False, progress=False):
     """Edit the images of ``inversion`` by edit guidance (module docstring); returns what ``Sampler.sample`` returns.
 
     ==========  ===========================================================================================
@@ -228,6 +229,7 @@ def edit(model: Model, inversion: Inversion, edits, cond=None, guidance: float |
     engine      an ``EditEngine`` to reuse (``edit`` builds one otherwise)
     return_masks  also return the implicit masks, (stages, K, N, 1, H, W) float32 (1: the concept guided
                 that pixel at that stage; all ones where mask=None and the concept is active)
+    progress    True: a progress bar over the stages; or a callable given the stages done
     ==========  ===========================================================================================
 
     ValueError names what does not fit: the inversion, an edit's key or value, a condition, the mask."""
@@ -265,10 +267,11 @@ def edit(model: Model, inversion: Inversion, edits, cond=None, guidance: float |
                       weights=torch.tensor(_weights(plan, concepts, 1.0 if w is None else w), dtype=torch.float32),
                       thresholds=torch.tensor([float(c["threshold"]) for c in concepts], dtype=torch.float32))
     adapters = adapters_of(model)
-    if adapters is None:
-        x = engine.run_request(req)
-    else:
-        with adapters.swap.reading():
-            x = engine.run_request(req)
+    with stage_progress(progress, plan.stages, "edit") as tick:
+        if adapters is None:
+            x = engine.run_request(req, tick)
+        else:
+            with adapters.swap.reading():
+                x = engine.run_request(req, tick)
     out = sampler.decode(x) if output == "image" else x
     return (out, engine.masks.clone().cpu()) if return_masks else out
