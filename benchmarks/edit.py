@@ -9,6 +9,10 @@ split); the share of pixels outside the implicit mask (never guided at any stage
 change there and inside (images in [-1, 1]).  The grid over steps and scale is printed in full: the configuration
 reported first was chosen on these same test digits.
 
+Inpainting: the bottom or right half of each of the 200 digits of test half A masked and filled (``edmrt.inpaint``:
+Song et al. 2023 Alg. 4 with the student digits-cd; the same D-replacement with the teacher), class-conditional on
+the true labels: the project's classifier's accuracy and FD to test half B (``edmrt.lab.metrics``).
+
 Speed: one edit (invert + edit, 2 concepts, noise mask) on the CPU, edmrt against diffusers'
 ``LEditsPPPipelineStableDiffusion`` on the same tiny random UNet2DConditionModel (blocks 32/64, cross-attention 32, 5
 tokens) at 8x8 and 32x32 latents, batch 1, 10 and 20 steps: the pipeline's ``invert`` + ``__call__``
@@ -70,6 +74,37 @@ def success_rows(configs) -> list[dict]:
                                  outside_share=float(outside.float().mean()),
                                  rms_outside=float(d[outside].pow(2).mean().sqrt()) if outside.any() else None,
                                  rms_inside=float(d[~outside].pow(2).mean().sqrt()), seconds=round(seconds, 3)))
+    return rows
+
+
+def inpaint_rows() -> list[dict]:
+    import edmrt
+    from edmrt.lab.common import held_out_halves
+    from edmrt.lab.metrics import class_accuracy, fd_digits, fd_digits_floor, load_classifier
+
+    clf = load_classifier()
+    (xa, ya), _ = held_out_halves()
+    xa, labels = torch.as_tensor(xa).float(), [int(v) for v in ya]
+    rows = [dict(method="real digits (no mask)", mask="-", nfe=0, classifier=class_accuracy(xa, labels, clf),
+                 fd=fd_digits_floor(clf))]
+    for where in ("bottom", "right"):
+        m = torch.zeros(len(labels), 1, 8, 8, dtype=torch.bool)
+        if where == "bottom":
+            m[:, :, 4:] = True
+        else:
+            m[:, :, :, 4:] = True
+        blank = torch.where(m, torch.full_like(xa, -1.0), xa)
+        rows.append(dict(method="masked half left blank (-1)", mask=where, nfe=0,
+                         classifier=class_accuracy(blank, labels, clf), fd=fd_digits(blank, clf)))
+        for name, model, kw in (("digits-cd, consistency (card)", "digits-cd", {}),
+                                ("digits teacher, heun 18", "digits", dict(solver="heun", steps=18))):
+            mdl = edmrt.load(model)
+            t0 = time.perf_counter()
+            out = edmrt.inpaint(mdl, xa, m, cond=labels, **kw)
+            seconds = time.perf_counter() - t0
+            rows.append(dict(method=name, mask=where, nfe=edmrt.Sampler(mdl, **kw).plan.nfe,
+                             classifier=class_accuracy(out, labels, clf), fd=fd_digits(out, clf),
+                             seconds=round(seconds, 3)))
     return rows
 
 
@@ -161,7 +196,7 @@ def speed_rows(rounds: int) -> list[dict]:
     return rows
 
 
-def table(success: list[dict], speed: list[dict]) -> str:
+def table(success: list[dict], speed: list[dict], inpainting: list[dict]) -> str:
     chosen = [r for r in success if (r["steps"], r["scale"]) == CHOSEN]
     out = [f"LEDITS++ edits a -> b ({CHOSEN[0]} steps, scale {CHOSEN[1]}, threshold {THRESHOLD}, a reversed):", "",
            "| a -> b | n | classifier | SVM | outside mask | RMS outside | RMS inside |", "|---|---|---|---|---|---|---|"]
@@ -174,6 +209,11 @@ def table(success: list[dict], speed: list[dict]) -> str:
     for steps, scale in GRID:
         rs = [r["svm"] for r in success if (r["steps"], r["scale"]) == (steps, scale)]
         out.append(f"| {steps} | {scale} | {np.mean(rs):.1%} | {min(rs):.1%} |")
+    out += ["", "Inpainting a masked half of the 200 digits of test half A, class-conditional on their labels (FD to "
+            "test half B, the project's classifier's features):", "", "| method | mask | NFE | classifier | FD |",
+            "|---|---|---|---|---|"]
+    for r in inpainting:
+        out.append(f"| {r['method']} | {r['mask']} | {r['nfe']} | {r['classifier']:.1%} | {r['fd']:.2f} |")
     out += ["", "Speed, invert + edit, batch 1, seconds (median):", "",
             "| latent | steps | diffusers LEDITS++ | edmrt | speed-up | network floor | edmrt over the floor |",
             "|---|---|---|---|---|---|---|"]
@@ -194,15 +234,16 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(torch.get_num_threads())
     t0 = time.perf_counter()
-    success, speed = success_rows(GRID), speed_rows(args.rounds)
+    success, inpainting, speed = success_rows(GRID), inpaint_rows(), speed_rows(args.rounds)
     result = {"benchmark": "edit", "machine": machine_name(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
-              "seconds": round(time.perf_counter() - t0, 1), "success": success, "speed": speed}
+              "seconds": round(time.perf_counter() - t0, 1), "success": success, "inpainting": inpainting,
+              "speed": speed}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "edit_digits.json").write_text(json.dumps(result, indent=1) + "\n")
     md = "\n".join([f"# Editing ({result['machine']}, {result['date']}, {result['threads']} threads)", "",
-                    " ".join(__doc__.split("\n\n")[1:3]).replace("\n", " "), "", table(success, speed), ""])
+                    " ".join(__doc__.split("\n\n")[1:4]).replace("\n", " "), "", table(success, speed, inpainting), ""])
     (out / "edit_digits.md").write_text(md)
     print(md)
     return 0

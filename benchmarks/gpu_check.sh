@@ -6,9 +6,10 @@
 # `pip install --no-deps --no-build-isolation -e .` (builds the C++ core if pybind11 is there);
 # otherwise runs from the tree through a link farm.  Runs the GPU tests (if pytest is there),
 # then benchmarks/gpu_check.py, then the SD-1.5-shaped case benchmarks/gpu_sd.py (diffusers installed offline from
-# the carried benchmarks/wheels when the image lacks it; without diffusers gpu_sd.py runs its stated fallback);
-# writes JSON and a log to $OUT, or to benchmarks/results/.  The whole run stays within ~9 minutes: gpu_sd.py gets
-# at most 240 s, less when the steps before it ran long.
+# the carried benchmarks/wheels when the image lacks it; without diffusers gpu_sd.py runs its stated fallback), then
+# the SD-1.5-shaped LEDITS++ edit benchmarks/gpu_edit.py (needs diffusers); writes JSON and a log to $OUT, or to
+# benchmarks/results/.  The whole run stays within ~9 minutes: gpu_sd.py gets at most 240 s and gpu_edit.py 150 s,
+# less when the steps before them ran long.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -56,6 +57,18 @@ if (( sd_limit < 90 )); then
   status=1
 else
   timeout "$sd_limit" python3 benchmarks/gpu_sd.py --budget-s $(( sd_limit * 5 / 8 )) || status=1
+fi
+# The SD-1.5-shaped LEDITS++ edit (invert + edit) vs diffusers' LEditsPPPipelineStableDiffusion; the edit loop as
+# one CUDA graph (benchmarks/gpu_edit.py).
+left=$((540 - SECONDS))
+edit_limit=$(( left < 150 ? left : 150 ))
+if (( edit_limit < 60 )); then
+  echo "gpu_edit.py SKIPPED: only ${left} s left of the 9-minute budget"
+  status=1
+elif python3 -c "import diffusers" 2>/dev/null; then
+  timeout "$edit_limit" python3 benchmarks/gpu_edit.py --budget-s $(( edit_limit * 5 / 8 )) || status=1
+else
+  echo "gpu_edit.py SKIPPED: diffusers is not installed (LEditsPPPipelineStableDiffusion is the contender)"
 fi
 echo "== gpu_check done, status $status"
 exit $status
