@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sd import SD15_UNET, TINY_UNET, sync  # noqa: E402
+from gpu_sd import SD15_UNET, TINY_UNET, device_setup, sync  # noqa: E402
 
 STEPS = 20
 
@@ -46,14 +45,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=100.0)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_edit: no CUDA device (use --device cpu --tiny for a smoke test)", file=sys.stderr)
+    setup = device_setup("gpu_edit", args, 5)
+    if setup is None:
         return 2
-    dev = torch.device(args.device)
-    rounds = args.rounds or (2 if args.tiny else 5)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    tol = 0.05 if dtype == torch.float16 else 1e-3
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    dev, rounds, dtype, tol, gpu = setup
     out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ("gpu_edit_tiny.json" if args.tiny else "gpu_edit.json")

@@ -384,6 +384,20 @@ def run_case(case, theirs, ours, bare_eager, bare_graph, nb, dev, rounds, deadli
 
 # ----------------------------------------------------------------------------- main
 
+def device_setup(name: str, args, full_rounds: int):
+    """(device, rounds, dtype, tolerance, device name) for --device / --tiny / --rounds; None (said) without CUDA.
+    fp16 on CUDA (relative tolerance 0.05), fp32 on the CPU (1e-3)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"{name}: no CUDA device (use --device cpu --tiny for a smoke test)", file=sys.stderr)
+        return None
+    dev = torch.device(args.device)
+    rounds = args.rounds or (2 if args.tiny else full_rounds)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    tol = 0.05 if dtype == torch.float16 else 1e-3
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    return dev, rounds, dtype, tol, gpu
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -395,14 +409,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fallback", action="store_true", help="run the no-diffusers fallback even if diffusers is there")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_sd: no CUDA device (use --device cpu --tiny for a smoke test)", file=sys.stderr)
+    setup = device_setup("gpu_sd", args, 7)
+    if setup is None:
         return 2
-    dev = torch.device(args.device)
-    rounds = args.rounds or (2 if args.tiny else 7)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    tol = 0.05 if dtype == torch.float16 else 1e-3
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    dev, rounds, dtype, tol, gpu = setup
 
     import edmrt
 

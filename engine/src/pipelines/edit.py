@@ -21,8 +21,6 @@ and lerp on a device tensor of thresholds (torch.quantile reads its q on the hos
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -146,7 +146,7 @@ def _ddpm_plan(model: Model, solver: str, steps, schedule, backend, device, opti
                           **options)
         if forward.plan.sigmas[-1] == 0.0:
             raise ValueError("schedule: a DDPM inversion's schedule must stop at a positive level (its last stage "
-                             f"lands on the image, which needs noise there), got one ending in 0")
+                             "lands on the image, which needs noise there), got one ending in 0")
     else:
         probe = Sampler(model, solver=solver, steps=steps, schedule=schedule, backend=backend, device=device,
                         **options)
