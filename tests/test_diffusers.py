@@ -484,8 +484,8 @@ def test_load_diffusers_refuses_what_it_cannot_read(sd, tmp_path):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda u: from_diffusers(u, {"_class_name": "FlowMatchEulerDiscreteScheduler"}),
-     "FlowMatchEulerDiscreteScheduler"),
+    (lambda u: from_diffusers(u, {"_class_name": "FlowMatchHeunDiscreteScheduler"}),
+     "FlowMatchHeunDiscreteScheduler"),
     (lambda u: from_diffusers(u, dict(diffusers.EulerDiscreteScheduler().config)), "_class_name"),
     (lambda u: from_diffusers(u, {"_class_name": "DDPMScheduler", "prediction_type": "flow_prediction"}),
      "prediction_type 'flow_prediction'"),
@@ -494,7 +494,7 @@ def test_load_diffusers_refuses_what_it_cannot_read(sd, tmp_path):
     (lambda u: from_diffusers(u, "EulerDiscreteScheduler"), "scheduler_config must be"),
     (lambda u: from_diffusers(u, None, steps=4), "unknown keyword"),
     (lambda u: from_diffusers(u, None, cond_shapes={"text_embeds": (4,)}), "not inputs of this network"),
-    (lambda u: from_diffusers(torch.nn.Linear(2, 2)), "UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel"),
+    (lambda u: from_diffusers(torch.nn.Linear(2, 2)), "UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, SD3Transformer2DModel, got Linear"),
     (lambda u: from_diffusers(u, None, timestep="round"), "timestep"),
     (lambda u: VAEDecoder(u), "vae must be a diffusers autoencoder"),
 ])
@@ -589,3 +589,43 @@ def test_lcm_precond_is_the_lcm_schedulers_denoised(prediction):
     np.testing.assert_array_equal(back.coefficients(sig)[0], c_skip)
     with pytest.raises(ValueError, match="alphas_cumprod is required"):
         edmrt.LCMPrecond()
+
+
+# ----------------------------------------------------------------------------- text length
+
+def test_a_long_prompt_samples_without_cond_shapes(sd):
+    """A model built with no cond_shapes (77 tokens by default) samples 154-token embeddings (a long prompt in two
+    CLIP chunks) as the pipeline does, on the same Sampler as 77-token ones; the rows of guidance must agree."""
+    unet, vae = sd
+    sched = diffusers.DPMSolverMultistepScheduler(**SD)
+    model = from_diffusers(unet, scheduler=sched)
+    assert model.cond[0].shape == (77, 32) and model.cond[0].free == (0,)
+    sampler = scheduler_sampler(model, (sched.set_timesteps(6), sched)[1], "dpmpp_2m")
+    for tokens in (154, 77, 154):
+        L, emb, neg = sd_inputs(32, seed=tokens, tokens=tokens)
+        theirs = sd_pipe(unet, vae, sched)(prompt_embeds=emb, negative_prompt_embeds=neg, latents=L.clone(),
+                                            num_inference_steps=6, guidance_scale=5.0, output_type="latent",
+                                            height=16, width=16).images
+        ours = sampler.sample(SEEDS, cond={"encoder_hidden_states": emb}, uncond={"encoder_hidden_states": neg},
+                              guidance=5.0, noise=initial_noise(L, sched), output="latent")
+        assert rel(ours, theirs) <= RTOL, (tokens, rel(ours, theirs))
+    _, emb, neg = sd_inputs(32, tokens=154)
+    with pytest.raises(ValueError, match=r"share one buffer; give both the same length"):
+        sampler.sample(SEEDS, cond={"encoder_hidden_states": emb}, uncond={"encoder_hidden_states": neg[:, :77]},
+                       guidance=5.0)
+    with pytest.raises(ValueError, match=r"must be finite real numbers of shape \(2, 77, 32\)"):   # the width is not free
+        sampler.sample(SEEDS, cond={"encoder_hidden_states": torch.randn(2, 77, 16)})
+    with pytest.raises(ValueError, match="pass the scheduler once"):
+        from_diffusers(unet, sched, scheduler=sched)
+
+
+def test_a_backend_built_for_one_length_names_cond_shapes_for_another(sd):
+    pytest.importorskip("onnxruntime")
+    unet, _ = sd
+    model = from_diffusers(unet, diffusers.DPMSolverMultistepScheduler(**SD), cond_shapes={"encoder_hidden_states":
+                                                                                          (TOKENS, 32)})
+    sampler = edmrt.Sampler(model, solver="dpmpp_2m", steps=2, backend="onnxruntime", device="cpu")
+    _, emb, _ = sd_inputs(32, tokens=TOKENS + 3)
+    with pytest.raises(ValueError, match=r"backend 'onnxruntime' was built for \{'encoder_hidden_states': \(7, 32\)\}: "
+                                         r"build the model with cond_shapes=\{'encoder_hidden_states': \(10, 32\)\}"):
+        sampler.sample(SEEDS, cond={"encoder_hidden_states": emb})

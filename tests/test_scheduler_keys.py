@@ -57,7 +57,9 @@ ALT = {
     "set_alpha_to_one": [False, True], "final_sigmas_type": ["sigma_min", "zero"], "original_inference_steps": [20],
     "interpolation_type": ["log_linear"], "timestep_type": ["continuous"], "lambda_min_clipped": [-5.0],
     "skip_prk_steps": [True], "use_flow_sigmas": [True], "flow_shift": [3.0], "shift_terminal": [0.1],
-    "use_dynamic_shifting": [True], "time_shift_type": ["linear"],
+    "use_dynamic_shifting": [True], "time_shift_type": ["linear"], "shift": [3.0], "base_shift": [0.3],
+    "max_shift": [1.5], "base_image_seq_len": [128], "max_image_seq_len": [1024], "invert_sigmas": [True],
+    "stochastic_sampling": [True],
     "solver_order": [1, 2, 3], "algorithm_type": ["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"],
     "solver_type": ["midpoint", "heun", "bh1", "bh2"], "lower_order_final": [False, True], "euler_at_final": [True],
     "predict_x0": [False], "solver_p": [None], "disable_corrector": [[1]], "corrector_order": [1],
@@ -120,10 +122,10 @@ def _diffusers_loop(unet, sched, L: torch.Tensor) -> torch.Tensor:
     if patched is not None:
         module.randn_tensor = randn_tensor
     try:
-        x = L * sched.init_noise_sigma
+        x = L * getattr(sched, "init_noise_sigma", 1.0)   # flow matching: none (its state starts at the noise)
         for t in sched.timesteps:
             with torch.no_grad():
-                out = unet(sched.scale_model_input(x, t), t).sample
+                out = unet(sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x, t).sample
             last = (x, out, t)
             x = sched.step(out, t, x).prev_sample
     finally:
@@ -136,6 +138,8 @@ def _diffusers_loop(unet, sched, L: torch.Tensor) -> torch.Tensor:
         return out if pred == "sample" else (a.sqrt() * x_t - (1 - a).sqrt() * out) if pred == "v_prediction" \
             else (x_t - (1 - a).sqrt() * out) / a.sqrt()
     final = float(scheduler_sigmas(sched)[-1])
+    if type(sched).__name__ == "FlowMatchEulerDiscreteScheduler":   # x_t = x / (1 + sigma)
+        return x * (1.0 + final)
     return x if keeps_ve_state(sched) else x * math.sqrt(final ** 2 + 1.0)
 
 

@@ -12,7 +12,7 @@ from .checks import check_signature
 from .precond import EDMPrecond, Precond
 from .schedules import check_range, check_sigmas
 
-__all__ = ["Model", "CondInput", "sampling_defaults", "check_sampling", "card_options"]
+__all__ = ["Model", "CondInput", "sampling_defaults", "check_sampling", "card_options", "card_shift", "free_inputs"]
 
 _COND_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
 
@@ -25,7 +25,9 @@ class CondInput:
     ``null``: a number (the unconditional row is filled with it: class labels' null label, zeros), ``"cond"`` (the
     unconditional row repeats the conditional one: SDXL's ``time_ids``, LCM's ``timestep_cond``), or None (the
     caller passes it in ``uncond``: negative prompt embeddings).  ``num_classes`` > 0 marks an integer input whose
-    values lie in [0, num_classes) (class labels; the null label may be num_classes itself).
+    values lie in [0, num_classes) (class labels; the null label may be num_classes itself).  ``free``: the indices
+    of ``shape`` whose size the given tensors decide (a text input's token count: ``(0,)``); ``shape`` holds the
+    default, and ``Sampler.sample`` takes other sizes there on backends that run any shape (``free_inputs``).
 
     Examples: ``CondInput("class_labels", (), torch.int64, null=10, num_classes=10)``,
     ``CondInput("encoder_hidden_states", (77, 768))``, ``CondInput("time_ids", (6,), null="cond")``.
@@ -36,6 +38,7 @@ class CondInput:
     dtype: torch.dtype = torch.float32
     null: Any = None
     num_classes: int = 0
+    free: tuple = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name in ("x_in", "c_noise", "F"):
@@ -52,14 +55,44 @@ class CondInput:
             raise ValueError(f"{self.name}: num_classes must be an int >= 0, got {self.num_classes!r}")
         if self.num_classes and self.dtype != torch.int64:
             raise ValueError(f"{self.name}: an input with num_classes must have dtype torch.int64, got {self.dtype}")
+        free = self.free
+        if (isinstance(free, (str, bytes)) or not hasattr(free, "__len__")
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(self.shape) for i in free)):
+            raise ValueError(f"{self.name}: free must be indices into its shape {self.shape}, got {free!r}")
+        object.__setattr__(self, "free", tuple(sorted(set(free))))
         null = self.null
         if not (null is None or null == "cond" or (isinstance(null, (int, float)) and not isinstance(null, bool)
                                                    and np.isfinite(null))):
             raise ValueError(f"{self.name}: null must be a finite number, 'cond' or None, got {null!r}")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
-                "null": self.null, "num_classes": self.num_classes}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+             "null": self.null, "num_classes": self.num_classes}
+        return {**d, "free": list(self.free)} if self.free else d
+
+
+def free_inputs(inputs: tuple, cond, uncond) -> tuple:
+    """``inputs`` with each free size (``CondInput.free``) taken from the tensors given for it in ``cond`` /
+    ``uncond`` ((N, *shape) or (*shape)); an input whose given tensors do not fit its other sizes is left as it is
+    (the request's check names it).  ValueError when cond and uncond give one input different free sizes (its
+    rows share one buffer)."""
+    out = []
+    for c in inputs:
+        sizes = {}
+        for what, d in (("cond", cond), ("uncond", uncond)):
+            t = d.get(c.name) if isinstance(d, dict) else None
+            if not c.free or not isinstance(t, torch.Tensor) or t.ndim not in (len(c.shape), len(c.shape) + 1):
+                continue
+            per = tuple(t.shape[t.ndim - len(c.shape):])
+            if all(per[i] == c.shape[i] for i in range(len(c.shape)) if i not in c.free) and min(per) >= 1:
+                sizes[what] = per
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"cond[{c.name!r}] has shape {sizes['cond']} per sample and uncond[{c.name!r}] "
+                             f"{sizes['uncond']}: the conditional and unconditional rows share one buffer; give both "
+                             "the same length (pad the shorter, as diffusers' pipelines require too)")
+        shape = next(iter(sizes.values()), c.shape)
+        out.append(c if shape == c.shape else CondInput(c.name, shape, c.dtype, c.null, c.num_classes, c.free))
+    return tuple(out)
 
 
 def check_cond_inputs(cond, num_classes: int) -> tuple:
@@ -185,11 +218,18 @@ def sampling_defaults(model: Model, solver: str | None, steps: int | None, sched
 
     A card's ``sampling`` holds ``solver`` and ``steps`` (the teacher: heun, 18) and, for a distilled model, the
     noise levels chosen for each step count (``levels``: {"2": [80, tau_1, 0], ...}) and the solvers they are meant
-    for (``solvers``); otherwise the schedule is Karras et al.'s."""
+    for (``solvers``); otherwise the schedule is the card's ``schedule`` (a flow model's "flow", with its ``shift``)
+    or Karras et al.'s."""
     sampling = model.metadata.get("sampling") or {}
     solver = solver if solver is not None else sampling.get("solver", "heun")
     steps = steps if steps is not None else int(sampling.get("steps", 18))
     if schedule is None:
         levels = (sampling.get("levels") or {}).get(str(steps))
-        schedule = levels if levels is not None and solver in sampling.get("solvers", ()) else "karras"
+        schedule = levels if levels is not None and solver in sampling.get("solvers", ()) else \
+            sampling.get("schedule", "karras")
     return solver, steps, schedule
+
+
+def card_shift(model: Model) -> float:
+    """The flow-time shift of the card's schedule (``sampling.shift``: SD3's 3.0), 1 where the card has none."""
+    return float((model.metadata.get("sampling") or {}).get("shift", 1.0))

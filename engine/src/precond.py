@@ -17,7 +17,8 @@ from .schedules import iddpm_sigmas, vp_sigma_inv
 
 __all__ = [
     "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
-    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "PRECONDS", "sigmas_from_alphas_cumprod",
+    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "FlowPrecond", "PRECONDS",
+    "sigmas_from_alphas_cumprod",
 ]
 
 
@@ -366,9 +367,33 @@ class LCMPrecond(_Foreign):
                 "boundary_sigma_data": self.boundary_sigma_data}
 
 
+@dataclass(frozen=True)
+class FlowPrecond(Precond):
+    """Velocity-predicting rectified-flow networks (Liu et al. 2022, "Flow Straight and Fast"; Esser et al. 2024,
+    "Scaling Rectified Flow Transformers", SD3, Sec. 2): x_t = (1 - t) x_0 + t eps, the network predicts
+    v = eps - x_0 at time ``num_train_timesteps * t`` (diffusers' ``FlowMatchEulerDiscreteScheduler``).
+
+    This is EDM's form with scaling s(t) = 1 - t and sigma(t) = t / (1 - t) (Karras et al. 2022, Eq. 4 and Table 1's
+    general form): edmrt's state is x = x_t / (1 - t) = x_0 + sigma eps, so 1 - t = 1 / (1 + sigma), the network's
+    input is x_t = x / (1 + sigma) and x_0 = x_t - t v:
+    c_skip = 1 / (1 + sigma), c_out = -sigma / (1 + sigma), c_in = 1 / (1 + sigma),
+    c_noise = num_train_timesteps * sigma / (1 + sigma)."""
+
+    num_train_timesteps: float = 1000.0
+    name = "flow"
+
+    def __post_init__(self):
+        object.__setattr__(self, "num_train_timesteps", _positive("num_train_timesteps", self.num_train_timesteps))
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        a = 1.0 / (1.0 + s)
+        return a, -s * a, a.copy(), self.num_train_timesteps * s * a
+
+
 PRECONDS = {
     "identity": Identity, "edm": EDMPrecond, "cm": ConsistencyPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": IDDPMPrecond,
-    "epsilon": EpsilonPrecond, "v": VPredictionPrecond, "x0": X0Precond, "lcm": LCMPrecond,
+    "epsilon": EpsilonPrecond, "v": VPredictionPrecond, "x0": X0Precond, "lcm": LCMPrecond, "flow": FlowPrecond,
 }
 
 

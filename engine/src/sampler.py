@@ -22,7 +22,7 @@ from .adapters.lora import adapters_of
 from .backends import Backend, resolve_backend
 from .checks import check_device, check_seeds, check_signature
 from .engine import Engine, lru_get
-from .model import Model, card_options, sampling_defaults
+from .model import Model, card_options, card_shift, free_inputs, sampling_defaults
 from .plan import Plan
 from .progress import stage_progress
 from .request import make_request
@@ -31,6 +31,7 @@ from .solvers import build_plan
 
 __all__ = ["Sampler", "MAX_ENGINES"]
 
+FREE_SIZE_BACKENDS = ("torch", "torch-compile", "torch-bf16")   # run a model with other free sizes (longer prompts)
 MAX_ENGINES = 8             # engines a Sampler keeps (one per batch size and guidance on/off), LRU
 
 
@@ -66,7 +67,7 @@ class Sampler:
             if solver is None and not options:
                 options = card_options(model)   # the card's solver runs with the card's options
             self.solver, self.steps, schedule = sampling_defaults(model, solver, steps, schedule)
-            sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho)
+            sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho, card_shift(model))
             self.plan = build_plan(self.solver, sigmas, model.precond, **options)
         if callable(backend) and not isinstance(backend, str):
             check_signature(backend, "backend", "backend(x_in, c_noise, cond, out)", 4)
@@ -78,6 +79,7 @@ class Sampler:
             self.backend_name, self.backend = resolve_backend(backend, model, self.device)
         self.graph = graph
         self._engines: OrderedDict[tuple, Engine] = OrderedDict()
+        self._free_backends: dict[tuple, Backend] = {}   # by resolved inputs (free sizes: longer prompts)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -95,12 +97,30 @@ class Sampler:
                              "with edmrt.plan(solver, sigmas, model.precond)")
         return plan
 
-    def engine(self, batch: int, guidance: bool) -> Engine:
-        """The engine for (batch, guidance on/off), built on first use (under the Sampler's lock)."""
+    def engine(self, batch: int, guidance: bool, inputs: tuple | None = None) -> Engine:
+        """The engine for (batch, guidance on/off), built on first use (under the Sampler's lock); ``inputs``: the
+        conditioning inputs with their free sizes resolved (``free_inputs``), default the model's."""
+        inputs = self.model.cond if inputs is None else tuple(inputs)
         with self._lock:
-            return lru_get(self._engines, (batch, guidance), lambda: Engine(
-                self.backend, self.plan, batch, self.model.sample_shape, self.device, guidance, graph=self.graph,
-                null_label=self.model.null_label, cond_inputs=self.model.cond), self.max_engines)
+            backend = self.backend if inputs == self.model.cond else self._backend_for(inputs)
+            return lru_get(self._engines, (batch, guidance, inputs), lambda: Engine(
+                backend, self.plan, batch, self.model.sample_shape, self.device, guidance, graph=self.graph,
+                null_label=self.model.null_label, cond_inputs=inputs), self.max_engines)
+
+    def _backend_for(self, inputs: tuple):
+        """A backend for the model with other free sizes (a longer prompt): the torch backends run any shape and
+        are built again for it (the same network); the others were built (exported) for the model's sizes."""
+        if self.backend_name not in FREE_SIZE_BACKENDS:
+            diff = {c.name: c.shape for c, m in zip(inputs, self.model.cond) if c.shape != m.shape}
+            model = {c.name: c.shape for c in self.model.cond if c.name in diff}
+            raise ValueError(f"cond gives {diff} per sample; backend {self.backend_name!r} was built for {model}: "
+                             f"build the model with cond_shapes={diff} (from_diffusers / edmrt.load), or use one of "
+                             f"the backends {list(FREE_SIZE_BACKENDS)}")
+        key = inputs
+        if key not in self._free_backends:
+            variant = dataclasses.replace(self.model, cond=inputs)
+            self._free_backends[key] = resolve_backend(self.backend_name, variant, self.device)[1]
+        return self._free_backends[key]
 
     def set_adapters(self, weights=None, combination: str = "linear", **merge_kw) -> None:
         """Fuse the model's loaded LoRA / DoRA adapters (``edmrt.adapters.lora.load_adapter``) with ``weights``
@@ -168,18 +188,19 @@ class Sampler:
             n = len(check_seeds(seeds))
             if n != x_init.shape[0]:
                 raise ValueError(f"seeds: the inversion holds {x_init.shape[0]} images; got {n} seeds")
-        req = make_request(self.model.cond, self.model.sample_shape, self.device, seeds, cond, guidance, uncond, noise,
+        inputs = free_inputs(self.model.cond, cond, uncond)
+        req = make_request(inputs, self.model.sample_shape, self.device, seeds, cond, guidance, uncond, noise,
                            t0=float(self.plan.sigmas[0]), x_init=x_init)
         if maps is not None:
             req = dataclasses.replace(req, noise_maps=maps.to(self.device))
         with stage_progress(progress, self.plan.stages, "sample") as tick:
-            x = self._locked(req, lambda engine: engine.run_request(req, tick))
+            x = self._locked(req, lambda engine: engine.run_request(req, tick), inputs)
         return self.decode(x) if output == "image" else x
 
-    def _locked(self, req, fn):
-        """``fn(engine)`` on the engine for ``req``, reading the live weights for the whole run: an adapter swap
-        waits (SwapLock)."""
-        engine = self.engine(req.batch, req.guidance is not None)
+    def _locked(self, req, fn, inputs: tuple | None = None):
+        """``fn(engine)`` on the engine for ``req`` (and its ``inputs``), reading the live weights for the whole run:
+        an adapter swap waits (SwapLock)."""
+        engine = self.engine(req.batch, req.guidance is not None, inputs)
         adapters = adapters_of(self.model)
         if adapters is None:
             return fn(engine)
@@ -191,10 +212,12 @@ class Sampler:
         """The noise maps (stages, N, *sample_shape) with which this sampler's plan, started at ``x_init``, passes
         through ``targets`` (stages, N, *sample_shape): the state after each stage (``Engine.fit_noise_maps``; the
         DDPM inversion of ``edmrt.invert(kind="ddpm")``).  Arguments as ``sample``'s."""
-        req = make_request(self.model.cond, self.model.sample_shape, self.device, seeds, cond, guidance, uncond,
+        inputs = free_inputs(self.model.cond, cond, uncond)
+        req = make_request(inputs, self.model.sample_shape, self.device, seeds, cond, guidance, uncond,
                            t0=float(self.plan.sigmas[0]), x_init=x_init)
         with stage_progress(progress, self.plan.stages, "invert") as tick:
-            return self._locked(req, lambda engine: engine.fit_noise_maps(req, targets.to(self.device), tick))
+            return self._locked(req, lambda engine: engine.fit_noise_maps(req, targets.to(self.device), tick),
+                                inputs)
 
     def _inversion_start(self, inversion, x_init, noise) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The latents an inversion reached and its noise maps (None for an ODE inversion), checked against this

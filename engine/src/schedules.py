@@ -17,7 +17,8 @@ import numpy as np
 from .checks import is_real
 
 __all__ = [
-    "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential",
+    "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential", "flow", "flow_time",
+    "flow_sigma", "FLOW_T_MAX",
     "given", "make_sigmas", "upward", "MAX_STEPS", "SIGMA_LIMIT", "SIGMA_FLOOR", "RHO_RANGE", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
 ]
 
@@ -27,6 +28,27 @@ __all__ = [
 # The most steps a schedule may have: 10,000 is 10x the longest reference solve here (and EDM's own 1,000-level
 # iDDPM grid); beyond it a typo (steps=10**7) would run for minutes before anything is said.
 MAX_STEPS = 10_000
+
+
+# Rectified flow's t = 1 (pure noise) is sigma = infinity in EDM's state; edmrt's highest flow level (``flow_sigma``) is
+# t = 1 - 2^-24 (sigma = 2^24 - 1 = 1.7e7): the network then sees x_t = (1 - 2^-24) x_t(1), which float32 cannot tell
+# from x_t(1) (its relative spacing near 1 is 2^-24), and its time 1000 (1 - 2^-24) rounds to 1000 in float32.
+FLOW_T_MAX = 1.0 - 2.0 ** -24
+
+
+def flow_time(sigma) -> np.ndarray:
+    """A rectified flow's time t of EDM noise level sigma: t = sigma / (1 + sigma) (float64)."""
+    s = np.asarray(sigma, dtype=np.float64)
+    return s / (1.0 + s)
+
+
+def flow_sigma(t) -> np.ndarray:
+    """EDM's noise level of flow time t in [0, 1]: sigma = t / (1 - t), with t capped at ``FLOW_T_MAX``."""
+    t = np.minimum(np.asarray(t, dtype=np.float64), FLOW_T_MAX)
+    if np.any(t < 0.0) or not np.all(np.isfinite(t)):
+        raise ValueError(f"flow time t must lie in [0, 1], got {np.asarray(t).tolist()}")
+    return t / (1.0 - t)
+
 
 
 def _check_steps(steps) -> int:
@@ -257,6 +279,20 @@ def polyexponential(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.
     return _append_zero(np.exp(math.log(lo) + (1.0 - _ramp(n)) ** rho * (math.log(hi) - math.log(lo))))
 
 
+def flow(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: float = 1.0) -> np.ndarray:
+    """Rectified-flow time steps as diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` makes them (no
+    dynamic shifting): u linear from t(sigma_max) to t(sigma_min) in ``steps`` levels, then shifted,
+    t = shift u / (1 + (shift - 1) u) (SD3's timestep shift, Esser et al. 2024, Sec. 5.3.2), as EDM levels
+    sigma = t / (1 - t) (``flow_sigma``), then 0.  A model's range is already its scheduler's shifted one, which
+    diffusers shifts again here; ``shift`` 1 is linear in t."""
+    steps = _check_steps(steps)
+    lo, hi = check_range(sigma_min, sigma_max)
+    shift = _check_positive("shift", shift)
+    u = np.linspace(float(flow_time(hi)), float(flow_time(lo)), steps)
+    t = shift * u / (1.0 + (shift - 1.0) * u)
+    return _append_zero(flow_sigma(t))
+
+
 def given(steps: int, sigmas: Sequence[float]) -> np.ndarray:
     """An explicit list of noise levels (e.g. Align-Your-Steps anchors, or a diffusers scheduler's own sigmas).
 
@@ -296,18 +332,21 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "linear": linear,
     "loglinear": loglinear,
     "polyexponential": polyexponential,
+    "flow": flow,
 }
 
 
-def make_sigmas(schedule, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
-    """A schedule by name (``SCHEDULES``, given the range and rho where it takes them) or an explicit list of
-    sigmas (``given``: used as it is, or interpolated log-linearly to ``steps`` levels)."""
+def make_sigmas(schedule, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                shift: float = 1.0) -> np.ndarray:
+    """A schedule by name (``SCHEDULES``, given the range, rho and the flow shift where it takes them) or an explicit
+    list of sigmas (``given``: used as it is, or interpolated log-linearly to ``steps`` levels)."""
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a list of sigmas")
         fn = SCHEDULES[schedule]
         params = inspect.signature(fn).parameters
-        kw = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if k in params}
+        kw = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho), ("shift", shift))
+              if k in params}
         return fn(steps, **kw)
     if isinstance(schedule, (Sequence, np.ndarray)) or hasattr(schedule, "tolist"):  # a list, an array, a tensor
         return given(steps, schedule)

@@ -17,6 +17,10 @@ Conventions (diffusers 0.42.1), mapped onto edmrt's variance-exploding state x =
 - EDM schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): already in EDM's state and
   parameterisation, ``EDMPrecond(sigma_data, prediction)`` (c_noise = ln(sigma) / 4 whatever the
   ``sigma_schedule``); ``CosineDPMSolverMultistepScheduler``: the same with c_noise = atan(sigma) * 2 / pi.
+- Flow matching (``FlowMatchEulerDiscreteScheduler``: SD3's ``SD3Transformer2DModel``): x_t = (1 - t) x_0 + t eps,
+  the network predicting v = eps - x_0 at timestep 1000 t; edmrt's state is x = x_t / (1 - t), sigma = t / (1 - t)
+  (``FlowPrecond``), its t = 1 the level ``FLOW_T_MAX`` (sigma 1.7e7).  Its Euler step is edmrt's Euler: both are
+  exact for a constant x_0 prediction.  Dynamic (resolution-dependent) shifting is refused.
 - Classifier-free guidance: diffusers' pipelines apply F = F_u + w (F_c - F_u) to the network output, as edmrt.
 """
 from __future__ import annotations
@@ -32,12 +36,13 @@ import torch
 from torch import nn
 
 from ..model import CondInput, Model
-from ..precond import EDMPrecond, EpsilonPrecond, LCMPrecond, Precond, VPredictionPrecond, X0Precond, \
+from ..precond import EDMPrecond, EpsilonPrecond, FlowPrecond, LCMPrecond, Precond, VPredictionPrecond, X0Precond, \
     sigmas_from_alphas_cumprod
+from ..schedules import flow_sigma
 
 __all__ = ["from_diffusers", "load_diffusers", "VAEDecoder", "guidance_embedding", "precond_from_scheduler",
            "scheduler_sigmas", "sampler_args", "initial_noise", "keeps_ve_state", "live_config", "SCHEDULER_KEYS",
-           "SUPPORTED_SCHEDULERS", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork"]
+           "SUPPORTED_SCHEDULERS", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork", "SD3Network"]
 
 # Discrete-time schedulers: class -> (sigma -> t map, the edmrt solver running the same method or None).
 _DISCRETE = {
@@ -65,16 +70,19 @@ _EDM = {
     "EDMDPMSolverMultistepScheduler": ("log", "dpmpp_2m"),
     "CosineDPMSolverMultistepScheduler": ("atan", "dpmpp_2m"),
 }
+# Flow-matching schedulers: class -> solver.
+_FLOW = {"FlowMatchEulerDiscreteScheduler": "euler"}
 # Schedulers whose state is the VE x itself (their scale_model_input divides by sqrt(sigma^2 + 1) or applies c_in);
 # the others keep the VP state x_vp = x / sqrt(sigma^2 + 1).
 _VE_STATE = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
              "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
              "DPMSolverSDEScheduler", *_EDM}
 _PREDICTIONS = {"epsilon": EpsilonPrecond, "v_prediction": VPredictionPrecond, "sample": X0Precond}
-SUPPORTED_SCHEDULERS = tuple(sorted({*_DISCRETE, *_EDM}))   # the scheduler classes from_diffusers takes
+SUPPORTED_SCHEDULERS = tuple(sorted({*_DISCRETE, *_EDM, *_FLOW}))   # the scheduler classes from_diffusers takes
 _DEFAULT_STEPS = {"lcm": 4, "tcd": 4}
+_FLOW_STEPS = 28   # StableDiffusion3Pipeline's num_inference_steps
 _MODEL_KW = ("sample_shape", "sigma_min", "sigma_max", "metadata")
-_NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+_NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel")
 
 
 def _diffusers():
@@ -103,9 +111,9 @@ def _scheduler(scheduler_config):
     else:
         raise ValueError(f"scheduler_config must be a diffusers scheduler or its config (a dict with _class_name), "
                          f"got {type(scheduler_config).__name__}")
-    if name not in _DISCRETE and name not in _EDM:
+    if name not in SUPPORTED_SCHEDULERS:
         raise ValueError(f"scheduler_config: scheduler {name!r} is not supported; expected one of "
-                         f"{sorted(_DISCRETE) + sorted(_EDM)} (flow-matching schedulers are not diffusion in sigma)")
+                         f"{list(SUPPORTED_SCHEDULERS)}")
     try:
         return getattr(_diffusers(), name).from_config(dict(config))
     except (ValueError, TypeError, NotImplementedError) as exc:
@@ -142,6 +150,9 @@ def precond_from_scheduler(scheduler_config, timestep: str | None = None) -> tup
     ValueError names an unsupported scheduler class or ``prediction_type``."""
     sched = _scheduler(scheduler_config)
     cfg, name = sched.config, type(sched).__name__
+    if name in _FLOW:   # its sigma_min / sigma_max: the training schedule's ends, shifted (t = 1 at the top)
+        pre = FlowPrecond(float(cfg["num_train_timesteps"]))
+        return pre, float(flow_sigma(float(sched.sigma_min))), float(flow_sigma(float(sched.sigma_max)))
     pred = cfg.get("prediction_type", "epsilon")
     if name in _EDM:
         if pred not in ("epsilon", "v_prediction"):
@@ -178,11 +189,12 @@ SCHEDULER_KEYS = {
                      "use_beta_sigmas", "use_lu_lambdas", "sigma_schedule", "rho", "sigma_min", "sigma_max",
                      "set_alpha_to_one", "final_sigmas_type", "original_inference_steps", "interpolation_type",
                      "timestep_type", "lambda_min_clipped", "skip_prk_steps", "use_flow_sigmas", "flow_shift",
-                     "shift_terminal", "use_dynamic_shifting", "time_shift_type"), "schedule"),
+                     "shift_terminal", "use_dynamic_shifting", "time_shift_type", "shift", "base_shift", "max_shift",
+                     "base_image_seq_len", "max_image_seq_len", "invert_sigmas"), "schedule"),
     **dict.fromkeys(("solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
                      "predict_x0", "solver_p", "disable_corrector", "corrector_order", "predictor_order", "tau_func",
                      "noise_sampler_seed", "variance_type", "clip_sample", "clip_sample_range", "thresholding",
-                     "dynamic_thresholding_ratio", "sample_max_value"), "method"),
+                     "dynamic_thresholding_ratio", "sample_max_value", "stochastic_sampling"), "method"),
 }
 # Values edmrt does not sample with, for any scheduler: {key: (the values it takes, why not the others)}.
 _UNSUPPORTED = {
@@ -190,6 +202,8 @@ _UNSUPPORTED = {
                                "alpha_bar_T = 2^-24 in its place, which makes its levels non-monotonic)"),
     "use_flow_sigmas": ((False,), "flow-matching sigmas are a flow model's time, not diffusion noise levels"),
     "use_dynamic_shifting": ((False,), "a resolution-dependent shift of flow-matching time"),
+    "invert_sigmas": ((False,), "inverted flow sigmas run from data to noise (an inversion: edmrt.invert)"),
+    "stochastic_sampling": ((False,), "edmrt's flow Euler is the deterministic step"),
     "interpolation_type": (("linear",), "log-linear interpolation gives the network timesteps that are not the "
                            "time of its noise levels"),
 }
@@ -226,6 +240,8 @@ def _check_keys(sched) -> None:
 def _method(name: str, config) -> tuple[str | None, dict]:
     """(edmrt solver, options) that run the scheduler's method (the card's default), or (None, {}) for a scheduler
     whose method edmrt does not run; ValueError naming a method key whose value edmrt's solver does not run."""
+    if name in _FLOW:
+        return _FLOW[name], {}
     solver = (_DISCRETE.get(name) or _EDM.get(name))[1]
     if solver is None:
         return None, {}
@@ -293,6 +309,8 @@ def scheduler_sigmas(scheduler) -> np.ndarray:
     i.e. sigma = 0; TCD's and DDIM's stop at timestep 0 instead."""
     ts = scheduler.timesteps
     sig = getattr(scheduler, "sigmas", None)
+    if type(scheduler).__name__ in _FLOW:   # flow time t, one per timestep plus the final 0, as EDM levels
+        return flow_sigma(sig.detach().double().cpu().numpy())
     if isinstance(sig, torch.Tensor) and type(scheduler).__name__ == "HeunDiscreteScheduler":
         s = sig.detach().double().cpu().numpy()
         return np.concatenate([s[:1], s[1:-1:2], s[-1:]])   # t_0, then t_1, t_1, t_2, t_2, ..., t_{N-1}, t_{N-1}, 0
@@ -331,8 +349,8 @@ def sampler_args(scheduler) -> dict:
     schedule that stops at a positive level (on a repeated final level they acted on the zero-length step that
     ``scheduler_sigmas`` drops).  ValueError naming the key where edmrt does not run the method."""
     name = type(scheduler).__name__
-    if name not in _DISCRETE and name not in _EDM:
-        raise ValueError(f"scheduler: {name} is not supported; expected one of {sorted(_DISCRETE) + sorted(_EDM)}")
+    if name not in SUPPORTED_SCHEDULERS:
+        raise ValueError(f"scheduler: {name} is not supported; expected one of {list(SUPPORTED_SCHEDULERS)}")
     _check_keys(scheduler)
     solver, options = _method(name, scheduler.config)
     if solver is None:
@@ -359,7 +377,9 @@ def initial_noise(latents: torch.Tensor, scheduler) -> torch.Tensor:
     latents * init_noise_sigma (``prepare_latents``), the VE x for Euler-type and EDM schedulers and x_vp =
     x / sqrt(sigma_0^2 + 1) for the others; call after ``set_timesteps``."""
     s0 = float(scheduler_sigmas(scheduler)[0])
-    x = latents * float(scheduler.init_noise_sigma)
+    x = latents * float(getattr(scheduler, "init_noise_sigma", 1.0))   # flow matching: none (1)
+    if type(scheduler).__name__ in _FLOW:   # x_t = x / (1 + sigma)
+        return x * float((1.0 + s0) / s0)
     if not keeps_ve_state(scheduler):
         x = x * float(np.sqrt(s0 ** 2 + 1.0))
     return x / s0
@@ -446,6 +466,26 @@ class DiTNetwork(nn.Module):
         return _first_channels(out, self.channels).to(x_in.dtype)
 
 
+class SD3Network(nn.Module):
+    """``SD3Transformer2DModel`` as ``network(x_in, c_noise, encoder_hidden_states, pooled_projections) -> F`` (the
+    velocity v; StableDiffusion3Pipeline's call: ``timestep`` is 1000 t)."""
+
+    def __init__(self, transformer: nn.Module, cond_inputs: tuple):
+        super().__init__()
+        self.transformer, self.cond_inputs = transformer, tuple(cond_inputs)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor):
+        dtype = _dtype(self.transformer)
+        out = self.transformer(hidden_states=x_in.to(dtype), timestep=_timesteps(c_noise, x_in.shape[0]),
+                               encoder_hidden_states=encoder_hidden_states.to(dtype),
+                               pooled_projections=pooled_projections.to(dtype), return_dict=False)[0]
+        return out.to(x_in.dtype)
+
+
+SD3_TOKENS = 333   # StableDiffusion3Pipeline's prompt embeddings: CLIP's 77 tokens + T5's max_sequence_length 256
+
+
 # ----------------------------------------------------------------------------- conditioning inputs
 
 def _shape(config, key) -> tuple:
@@ -501,11 +541,12 @@ def _image_inputs(unet, shapes: dict) -> tuple[list, tuple]:
 
 
 def _text_inputs(config, shapes: dict) -> list:
-    """encoder_hidden_states (77 tokens unless cond_shapes says otherwise), SDXL's added conditions and LCM's
+    """encoder_hidden_states (77 tokens unless cond_shapes says otherwise; other lengths run too, ``CondInput.free``:
+    the UNet attends over any number of tokens), SDXL's added conditions and LCM's
     timestep_cond, from a ``UNet2DConditionModel`` config; ValueError naming what is not supported."""
     dim = _shape(config, "encoder_hid_dim" if config.get("encoder_hid_dim_type") == "text_proj"
                  else "cross_attention_dim")
-    out = [CondInput("encoder_hidden_states", shapes.get("encoder_hidden_states", (77, dim)))]
+    out = [CondInput("encoder_hidden_states", shapes.get("encoder_hidden_states", (77, dim)), free=(0,))]
     add = config.get("addition_embed_type")
     if add == "text_time":
         ids = CondInput("time_ids", shapes.get("time_ids", (6,)), null="cond")  # SDXL base: size, crop, target
@@ -547,14 +588,19 @@ def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
     """(wrapped network, num_classes for the Model, sample shape) of a diffusers model; ValueError for others."""
     name = type(net).__name__
     if name not in _NETWORKS:
-        raise ValueError(f"network must be a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel, "
-                         f"got {name}")
+        raise ValueError(f"network must be a diffusers {', '.join(_NETWORKS)}, got {name}")
     cfg = live_config(net)
     size = cfg.get("sample_size")
     hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
     shape = (int(cfg["in_channels"]),) + hw
     if name == "UNet2DModel":
         return UNetNetwork(net, _class_inputs(cfg)), 0, shape
+    if name == "SD3Transformer2DModel":
+        text = CondInput("encoder_hidden_states", shapes.get("encoder_hidden_states",
+                                                             (SD3_TOKENS, int(cfg["joint_attention_dim"]))), free=(0,))
+        pooled = CondInput("pooled_projections", shapes.get("pooled_projections",
+                                                            (int(cfg["pooled_projection_dim"]),)))
+        return SD3Network(net, (text, pooled)), 0, shape
     if name == "UNet2DConditionModel":
         hid = cfg.get("encoder_hid_dim_type")
         if hid not in (None, "text_proj", "ip_image_proj"):
@@ -579,11 +625,13 @@ def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
 
 # ----------------------------------------------------------------------------- the model
 
-def from_diffusers(network, scheduler_config=None, vae=None, *, timestep: str | None = None,
+def from_diffusers(network, scheduler_config=None, vae=None, *, scheduler=None, timestep: str | None = None,
                    cond_shapes: dict | None = None, **kw) -> Model:
     """An ``edmrt.Model`` from a diffusers network, its scheduler's config and an optional VAE (module docstring).
 
-    ``scheduler_config``: a dict / FrozenDict with ``_class_name`` (or a scheduler); None means DDPM's defaults
+    ``scheduler``: the network's diffusers scheduler, or its config (a dict / FrozenDict with ``_class_name``, a
+    saved scheduler_config.json); ``scheduler_config`` is the same argument under its older name (either, not
+    both).  None means DDPM's defaults
     (linear betas 1e-4 .. 0.02, epsilon: DiT's and the unconditional UNets' training schedule).  ``timestep``
     overrides the sigma -> t map ("interpolate" / "nearest").  ``cond_shapes``: per-sample shapes by input name
     where the config does not say (``{"encoder_hidden_states": (77, 768)}`` is the default for text; SDXL's
@@ -595,6 +643,9 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, timestep: str | 
     (``_method``), and ``sampler_args(scheduler)`` follows its own schedule; x0 clipping and dynamic thresholding,
     zero-terminal-SNR betas, flow-matching sigmas and method variants edmrt does not run raise ValueError naming
     the key and a value that runs."""
+    if scheduler is not None and scheduler_config is not None:
+        raise ValueError("pass the scheduler once: scheduler=... (or its older name scheduler_config=...), not both")
+    scheduler_config = scheduler if scheduler is not None else scheduler_config
     unknown = sorted(set(kw) - set(_MODEL_KW))
     if unknown:
         raise ValueError(f"unknown keyword(s) {unknown} for from_diffusers; expected {list(_MODEL_KW)}, timestep, "
@@ -610,10 +661,17 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, timestep: str | 
     precond, lo, hi = precond_from_scheduler(sched, timestep)
     name = type(sched).__name__
     solver, options = _method(name, sched.config)
+    if name not in _FLOW and type(network).__name__ == "SD3Transformer2DModel":
+        raise ValueError(f"scheduler_config: an SD3Transformer2DModel predicts flow velocity: pass its "
+                         f"FlowMatchEulerDiscreteScheduler, got {name}")
     card = {"name": type(network).__name__, "source": "diffusers",
             "diffusers": {"network": type(network).__name__, "scheduler": name,
-                          "prediction_type": sched.config.get("prediction_type", "epsilon")}}
-    if solver is not None:
+                          "prediction_type": "flow" if name in _FLOW else sched.config.get("prediction_type",
+                                                                                             "epsilon")}}
+    if name in _FLOW:
+        card["sampling"] = {"solver": solver, "steps": _FLOW_STEPS, "schedule": "flow",
+                            "shift": float(sched.config.get("shift", 1.0))}
+    elif solver is not None:
         card["sampling"] = {"solver": solver, "steps": _DEFAULT_STEPS.get(solver, 25), **({"options": options}
                                                                                           if options else {})}
     card.update(kw.pop("metadata", None) or {})

@@ -9,7 +9,13 @@ from ..plan import Plan
 from ..precond import Precond
 from ..checks import is_real
 
-__all__ = ["Builder", "finite", "choice", "integer"]
+__all__ = ["Builder", "finite", "choice", "integer", "D_FORM_SIGMA_MAX", "DATA_FORM_SOLVERS"]
+
+# The highest level a derivative-form stage (Y = d, x_new = x + h d) may run at: in float32 x + h d cancels two
+# terms of size sigma |x / sigma|, losing ~sigma * 2^-24 of the state's scale (at 1e5: 6e-3 of a unit-scale
+# image; a flow model's t = 1 is sigma 1.7e7, where nothing is left).  Data-form solvers (Y = D) do not cancel.
+D_FORM_SIGMA_MAX = 1e5
+DATA_FORM_SOLVERS = ("euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")
 
 
 class Builder:
@@ -32,7 +38,13 @@ class Builder:
     def d_stage(self, *, step: int, sigma: float, b: tuple[float, ...], a: float = 1.0, commit: bool = True,
                 x_scale: float = 1.0) -> None:
         """A stage whose history entry is the ODE's derivative d = (x - D(x; sigma)) / sigma (Karras et al. 2022,
-        Eq. 4 and Algorithm 1, at x = x_scale x_eval): x_new = a x + sum_k b_k d[s - k]."""
+        Eq. 4 and Algorithm 1, at x = x_scale x_eval): x_new = a x + sum_k b_k d[s - k].  Refused above
+        ``D_FORM_SIGMA_MAX`` (float32 cancellation), naming the solvers that run there."""
+        if sigma > D_FORM_SIGMA_MAX:
+            raise ValueError(f"solver {self.solver!r} steps in derivative form (x + h d), which in float32 loses all "
+                             f"precision at sigma = {sigma:.4g} (> {D_FORM_SIGMA_MAX:g}: e.g. a flow model's t = 1); "
+                             f"use a solver in data form ({', '.join(DATA_FORM_SOLVERS)}) or a schedule starting at "
+                             f"or below {D_FORM_SIGMA_MAX:g}")
         self.stage(step=step, sigma=sigma, alpha=x_scale / sigma, beta=-1.0 / sigma, a=a, b=b, commit=commit,
                    x_scale=x_scale)
 

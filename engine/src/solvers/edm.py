@@ -34,7 +34,11 @@ def churn(sigmas: np.ndarray, S_churn: float, S_tmin: float, S_tmax: float, S_no
 def euler(sigmas, precond: Precond, *, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf,
           S_noise: float = 1.0) -> Plan:
     """Euler on the probability-flow ODE, Karras et al. (2022) Algorithm 1 without the 2nd-order correction
-    (with churn as Algorithm 2): x_{i+1} = x_hat_i + (t_{i+1} - t_hat_i) d_i, d_i = (x_hat_i - D(x_hat_i; t_hat_i)) / t_hat_i."""
+    (with churn as Algorithm 2): x_{i+1} = x_hat_i + (t_{i+1} - t_hat_i) d_i, d_i = (x_hat_i - D(x_hat_i; t_hat_i)) / t_hat_i.
+
+    The plan holds the same step in data form, x_{i+1} = (t_{i+1} / t_hat_i) x_hat_i + (1 - t_{i+1} / t_hat_i) D
+    (its coefficients in float64): x_hat + h d cancels two terms of size t_hat |x| in float32, which loses all
+    precision from a level as high as a flow model's t = 1 (sigma 1.7e7, ``schedules.FLOW_T_MAX``)."""
     opts = dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
     t_hat, noise = churn(sigmas, **opts)
     p = Builder("euler", sigmas, precond, K=1, options=opts if S_churn else {})
@@ -42,7 +46,8 @@ def euler(sigmas, precond: Precond, *, S_churn: float = 0.0, S_tmin: float = 0.0
     p.add_noise_after_last(noise[0])
     for i in range(N):
         # Euler step.
-        p.d_stage(step=i, sigma=t_hat[i], b=(sigmas[i + 1] - t_hat[i],))
+        r = sigmas[i + 1] / t_hat[i]
+        p.D_stage(step=i, sigma=t_hat[i], e=r, b=(1.0 - r,))
         if i + 1 < N:
             p.add_noise_after_last(noise[i + 1])
     return p.build()
