@@ -11,58 +11,15 @@ import torch
 pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 transformers = pytest.importorskip("transformers", reason="the diffusers extra is not installed")
 
+from sd_folder import sd_folder  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["a", "cat", "dog", "photo", "of"]
-
-
-def _tokenizer(folder: Path):
-    """A tiny CLIP BPE tokenizer written from scratch (whole words as tokens: no merges needed)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = {}, []
-
-    def add(token):
-        vocab.setdefault(token, len(vocab))
-    for token in ["<|startoftext|>", "<|endoftext|>"] + sorted({c for w in WORDS for c in w}):
-        add(token)
-        if len(token) == 1:
-            add(token + "</w>")
-    for w in WORDS:  # merge a word's characters left to right, ending in the whole word
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            add(parts[0])
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny Stable Diffusion folder: UNet2DConditionModel, AutoencoderKL, Euler scheduler, CLIP text encoder."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), cross_attention_dim=16, attention_head_dim=4,
-                                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16)
-    tok = _tokenizer(root / "tok_src")
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=EulerDiscreteScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(root / "pipe", safe_serialization=True)
-    return root / "pipe", pipe
+    return sd_folder(tmp_path_factory.mktemp("sd"))
 
 
 def _cli(*args, cwd):
@@ -146,3 +103,23 @@ def test_edmrt_edit_edits_and_inpaints_a_folders_image_by_prompt(folder, tmp_pat
         img = np.asarray(Image.open(out))
         assert img.shape == (32, 16, 3)     # before over after
         assert len(np.unique(img[16:])) > 10  # an image, not a blank (the random VAE decodes no likeness)
+
+
+def test_edmrt_bench_on_a_folder_against_its_own_pipeline(folder, tmp_path):
+    """``edmrt bench --model DIR --peers``: the folder's scheduler's method (Euler) against the folder's own
+    StableDiffusionPipeline on the same network, with a speed-up per batch; the JSON names both."""
+    path, _ = folder
+    stem = tmp_path / "bench"
+    out = subprocess.run([sys.executable, "-m", "edmrt.cli", "bench", "--model", str(path), "--peers", "--backends",
+                          "torch", "--batch", "1", "2", "--steps", "3", "--rounds", "2", "--quiet", "-o", str(stem)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(stem.with_suffix(".json").read_text())
+    cells = result["cells"]
+    ours = [c for c in cells if c["kind"] == "edmrt"]
+    peers = [c for c in cells if c["kind"] == "peer"]
+    assert [c["solver"] for c in ours] == ["euler", "euler"] and {c["nfe"] for c in ours} == {3}
+    assert [(c["solver"], c["batch"], c["nfe"]) for c in peers] == [("diffusers:StableDiffusionPipeline", 1, 3),
+                                                                      ("diffusers:StableDiffusionPipeline", 2, 3)]
+    assert all(c["speedup_vs_best_peer"] > 0 and c["images_per_s"] > 0 for c in ours)
+    assert "diffusers:StableDiffusionPipeline" in stem.with_suffix(".md").read_text()

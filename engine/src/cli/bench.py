@@ -11,9 +11,11 @@ HELP = "measure solvers, steps, backends and batch sizes of a model (images/s, l
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help=HELP)
-    p.add_argument("--model", default="digits", help="a bundled model (default digits), or a benchmark network with "
-                   "random weights: unet-cifar10, unet-sd15")
-    p.add_argument("--solvers", nargs="+", default=["heun", "dpmpp_2m"])
+    p.add_argument("--model", default="digits", help="a bundled model (default digits), a local diffusers folder "
+                   "(its --peers: the folder's own pipeline), or a benchmark network with random weights: "
+                   "unet-cifar10, unet-sd15")
+    p.add_argument("--solvers", nargs="+", default=None, help="default heun dpmpp_2m; a diffusers folder: its "
+                   "scheduler's method")
     p.add_argument("--steps", nargs="+", type=positive_int, default=[], help="step counts (default: the card's)")
     p.add_argument("--backends", nargs="+", default=["onnxruntime", "torch"])
     p.add_argument("--batch", nargs="+", type=positive_int, default=None, help="batch sizes (default 1 8 64)")
@@ -21,7 +23,8 @@ def register(sub) -> None:
                    help="interleaved timed rounds after one warm-up (default 3)")
     p.add_argument("--quick", action="store_true", help="batches 1 and 8 and one timed round unless --batch / "
                    "--rounds say otherwise (a first look; the full run's batch-64 cells are its slowest part)")
-    p.add_argument("--peers", action="store_true", help="also k-diffusion's and diffusers' loops of each solver")
+    p.add_argument("--peers", action="store_true", help="also k-diffusion's and diffusers' loops of each solver (a "
+                   "diffusers folder: its own pipeline)")
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", metavar="STEM", help="write STEM.json, STEM.md, STEM.png (default bench_MODEL)")
     p.add_argument("--quiet", action="store_true")
@@ -35,9 +38,9 @@ def run(args) -> int:
     batches = args.batch or list(QUICK["batches"] if args.quick else (1, 8, 64))
     rounds = args.rounds or (QUICK["rounds"] if args.quick else 3)
 
-    for name in args.solvers:
+    for name in args.solvers or ():
         get_solver(name)
-    stem = Path(args.output or f"bench_{args.model}")
+    stem = Path(args.output or f"bench_{Path(args.model).name or 'model'}")
     output_path(stem.with_suffix(".json"), create=True)
     result = run_bench(args.model, args.solvers, args.steps, args.backends, batches, rounds=rounds,
                        peers=args.peers, device=args.device, progress=not args.quiet)

@@ -11,7 +11,14 @@ With ``peers``, the k-diffusion and diffusers loops of the same solver run on th
 same NFE, from the same initial noise (``edmrt.lab.peers``), and each edmrt cell gets its speed-up over the best of
 them at its batch.
 
-Models: a bundled name, or a benchmark network with random weights (``BENCH_NETS``, ``torch.manual_seed(0)``):
+A diffusers folder (``--model DIR``, ``edmrt.load``) is benchmarked the same way, and its peer is the folder's own
+pipeline (``DiffusionPipeline`` class of its model_index.json, sharing edmrt's network; no text encoder: the same
+seeded embeddings as ``prompt_embeds`` and the pooled ones, ``latents=``, ``output_type="latent"``, guidance off as
+in the edmrt cells) at the scheduler's own method and steps: the edmrt cell of the card's solver (the scheduler's
+method) gets its speed-up over it.  Both sides stop at the latents (no VAE decode).
+
+Models: a bundled name, a diffusers folder, or a benchmark network with random weights (``BENCH_NETS``,
+``torch.manual_seed(0)``):
 ``unet-cifar10`` (EDMUNet at CIFAR-10's layout, 54 M parameters, 3x32x32, unconditional) and ``unet-sd15`` (diffusers'
 UNet2DConditionModel with Stable Diffusion 1.5's config, 860 M parameters, 4x32x32 latents, text embeddings
 (77, 768) drawn per seed).
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import resource
+from pathlib import Path
 import statistics
 import sys
 import time
@@ -70,17 +78,22 @@ BENCH_NETS = {"unet-cifar10": _cifar10_unet, "unet-sd15": _sd15_unet}
 
 
 def bench_model(name: str, device: str = "cpu"):
-    """A bundled model by name, or a benchmark network of ``BENCH_NETS``."""
+    """A bundled model by name, a diffusers folder, or a benchmark network of ``BENCH_NETS``."""
+    from pathlib import Path
+
     from ..loading import load
     from ..models.bundled import BUNDLED
+
+    if name not in BUNDLED and name not in BENCH_NETS and Path(name).is_dir():
+        return load(name, device=device)
 
     if name in BENCH_NETS:
         model = BENCH_NETS[name]()
         model.network.to(device)
         return model
     if name not in BUNDLED:
-        raise ValueError(f"model must be a bundled model {sorted(BUNDLED)} or a benchmark network "
-                         f"{sorted(BENCH_NETS)}, got {name!r}")
+        raise ValueError(f"model must be a bundled model {sorted(BUNDLED)}, a diffusers folder or a benchmark "
+                         f"network {sorted(BENCH_NETS)}, got {name!r}")
     return load(name, device=device)
 
 PEER_OF = {"euler": ("k-diffusion:euler", "diffusers:EDMEuler"), "heun": ("k-diffusion:heun",),
@@ -142,7 +155,46 @@ def _peer_call(model, peer, nfe: int, batch: int):
     return lambda: peer.run(den, x0, nfe, model.sigma_min, model.sigma_max)[0]
 
 
-def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), steps: Sequence[int] = (),
+# edmrt's conditioning inputs under the names diffusers' pipelines take them.
+_PIPELINE_KW = {"encoder_hidden_states": "prompt_embeds", "text_embeds": "pooled_prompt_embeds",
+                "pooled_projections": "pooled_prompt_embeds"}
+
+
+class PipelinePeer:
+    """A diffusers folder's own pipeline as a peer loop (module docstring): its scheduler's method at ``steps``."""
+
+    def __init__(self, model):
+        import json
+
+        import diffusers
+
+        folder = model.metadata["path"]
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))   # edmrt.load read it
+        cls = getattr(diffusers, str(index.get("_class_name")), None)
+        if cls is None:
+            raise ValueError(f"{folder}: model_index.json names pipeline {index.get('_class_name')!r}, which this "
+                             "diffusers does not have")
+        net = getattr(model.network, "unet", None) or getattr(model.network, "transformer")
+        key = "unet" if "unet" in index else "transformer"
+        skip = {k: None for k in index if not k.startswith("_") and k.startswith(
+            ("text_encoder", "tokenizer", "safety_checker", "feature_extractor", "image_encoder"))}
+        self.pipe = cls.from_pretrained(folder, **{key: net}, **skip, use_safetensors=True, local_files_only=True)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.name = f"diffusers:{cls.__name__}"
+        self.model = model
+        self.solver = (model.metadata.get("sampling") or {}).get("solver")
+
+    def call(self, steps: int, batch: int):
+        seeds, cond = _inputs(self.model, batch)
+        kw = {_PIPELINE_KW[k]: v for k, v in (cond or {}).items() if k in _PIPELINE_KW}
+        C, h, w = self.model.sample_shape
+        scale = getattr(self.pipe, "vae_scale_factor", 8)
+        latents = torch.randn((batch, C, h, w), generator=torch.Generator().manual_seed(0))
+        return lambda: self.pipe(**kw, latents=latents, num_inference_steps=steps, guidance_scale=1.0,
+                                 output_type="latent", height=h * scale, width=w * scale).images
+
+
+def run_bench(model_name: str, solvers: Sequence[str] | None = None, steps: Sequence[int] = (),
               backends: Sequence[str] = ("onnxruntime", "torch"), batches: Sequence[int] = (1, 8, 64),
               rounds: int = 3, peers: bool = False, device: str = "cpu", progress: bool = True) -> dict:
     from tqdm import tqdm
@@ -156,9 +208,17 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
         raise ValueError(f"batches must be ints >= 1, got {list(batches)}")
     t_start = time.perf_counter()
     model = bench_model(model_name, device=device)
+    folder = model.metadata.get("source") == "diffusers" and "path" in model.metadata
+    card_solver = (model.metadata.get("sampling") or {}).get("solver")
+    if solvers is None:   # a folder: its scheduler's method; otherwise EDM's Heun and DPM-Solver++(2M)
+        solvers = (card_solver,) if folder and card_solver else ("heun", "dpmpp_2m")
     cells = _cells(model, solvers, list(steps), backends, batches, torch.device(device))
-    have = available_peers() if peers else {}
+    have = available_peers() if peers and not folder else {}
+    pipeline = PipelinePeer(model) if peers and folder and card_solver else None
     for cell in list(cells):
+        if pipeline is not None and cell["backend"] == cells[0]["backend"] and cell["solver"] == card_solver:
+            cells.append({"kind": "peer", "solver": pipeline.name, "steps": cell["steps"], "nfe": cell["nfe"],
+                          "backend": "torch eager", "batch": cell["batch"], "pipeline": pipeline})
         if cell["backend"] == backends[0] and peers:
             for name in PEER_OF.get(cell["solver"], ()):
                 if name in have and have[name].steps_for(cell["nfe"]) is not None:
@@ -172,8 +232,10 @@ def run_bench(model_name: str, solvers: Sequence[str] = ("heun", "dpmpp_2m"), st
         if cell["kind"] == "edmrt":
             seeds, cond = _inputs(model, cell["batch"])
             s = cell.pop("sampler")
-            calls[i] = lambda s=s, seeds=seeds, cond=cond: s.sample(seeds, cond=cond)
+            calls[i] = lambda s=s, seeds=seeds, cond=cond: s.sample(seeds, cond=cond, output="latent")
             timed[i] = s.backend
+        elif "pipeline" in cell:
+            calls[i] = cell.pop("pipeline").call(cell["steps"], cell["batch"])
         else:
             calls[i] = _peer_call(model, cell.pop("peer"), cell["nfe"], cell["batch"])
         if device == "cuda":
