@@ -1,16 +1,25 @@
 """Offline rendering at scale on Ray Data (``edmrt render``): deterministic, resumable, fault-tolerant.
 
-The work is a list of requests (index, seed, class label, guidance), from a seed range or a JSONL / CSV file, cut
+The work is a list of requests (index, seed, class label or prompt, guidance), from a seed range or a JSONL / CSV
+file, cut
 into chunks of ``batch`` consecutive requests (chunk k holds requests k*batch .. k*batch + batch - 1).  The chunks
 still to do form a Ray Data dataset, one chunk per block; ``map_batches`` runs them on an actor pool, each actor
 holding one ``Sampler`` built once (and its exported network); Ray Data's writer API (``write_datasink``) writes
 every chunk through ``ChunkSink``, in one of three formats:
 
-- ``png``: one file per image, ``images/NNNNN/IIIIIIIII.png`` (index I, folder I // 10000);
-- ``parquet``: one file per chunk, ``parquet/chunk-KKKKKKK.parquet``: index, seed, class_label, guidance, the PNG
-  bytes, and the job (model weights' sha256, solver, steps, sigmas) in the file's metadata;
+- ``png``: one file per image, ``images/NNNNN/IIIIIIIII.png`` (index I, folder I // 10000), a prompt in its
+  ``prompt`` / ``negative_prompt`` text chunks;
+- ``parquet``: one file per chunk, ``parquet/chunk-KKKKKKK.parquet``: index, seed, class_label, guidance (and
+  prompt, negative_prompt for a text model), the PNG bytes, and the job (model weights' sha256, solver, steps,
+  sigmas) in the file's metadata;
 - ``webdataset``: one tar shard per chunk, ``webdataset/chunk-KKKKKKK.tar``: ``IIIIIIIII.png`` + ``IIIIIIIII.json``
   per sample (deterministic tar headers: the same images give the same bytes).
+
+Prompts (a diffusers folder with a text encoder): a request holds ``prompt`` (and ``negative_prompt``) or
+``embeds``, a safetensors file of its embeddings (``edmrt sample --prompt-embeds``' names; beside the requests
+file).  Each actor runs the folder's own text encoder (``PromptEncoder``, the pipeline's ``encode_prompt``) once
+per distinct (prompt, negative prompt) it meets, kept in a bounded cache, so embeddings are made where they are
+used and never travel as JSON; the summary counts the encodings and the encoder's share of the actors' time.
 
 Safe and resumable: every file is written under a temporary name beside its destination and renamed into place
 (``os.replace``), then the chunk's record ``done/chunk-KKKKKKK.json`` (its files and their sha256) is written the
@@ -59,11 +68,20 @@ _EXIT_AFTER, _MARKER = "EDMRT_RENDER_TEST_EXIT_AFTER", "EDMRT_RENDER_TEST_MARKER
 @dataclass
 class Requests:
     """Per-request columns (index i is the request's position): seed, class label (-1: none), guidance (NaN:
-    none)."""
+    none); for a text model, prompt and negative prompt (None: none) or an embeddings file (``embeds``, None:
+    none; ``embeds_sha256``: {path: digest} of the files, read when the requests were)."""
 
     seed: np.ndarray
     class_label: np.ndarray
     guidance: np.ndarray
+    prompt: np.ndarray | None = None
+    negative_prompt: np.ndarray | None = None
+    embeds: np.ndarray | None = None
+    embeds_sha256: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> bool:
+        return self.prompt is not None
 
     def __len__(self) -> int:
         return len(self.seed)
@@ -83,11 +101,44 @@ class Requests:
         g = np.full(n, np.nan if guidance is None else float(guidance))
         return cls(seeds, labels, g).checked(num_classes)
 
-    def checked(self, num_classes: int) -> Requests:
+    @classmethod
+    def from_prompts(cls, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                     negative_prompts: Sequence[str | None] | None = None, guidance: float | None = None) -> Requests:
+        """Requests for a text model: prompt i with seed i (default 0 .. N-1), one guidance weight for all."""
+        prompts = list(prompts)
+        n = len(prompts)
+        seeds = np.asarray(list(range(n)) if seeds is None else list(seeds), dtype=np.int64)
+        negs = [None] * n if negative_prompts is None else list(negative_prompts)
+        if len(seeds) != n or len(negs) != n:
+            raise ValueError(f"requests: one seed and one negative prompt per prompt ({n}), got {len(seeds)} seeds "
+                             f"and {len(negs)} negative prompts")
+        return cls(seeds, np.full(n, -1, dtype=np.int64), np.full(n, np.nan if guidance is None else float(guidance)),
+                   np.asarray(prompts, dtype=object), np.asarray(negs, dtype=object),
+                   np.asarray([None] * n, dtype=object)).checked(0, text=True)
+
+    def checked(self, num_classes: int, text: bool = False) -> Requests:
         """ValueError naming the first bad request: seeds >= 0 and < 2**63, labels in [0, num_classes) (or -1 for
-        an unconditional model), guidance NaN (none) or finite >= 0."""
+        an unconditional model), guidance NaN (none) or finite >= 0; ``text``: the model takes prompts, and every
+        request has a prompt or an embeddings file."""
         if not len(self.seed):
             raise ValueError("requests: there is nothing to render (no seeds)")
+        if text != self.text:
+            raise ValueError("requests: this model takes prompts: each request needs 'prompt' or 'embeds'" if text
+                             else "requests: this model takes no prompts (no text encoder inputs); drop 'prompt' / "
+                                  "'embeds'")
+        if text:
+            from .pipelines.prompts import check_prompt
+
+            for i in range(len(self.seed)):
+                if (self.prompt[i] is None) == (self.embeds[i] is None):
+                    raise ValueError(f"requests: request {i} needs 'prompt' or 'embeds' (one of them)")
+                if self.prompt[i] is not None:
+                    check_prompt(self.prompt[i], f"requests: request {i}'s prompt")
+                if self.negative_prompt[i] is not None:
+                    if self.prompt[i] is None:
+                        raise ValueError(f"requests: request {i}: negative_prompt goes with prompt (an embeds file "
+                                         "holds negative_prompt_embeds)")
+                    check_prompt(self.negative_prompt[i], f"requests: request {i}'s negative_prompt")
         bad = np.flatnonzero(self.seed < 0)
         if bad.size:
             raise ValueError(f"requests: seeds must be >= 0, request {bad[0]} has {self.seed[bad[0]]}")
@@ -100,28 +151,40 @@ class Requests:
         bad = np.flatnonzero(~np.isnan(g) & (~np.isfinite(g) | (g < 0)))
         if bad.size:
             raise ValueError(f"requests: guidance must be a finite number >= 0, request {bad[0]} has {g[bad[0]]}")
-        if (~np.isnan(g)).any() and not num_classes:
-            raise ValueError("requests: guidance needs a class-conditional model")
+        if (~np.isnan(g)).any() and not num_classes and not text:
+            raise ValueError("requests: guidance needs a class-conditional or text-conditioned model")
         return self
 
+    def digest(self) -> str:
+        """sha256 over every column (the prompts as UTF-8, the embeddings files by content)."""
+        h = hashlib.sha256()
+        for col in (self.seed, self.class_label, self.guidance):
+            h.update(np.ascontiguousarray(col).tobytes())
+        if self.text:
+            for col in (self.prompt, self.negative_prompt, self.embeds):
+                h.update(json.dumps([None if v is None else str(v) for v in col]).encode())
+            h.update(json.dumps(self.embeds_sha256, sort_keys=True).encode())
+        return h.hexdigest()
 
-def read_requests(path: str | os.PathLike, num_classes: int = 0) -> Requests:
-    """Requests from a JSONL file (one object per line: "seed", optional "class", optional "guidance") or a CSV file
-    with a header naming the same columns; a class-conditional model's missing class is the request's index modulo
-    its classes.  ValueError naming the file, line and field for anything malformed."""
+
+def read_requests(path: str | os.PathLike, num_classes: int = 0, text: bool = False) -> Requests:
+    """Requests from a JSONL file (one object per line: "seed", optional "class", optional "guidance"; a text model
+    (``text``): "prompt" and optional "negative_prompt", or "embeds", a safetensors file relative to the requests
+    file) or a CSV file with a header naming the same columns; a class-conditional model's missing class is the
+    request's index modulo its classes.  ValueError naming the file, line and field for anything malformed."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"--requests {str(path)!r} cannot be read: {exc}") from None
     rows: list[dict] = []
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
+        reader = csv.DictReader(io.StringIO(content))
         if not reader.fieldnames or "seed" not in reader.fieldnames:
             raise ValueError(f"{path}: a CSV of requests needs a header with 'seed' (and optional 'class', 'guidance')")
         rows = [{k: v for k, v in r.items() if v not in (None, "")} for r in reader]
     else:
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if line.strip():
                 try:
                     obj = json.loads(line)
@@ -130,11 +193,12 @@ def read_requests(path: str | os.PathLike, num_classes: int = 0) -> Requests:
                 if not isinstance(obj, dict):
                     raise ValueError(f"{path}:{n}: each line must be a JSON object with 'seed'")
                 rows.append(obj)
-    seeds, labels, guidance = [], [], []
+    seeds, labels, guidance, prompts, negatives, embeds, digests = [], [], [], [], [], [], {}
+    keys = {"seed", "guidance"} | ({"prompt", "negative_prompt", "embeds"} if text else {"class"})
     for i, r in enumerate(rows):
-        unknown = set(r) - {"seed", "class", "guidance"}
+        unknown = set(r) - keys
         if unknown or "seed" not in r:
-            raise ValueError(f"{path}: request {i} must have 'seed' and may have 'class' and 'guidance', got "
+            raise ValueError(f"{path}: request {i} must have 'seed' and may have {sorted(keys - {'seed'})}, got "
                              f"{sorted(r)}")
         try:
             seeds.append(_integer(r["seed"]))
@@ -143,8 +207,32 @@ def read_requests(path: str | os.PathLike, num_classes: int = 0) -> Requests:
         except (TypeError, ValueError):
             raise ValueError(f"{path}: request {i}: seed and class must be integers, guidance a number; got {r}") \
                 from None
+        if text:
+            for k in ("prompt", "negative_prompt", "embeds"):
+                if k in r and not isinstance(r[k], str):
+                    raise ValueError(f"{path}: request {i}: {k!r} must be a string, got {type(r[k]).__name__}")
+            prompts.append(r.get("prompt"))
+            negatives.append(r.get("negative_prompt"))
+            embeds.append(_embeds_file(path, i, r["embeds"], digests) if "embeds" in r else None)
+    extra = {}
+    if text:
+        extra = dict(prompt=np.asarray(prompts, dtype=object), negative_prompt=np.asarray(negatives, dtype=object),
+                     embeds=np.asarray(embeds, dtype=object), embeds_sha256=digests)
     return Requests(np.asarray(seeds, dtype=np.int64), np.asarray(labels, dtype=np.int64),
-                    np.asarray(guidance, dtype=np.float64)).checked(num_classes)
+                    np.asarray(guidance, dtype=np.float64), **extra).checked(num_classes, text)
+
+
+def _embeds_file(requests: Path, i: int, name: str, digests: dict) -> str:
+    """An embeddings file of request ``i``, relative to the requests file, as an absolute path (a regular
+    safetensors file, not a link); its sha256 goes into ``digests``."""
+    p = (requests.parent / name).resolve()
+    if p.suffix != ".safetensors" or not p.is_file() or (requests.parent / name).is_symlink():
+        raise ValueError(f"{requests}: request {i}: embeds {name!r} must be a .safetensors file beside the requests "
+                         "(not a link)")
+    key = str(p)
+    if key not in digests:
+        digests[key] = _sha256(p.read_bytes())
+    return key
 
 
 def _integer(v) -> int:
@@ -221,21 +309,53 @@ class TimedBackend:
         return getattr(self._inner, name)
 
 
-def to_png(image: torch.Tensor) -> bytes:
-    """One image (C, H, W) in [-1, 1] as PNG bytes (8 bits, "L" for one channel, "RGB" for three): round((x + 1)
-    127.5), clipped; deterministic for one Pillow version."""
-    from PIL import Image
+def to_png(image: torch.Tensor, text: dict | None = None) -> bytes:
+    """One image (C, H, W) in [-1, 1] (or uint8, as a decoder gives them) as PNG bytes (8 bits, "L" for one
+    channel, "RGB" for three): round((x + 1) 127.5), clipped; ``text``: {key: str} written as iTXt chunks (the
+    prompt); deterministic for one Pillow version."""
+    from PIL import Image, PngImagePlugin
 
-    x = image.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).numpy()
+    if image.dtype == torch.uint8:
+        x = image.detach().cpu().numpy()
+    else:
+        x = image.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).numpy()
     if x.shape[0] == 1:
         pic = Image.fromarray(x[0], mode="L")
     elif x.shape[0] == 3:
         pic = Image.fromarray(np.ascontiguousarray(x.transpose(1, 2, 0)), mode="RGB")
     else:
         raise ValueError(f"to_png needs 1 or 3 channels, got {x.shape[0]}")
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for k, v in text.items():
+            info.add_itxt(k, v)
     buf = io.BytesIO()
-    pic.save(buf, format="PNG")
+    pic.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+PROMPT_CACHE = 1024   # distinct (prompt, negative prompt) encodings an actor keeps
+
+
+def text_inputs(model) -> bool:
+    """Whether the model takes text (prompt embeddings) rather than only class labels."""
+    return any(c.name == "encoder_hidden_states" for c in model.cond)
+
+
+def _shape_of(model, name: str) -> tuple:
+    return next((c.shape for c in model.cond if c.name == name), ())
+
+
+def _none(v):
+    """A request column's empty value (Ray Data hands None back as None or NaN, strings as str)."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else str(v)
+
+
+def _png_text(prompt, negative) -> dict | None:
+    if prompt is None:
+        return None
+    return {"prompt": prompt, **({"negative_prompt": negative} if negative else {})}
 
 
 class Renderer:
@@ -250,22 +370,37 @@ class Renderer:
         self.timed = TimedBackend(self.sampler.backend)
         self.sampler.backend = self.timed  # engines are built on first use: every one times its network
         self.calls, self.actor = 0, f"{os.uname().nodename}:{os.getpid()}"
+        self.text = text_inputs(self.model)
+        self._encoder, self._files = None, {}
+        if getattr(self.model.decoder, "batch", None) is not None:
+            # torch's CPU convolutions round differently per batch size (~1e-6: now and then one PNG level): the
+            # VAE decodes one image at a time, so an image never depends on the chunk that drew it.
+            self.model.decoder.batch = 1
+        self.text_s = 0.0
 
     def __call__(self, batch: dict) -> dict:
         self.calls += 1
         self._test_exit()
         cols: dict[str, list] = {k: [] for k in ("chunk", "index", "seed", "class_label", "guidance", "png",
-                                                "actor", "network_s", "sample_s", "encode_s", "done_at")}
+                                                "actor", "network_s", "sample_s", "encode_s", "text_s", "encoded",
+                                                "done_at", "prompt", "negative_prompt")}
         for c in range(len(batch["chunk"])):
             idx, seeds = np.asarray(batch["index"][c]), np.asarray(batch["seed"][c])
             labels, guid = np.asarray(batch["class_label"][c]), np.asarray(batch["guidance"][c], dtype=np.float64)
-            net0, t0 = self.timed.seconds, time.perf_counter()
-            images = self._sample(seeds, labels, guid)
-            t1 = time.perf_counter()
-            pngs = [to_png(im) for im in images]
-            t2 = time.perf_counter()
             n = len(idx)
+            files = [_none(v) for v in batch["embeds"][c]] if self.text else [None] * n
+            prompts = [None if f is not None else ("" if _none(v) is None else str(v))
+                       for v, f in zip(batch["prompt"][c], files)] if self.text else [None] * n
+            negs = [_none(v) for v in batch["negative_prompt"][c]] if self.text else [None] * n
+            net0, t0, text0 = self.timed.seconds, time.perf_counter(), self.text_s
+            enc0 = self._encoder.encoded if self._encoder is not None else 0
+            images = self._sample(seeds, labels, guid, prompts, negs, files)
+            t1 = time.perf_counter()
+            pngs = [to_png(im, _png_text(p, q)) for im, p, q in zip(images, prompts, negs)]
+            t2 = time.perf_counter()
             net = self.timed.seconds - net0
+            text_s = self.text_s - text0
+            encoded = (self._encoder.encoded if self._encoder is not None else 0) - enc0
             cols["chunk"] += [int(batch["chunk"][c])] * n
             cols["index"] += idx.tolist()
             cols["seed"] += seeds.tolist()
@@ -274,22 +409,72 @@ class Renderer:
             cols["png"] += pngs
             cols["actor"] += [self.actor] * n
             cols["network_s"] += [net] + [0.0] * (n - 1)
-            cols["sample_s"] += [t1 - t0 - net] + [0.0] * (n - 1)
+            cols["text_s"] += [text_s] + [0.0] * (n - 1)
+            cols["encoded"] += [encoded] + [0] * (n - 1)
+            cols["prompt"] += ["" if p is None else p for p in prompts]
+            cols["negative_prompt"] += ["" if q is None else q for q in negs]
+            cols["sample_s"] += [t1 - t0 - net - text_s] + [0.0] * (n - 1)
             cols["encode_s"] += [t2 - t1] + [0.0] * (n - 1)
             cols["done_at"] += [time.time()] + [0.0] * (n - 1)
-        return {k: np.asarray(v, dtype=object) if k in ("png", "actor") else np.asarray(v) for k, v in cols.items()}
+        objects = ("png", "actor", "prompt", "negative_prompt")
+        return {k: np.asarray(v, dtype=object) if k in objects else np.asarray(v) for k, v in cols.items()}
 
-    def _sample(self, seeds: np.ndarray, labels: np.ndarray, guid: np.ndarray) -> torch.Tensor:
-        """The chunk's images in request order; requests with different guidance run as separate calls."""
+    def _sample(self, seeds: np.ndarray, labels: np.ndarray, guid: np.ndarray, prompts=None, negs=None,
+                files=None) -> torch.Tensor:
+        """The chunk's images in request order; requests with different guidance run as separate calls (and, for a
+        text model, prompts of different token counts)."""
         out = [None] * len(seeds)
         keys = ["none" if np.isnan(g) else float(g) for g in guid]
-        for key in dict.fromkeys(keys):
-            pos = [i for i, k in enumerate(keys) if k == key]
-            cond = labels[pos].tolist() if self.model.num_classes else None
-            x = self.sampler.sample(seeds[pos].tolist(), cond=cond, guidance=None if key == "none" else key).cpu()
+        rows = self._text_rows(prompts, negs, files, keys) if self.text else None
+        groups = {}
+        for i, k in enumerate(keys):
+            shape = tuple(rows[i][0]["encoder_hidden_states"].shape) if rows is not None else ()
+            groups.setdefault((k, shape), []).append(i)
+        for (key, _), pos in groups.items():
+            w = None if key == "none" else key
+            kw = {}
+            if rows is not None:
+                from .pipelines.prompts import default_inputs
+
+                cond = {n: torch.cat([rows[i][0][n] for i in pos]) for n in rows[pos[0]][0]}
+                uncond = {n: torch.cat([rows[i][1][n] for i in pos]) for n in rows[pos[0]][1]}
+                cond, w = default_inputs(self.model, cond, w)
+                kw = dict(cond=cond, uncond=uncond if w is not None and uncond else None)
+            else:
+                kw = dict(cond=labels[pos].tolist() if self.model.num_classes else None)
+            x = self.sampler.sample(seeds[pos].tolist(), guidance=w, **kw).cpu()
             for j, i in enumerate(pos):
                 out[i] = x[j]
         return torch.stack(out)
+
+    def _text_rows(self, prompts, negs, files, keys) -> list[tuple[dict, dict]]:
+        """Per request (cond, uncond) rows: the prompt through the folder's text encoder (once per distinct prompt,
+        ``PromptEncoder``'s cache) or the embeddings file (read once per file)."""
+        from .pipelines.prompts import PromptEncoder
+
+        t0 = time.perf_counter()
+        rows = []
+        for p, q, f, k in zip(prompts, negs, files, keys):
+            guided = k != "none"
+            if p is not None:
+                if self._encoder is None:
+                    self._encoder = PromptEncoder(self.job.model, [c.name for c in self.model.cond],
+                                                  cache=PROMPT_CACHE)
+                rows.append(self._encoder.encode(p, q, guided))
+            else:
+                if f not in self._files:
+                    from .pipelines.prompts import embeds_from_file
+
+                    cond, uncond = embeds_from_file(f, [c.name for c in self.model.cond])
+                    one = lambda d: {n: v if v.ndim == len(_shape_of(self.model, n)) + 1 else v[None]  # noqa: E731
+                                     for n, v in d.items()}
+                    self._files[f] = (one(cond), one(uncond))
+                cond, uncond = self._files[f]
+                if guided and not uncond:
+                    raise ValueError(f"embeds {f!r}: guidance needs negative_prompt_embeds in the file")
+                rows.append((cond, uncond if guided else {}))
+        self.text_s += time.perf_counter() - t0
+        return rows
 
     def _test_exit(self) -> None:
         after, marker = os.environ.get(_EXIT_AFTER), os.environ.get(_MARKER)
@@ -311,15 +496,19 @@ def _chunk_files(fmt: str, chunk: int, rows: list[dict], meta: dict) -> dict[str
     """{relative path: bytes} of one chunk's output in ``fmt`` (rows sorted by index)."""
     if fmt == "png":
         return {f"images/{r['index'] // 10000:05d}/{r['index']:09d}.png": r["png"] for r in rows}
+    text = bool(meta.get("text"))
     info = [{"index": r["index"], "seed": r["seed"], "class_label": r["class_label"],
-             "guidance": None if math.isnan(r["guidance"]) else r["guidance"]} for r in rows]
+             "guidance": None if math.isnan(r["guidance"]) else r["guidance"],
+             **({"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]} if text else {})} for r in rows]
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({"index": [r["index"] for r in rows], "seed": [r["seed"] for r in rows],
-                          "class_label": [r["class_label"] for r in rows], "guidance": [i["guidance"] for i in info],
-                          "png": pa.array([r["png"] for r in rows], type=pa.binary())})
+        columns = {"index": [r["index"] for r in rows], "seed": [r["seed"] for r in rows],
+                   "class_label": [r["class_label"] for r in rows], "guidance": [i["guidance"] for i in info]}
+        if text:
+            columns.update(prompt=[r["prompt"] for r in rows], negative_prompt=[r["negative_prompt"] for r in rows])
+        table = pa.table({**columns, "png": pa.array([r["png"] for r in rows], type=pa.binary())})
         table = table.replace_schema_metadata({"edmrt": json.dumps(meta, sort_keys=True)})
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -379,7 +568,8 @@ def make_sink(out: Path, fmt: str, meta: dict, sizes: dict):
             for chunk, rows in sorted(by_chunk.items()):
                 rec = write_chunk(out, fmt, chunk, rows, meta, sizes[chunk])
                 rec.update(actor=rows[0]["actor"], **{k: float(sum(r[k] for r in rows))
-                                                      for k in ("network_s", "sample_s", "encode_s")},
+                                                      for k in ("network_s", "sample_s", "encode_s", "text_s")},
+                           encoded=int(sum(r["encoded"] for r in rows)),
                            done_at=max(float(r["done_at"]) for r in rows))
                 out_records.append(rec)
             return out_records
@@ -397,14 +587,12 @@ def job_manifest(job: RenderJob, model, sampler, requests: Requests) -> dict:
 
     net = model.network
     weights = weights_sha256(net) if isinstance(net, torch.nn.Module) else None
-    digest = hashlib.sha256()
-    for col in (requests.seed, requests.class_label, requests.guidance):
-        digest.update(np.ascontiguousarray(col).tobytes())
     return {"format": MANIFEST_FORMAT, "model": job.model, "model_weights_sha256": weights,
             "adapters": job.adapters or {}, "onnx": job.onnx, "solver": sampler.solver, "steps": sampler.steps,
             "sigmas": [float(s) for s in sampler.plan.sigmas], "options": job.options, "backend": job.backend,
             "image_format": job.format, "batch": job.batch, "requests": len(requests),
-            "requests_sha256": digest.hexdigest(), "sample_shape": list(model.sample_shape)}
+            "requests_sha256": requests.digest(), "sample_shape": list(model.sample_shape),
+            **({"text": True} if requests.text else {})}
 
 
 def _open_output(out: Path, manifest: dict) -> None:
@@ -453,8 +641,12 @@ def _chunk_rows(requests: Requests, batch: int, todo: Sequence[int]) -> list[dic
     rows = []
     for k in todo:
         lo, hi = k * batch, min(len(requests), (k + 1) * batch)
-        rows.append({"chunk": k, "index": np.arange(lo, hi, dtype=np.int64), "seed": requests.seed[lo:hi],
-                     "class_label": requests.class_label[lo:hi], "guidance": requests.guidance[lo:hi]})
+        row = {"chunk": k, "index": np.arange(lo, hi, dtype=np.int64), "seed": requests.seed[lo:hi],
+               "class_label": requests.class_label[lo:hi], "guidance": requests.guidance[lo:hi]}
+        if requests.text:   # strings for Ray Data's blocks ("": none); the actor reads them back
+            row.update({k: ["" if v is None else str(v) for v in getattr(requests, k)[lo:hi]]
+                        for k in ("prompt", "negative_prompt", "embeds")})
+        rows.append(row)
     return rows
 
 
@@ -484,11 +676,16 @@ def render(job: RenderJob, requests: Requests, out: str | os.PathLike, actors: i
 
 def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address, progress, t_start) -> dict:
     model, sampler = build_sampler(job, threads=int(cpus_per_actor))  # checks the job, warms the ONNX cache
-    other = [c.name for c in model.cond if c.name != "class_labels"]
+    text = text_inputs(model)
+    other = [c.name for c in model.cond if c.name not in ("class_labels", "encoder_hidden_states", "text_embeds",
+                                                          "pooled_projections", "time_ids", "timestep_cond")]
     if other:
-        raise ValueError(f"render takes seeds, class labels and guidance; model {job.model!r} also needs {other} "
-                         "(per-request embeddings are not built yet: sample it with edmrt sample --prompt-embeds)")
-    requests.checked(model.num_classes)
+        raise ValueError(f"render takes seeds, class labels or prompts, and guidance; model {job.model!r} also needs "
+                         f"{other}")
+    if text and model.decoder is None:
+        raise ValueError(f"model {job.model!r} takes prompts but has no VAE (no vae in model_index.json): render "
+                         "writes images")
+    requests.checked(model.num_classes, text)
     manifest = job_manifest(job, model, sampler, requests)
     out.mkdir(parents=True, exist_ok=True)
     _open_output(out, manifest)
@@ -502,7 +699,7 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
         records = _run_pipeline(job, requests, out, sorted(todo), sizes, manifest, actors, cpus_per_actor,
                                 gpus_per_actor, address, progress)
         wall = time.perf_counter() - t0
-        summary.update(_timings(records, sampler.plan.nfe))
+        summary.update(_timings(records, sampler.plan.nfe, text))
         summary.update(chunks_rendered=len(records), pipeline_s=round(wall, 3),
                        images_per_s=summary["rendered_images"] / wall,
                        nfe_per_s=summary["rendered_images"] * sampler.plan.nfe / wall)
@@ -532,6 +729,7 @@ def _run_pipeline(job, requests, out, todo, sizes, manifest, actors, cpus, gpus,
     rows = _chunk_rows(requests, job.batch, todo)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     meta = {k: manifest[k] for k in ("model", "model_weights_sha256", "solver", "steps", "sigmas")}
+    meta.update({"text": True} if manifest.get("text") else {})
     # Ray Data restarts a dead actor and retries its task (max_restarts = max_task_retries = -1 by default for an
     # actor pool); a constructor that fails (a bad model) is a user error and is not retried.
     ds = ds.map_batches(Renderer, fn_constructor_kwargs={"job": dataclasses.asdict(job), "threads": int(cpus)},
@@ -545,17 +743,19 @@ def _run_pipeline(job, requests, out, todo, sizes, manifest, actors, cpus, gpus,
     return sink.records
 
 
-def _timings(records: list[dict], nfe: int) -> dict:
-    """Images/s overall and per actor, NFE/s, and where the actors' time went (network, the rest of sampling,
-    PNG encoding, writing), from the chunk records."""
+def _timings(records: list[dict], nfe: int, text: bool = False) -> dict:
+    """Images/s overall and per actor, NFE/s, and where the actors' time went (network, the text encoder for a text
+    model, the rest of sampling, PNG encoding, writing), from the chunk records."""
     images = sum(r["count"] for r in records)
-    parts = {k: sum(r[k] for r in records) for k in ("network_s", "sample_s", "encode_s", "write_s")}
+    keys = ("network_s", "text_s", "sample_s", "encode_s", "write_s") if text else \
+        ("network_s", "sample_s", "encode_s", "write_s")
+    parts = {k: sum(r[k] for r in records) for k in keys}
     busy = sum(parts.values())
     per_actor: dict[str, dict] = {}
     for r in records:
         a = per_actor.setdefault(r["actor"], {"images": 0, "busy_s": 0.0})
         a["images"] += r["count"]
-        a["busy_s"] += r["network_s"] + r["sample_s"] + r["encode_s"] + r["write_s"]
+        a["busy_s"] += r["network_s"] + r["text_s"] + r["sample_s"] + r["encode_s"] + r["write_s"]
     for a in per_actor.values():
         a["images_per_s_busy"] = a["images"] / a["busy_s"] if a["busy_s"] else None
     # Steady state: the images of every chunk after the first, over the time from the first chunk's end of encoding
@@ -565,6 +765,7 @@ def _timings(records: list[dict], nfe: int) -> dict:
     span = stamps[-1][0] - stamps[0][0] if len(stamps) > 1 else 0.0
     steady = sum(c for _, c in stamps[1:]) / span if span > 0 else None
     return {"rendered_images": images, "steady_images_per_s": steady,
+            "prompts_encoded": sum(r["encoded"] for r in records),
             "time_split_s": {k: round(v, 3) for k, v in parts.items()},
             "time_split_share": {k: round(v / busy, 4) if busy else None for k, v in parts.items()},
             "per_actor": per_actor, "nfe": nfe}

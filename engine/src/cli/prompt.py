@@ -10,86 +10,23 @@ LCM's ``timestep_cond`` to the embedding of the guidance weight (then sampled wi
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from pathlib import Path
 
 log = logging.getLogger("edmrt")
 
-ALIASES = {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "text_embeds", "add_time_ids": "time_ids"}
-LCM_DEFAULT_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default guidance_scale
+from edmrt.pipelines.prompts import (ALIASES, LCM_DEFAULT_GUIDANCE, default_inputs,  # noqa: F401  (re-exported)
+                                     embeds_from_file)
 
 
-def embeds_from_file(path, names) -> tuple[dict, dict]:
-    """(cond, uncond) from a safetensors file of tensors named after ``names`` or their diffusers aliases."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def embeds_from_prompt(folder, prompt: str, negative: str | None, guided: bool, names=None) -> tuple[dict, dict]:
+    """(cond, uncond) from the folder's text encoder(s), by the diffusers pipeline's own ``encode_prompt``
+    (``edmrt.pipelines.prompts.PromptEncoder``)."""
+    from edmrt.pipelines.prompts import PromptEncoder
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--prompt-embeds {str(p)!r} does not exist")
-    try:
-        tensors = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"--prompt-embeds {str(p)!r} is not a safetensors file: {exc}") from None
-    cond, uncond = {}, {}
-    for key, t in tensors.items():
-        neg = key.startswith("negative_")
-        name = key.removeprefix("negative_")
-        name = ALIASES.get(name, name)
-        if name not in names:
-            raise ValueError(f"--prompt-embeds: tensor {key!r} is none of the model's inputs {list(names)} "
-                             f"(or their diffusers names {sorted(ALIASES)}, with negative_ for the unconditional half)")
-        (uncond if neg else cond)[name] = t.float() if t.is_floating_point() else t
-    return cond, uncond
-
-
-def embeds_from_prompt(folder, prompt: str, negative: str | None, guided: bool) -> tuple[dict, dict]:
-    """(cond, uncond) from the folder's text encoder(s), by the diffusers pipeline's own ``encode_prompt``."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), unet=None, vae=None, use_safetensors=True,
-                                                 local_files_only=True)
-    except Exception as exc:  # missing tokenizer/text encoder, transformers not installed, ...
-        raise ValueError(f"--prompt needs the folder's tokenizer and text encoder (and transformers installed); "
-                         f"use --prompt-embeds instead ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not hasattr(pipe, "encode_prompt") or getattr(pipe, "text_encoder", None) is None:
-        raise ValueError(f"{str(folder)!r} has no text encoder: use --prompt-embeds")
-    params = inspect.signature(pipe.encode_prompt).parameters
-    kw = dict(prompt=prompt, device=torch.device("cpu"), num_images_per_prompt=1,
-              do_classifier_free_guidance=guided, negative_prompt=negative)
-    with torch.inference_mode():
-        out = pipe.encode_prompt(**{k: v for k, v in kw.items() if k in params})
-    cond, uncond = {"encoder_hidden_states": out[0]}, {}
-    if guided and out[1] is not None:
-        uncond["encoder_hidden_states"] = out[1]
-    if len(out) == 4:  # SDXL: pooled embeddings of the second encoder
-        cond["text_embeds"] = out[2]
-        if guided and out[3] is not None:
-            uncond["text_embeds"] = out[3]
-    return cond, uncond
-
-
-def default_inputs(model, cond: dict, guidance: float | None) -> tuple[dict, float | None]:
-    """SDXL's time_ids and LCM's timestep_cond when not given; returns (cond, the guidance to sample with)."""
-    import torch
-
-    from edmrt.adapters.diffusers import guidance_embedding
-
-    names = {c.name: c for c in model.cond}
-    if "time_ids" in names and "time_ids" not in cond:
-        vae = getattr(model.decoder, "vae", None)
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8  # diffusers' vae_scale_factor
-        h, w = (d * scale for d in model.sample_shape[-2:])
-        cond["time_ids"] = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
-    if "timestep_cond" in names and "timestep_cond" not in cond:
-        w = LCM_DEFAULT_GUIDANCE if guidance is None else guidance
-        cond["timestep_cond"] = guidance_embedding(w - 1.0, names["timestep_cond"].shape[0])[0]
-        guidance = None  # the guidance is embedded: one conditional half
-    return cond, guidance
+    enc = PromptEncoder(folder, names or ("encoder_hidden_states", "text_embeds"), cache=0)
+    return enc.encode(prompt, negative, guided)
 
 
 def save_pngs(images, seeds, outdir: Path, stem: str) -> list[Path]:
@@ -140,8 +77,8 @@ def run_folder(args, seeds: list[int]) -> int:
         raise ValueError(f"--model {args.model!r} has no VAE (no vae in model_index.json): there would be only latents")
     names = [c.name for c in model.cond]
     guided = args.guidance is not None
-    cond, uncond = (embeds_from_prompt(args.model, args.prompt, args.negative_prompt, guided) if args.prompt is not None
-                    else embeds_from_file(args.prompt_embeds, names))
+    cond, uncond = (embeds_from_prompt(args.model, args.prompt, args.negative_prompt, guided, names)
+                    if args.prompt is not None else embeds_from_file(args.prompt_embeds, names))
     cond, guidance = default_inputs(model, cond, args.guidance)
     steps = args.steps if args.steps is not None else 20
     sampler = edmrt.Sampler(model, solver=args.solver or "dpmpp_2m", steps=steps, backend=args.backend,

@@ -11,8 +11,8 @@ HELP = "render many samples to PNG files, Parquet or WebDataset shards on Ray (r
 
 def register(sub) -> None:
     p = sub.add_parser("render", help=HELP)
-    p.add_argument("--model", default="digits", help="a bundled model (digits, digits-cd); an unconditional diffusers "
-                                                    "folder (text-conditioned ones need per-request embeddings: not yet)")
+    p.add_argument("--model", default="digits", help="a bundled model (digits, digits-cd) or a local diffusers folder "
+                                                    "(prompts: --requests with 'prompt', or --prompt with --seeds)")
     p.add_argument("--adapter", action="append", metavar="NAME_OR_PATH[=WEIGHT]",
                    help="fuse a LoRA / DoRA adapter (repeatable; e.g. digits-cd-lora)")
     p.add_argument("--onnx", metavar="FILE.onnx", help="run this exported network in ONNX Runtime")
@@ -22,9 +22,12 @@ def register(sub) -> None:
     work = p.add_mutually_exclusive_group(required=True)
     work.add_argument("--seeds", help="seeds, e.g. 0-99999 (classes cycle over the model's, or --class)")
     work.add_argument("--requests", metavar="FILE.jsonl|FILE.csv",
-                      help="one request per line / row: seed, optional class and guidance")
+                      help="one request per line / row: seed, optional class and guidance; a text model: prompt "
+                           "(and negative_prompt) or embeds (a .safetensors file beside it)")
     p.add_argument("--class", dest="class_", metavar="CLASSES", help="with --seeds: class label(s) cycled over them")
     p.add_argument("--guidance", type=float, help="with --seeds: classifier-free guidance for every sample")
+    p.add_argument("--prompt", help="with --seeds: a text model's prompt for every sample")
+    p.add_argument("--negative-prompt", help="with --prompt: the negative prompt")
     p.add_argument("--format", default="png", choices=["png", "parquet", "webdataset"])
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (a re-run resumes it)")
     p.add_argument("--batch", type=positive_int, default=64, help="samples per chunk and per network call (64)")
@@ -41,14 +44,16 @@ def register(sub) -> None:
 def run(args) -> int:
     from edmrt.cli.sample import adapter_weights
     from edmrt.loading import load
-    from edmrt.render import RenderJob, Requests, read_requests, render
+    from edmrt.render import RenderJob, Requests, read_requests, render, text_inputs
 
     try:
         import ray  # noqa: F401
     except ImportError:
         raise ImportError("edmrt render needs Ray Data: pip install 'edmrt[render]'") from None
-    if args.requests and (args.class_ or args.guidance is not None):
-        raise ValueError("--class and --guidance go with --seeds; a --requests file gives them per request")
+    if args.requests and (args.class_ or args.guidance is not None or args.prompt is not None):
+        raise ValueError("--class, --prompt and --guidance go with --seeds; a --requests file gives them per request")
+    if args.negative_prompt is not None and args.prompt is None:
+        raise ValueError("--negative-prompt goes with --prompt")
     options = solver_options(args.option)
     if args.rho != 7.0:
         options["rho"] = args.rho
@@ -56,10 +61,20 @@ def run(args) -> int:
     job = RenderJob(model=args.model, solver=args.solver, steps=args.steps, schedule=args.schedule, options=options,
                     backend=args.backend, onnx=args.onnx, adapters=adapter_weights(args), format=args.format,
                     batch=args.batch, device="cuda" if gpus > 0 else "cpu")
-    num_classes = load(args.model).num_classes if not os.path.isdir(args.model) else 0
+    model = load(args.model)
+    num_classes, text = model.num_classes, text_inputs(model)
+    del model
     if args.requests:
-        requests = read_requests(args.requests, num_classes)
+        requests = read_requests(args.requests, num_classes, text)
+    elif text:
+        if args.prompt is None:
+            raise ValueError(f"--model {args.model!r} takes prompts: give --prompt TEXT with --seeds, or --requests")
+        seeds = int_list(args.seeds, "--seeds")
+        requests = Requests.from_prompts([args.prompt] * len(seeds), seeds, [args.negative_prompt] * len(seeds),
+                                         args.guidance)
     else:
+        if args.prompt is not None:
+            raise ValueError(f"--prompt: model {args.model!r} takes no prompts")
         classes = int_list(args.class_, "--class") if args.class_ else None
         requests = Requests.from_seeds(int_list(args.seeds, "--seeds"), num_classes, classes, args.guidance)
     actors = args.actors or _default_actors(args.cpus_per_actor, gpus, args.address)
@@ -90,6 +105,9 @@ def _report(s: dict, out: str) -> str:
     share = s["time_split_share"]
     lines.append("actors' time: " + ", ".join(f"{k.removesuffix('_s')} {100 * v:.1f}%" for k, v in share.items()
                                               if v is not None))
+    if s.get("prompts_encoded"):
+        lines.append(f"text encoder: {s['prompts_encoded']} prompts encoded (once per distinct prompt and actor), "
+                     f"{s['time_split_s']['text_s']:.2f} s")
     for actor, a in sorted(s["per_actor"].items()):
         rate = a["images_per_s_busy"]
         lines.append(f"  actor {actor}: {a['images']} images, {rate:.1f} images/s while busy" if rate else

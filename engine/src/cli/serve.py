@@ -10,7 +10,8 @@ HELP = "serve a model over HTTP on Ray Serve (POST /v1/samples, GET /v1/models, 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help=HELP)
-    p.add_argument("--model", default="digits-cd", help="a bundled model (default digits-cd)")
+    p.add_argument("--model", default="digits-cd", help="a bundled model (default digits-cd) or a local diffusers "
+                                                        "folder (requests with a prompt)")
     p.add_argument("--adapter", action="append", metavar="NAME_OR_PATH[=WEIGHT]", help="fuse a LoRA / DoRA adapter")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -25,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=positive_int, default=256, help="requests per replica before 503s")
     p.add_argument("--retries", type=int, default=2, help="times a request is sent again when its sampler replica "
                    "died under it (default 2; 0: answer 503 at once)")
+    p.add_argument("--prompt-cache", type=positive_int, default=256, help="recent prompt encodings a replica keeps "
+                                                                          "(text models; default 256)")
     p.add_argument("--address", help="an existing Ray cluster (default: a local Ray in this process)")
     p.set_defaults(fn=run)
 
@@ -43,7 +46,8 @@ def run(args) -> int:
     opts = ServeOptions(model=args.model, adapters=adapter_weights(args), solvers=tuple(args.solvers or ()),
                         max_steps=args.max_steps, max_seeds=args.max_seeds, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_ms / 1000, max_queue=args.max_queue,
-                        threads=args.threads, dynamic_batching=not args.no_batching, retries=args.retries)
+                        threads=args.threads, dynamic_batching=not args.no_batching, retries=args.retries,
+                        prompt_cache=args.prompt_cache)
     from edmrt.loading import load
 
     load(args.model)  # a bad model name fails here, in one line, before Ray starts
@@ -51,8 +55,8 @@ def run(args) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(make_app(opts, num_replicas=args.replicas), name="edmrt", route_prefix="/")
-        print(f"serving {args.model} at http://{args.host}:{args.port}: POST /v1/samples, GET /v1/models, "
-              f"GET /healthz (Ctrl+C stops)", flush=True)
+        print(f"serving {args.model} at http://{args.host}:{args.port}: POST /v1/samples, POST "
+              f"/v1/images/generations, GET /v1/models, GET /healthz (Ctrl+C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
