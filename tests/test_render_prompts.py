@@ -104,6 +104,19 @@ def test_every_image_is_the_single_process_sample_and_each_prompt_is_encoded_onc
     assert manifest["text"] is True and manifest["requests"] == N
 
 
+def test_a_prompt_stage_of_its_own_encodes_each_prompt_once_for_the_run(folder, local_ray, reference, tmp_path):
+    """encode="stage": one encoder actor ahead of two sampling actors; the same images, each distinct prompt encoded
+    once for the whole run (in the sampling actors it is once per actor)."""
+    path, req = folder
+    s = render(RenderJob(model=str(path), steps=4, batch=5, encode="stage"), read_requests(req, 0, text=True),
+               tmp_path / "s", actors=2, progress=False)
+    got = _pngs(tmp_path / "s")
+    assert sorted(got) == list(range(N)) and all(got[i] == reference[i] for i in range(N))
+    assert s["prompts_encoded"] == 8
+    with pytest.raises(ValueError, match=r"encode must be one of \['actor', 'stage'\]"):
+        RenderJob(model=str(path), encode="driver")
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
 def test_parquet_and_webdataset_carry_the_prompt(folder, local_ray, reference, tmp_path, fmt):
     path, req = folder

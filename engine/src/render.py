@@ -245,7 +245,9 @@ def _integer(v) -> int:
 class RenderJob:
     """What is rendered and how: the model (a bundled name, a diffusers folder, optional adapters {name: weight}
     and an ONNX file to run it), the sampler (solver, steps, schedule, solver options; None: the model card's),
-    the backend ("auto": ONNX Runtime on the CPU), the output format and the chunk size."""
+    the backend ("auto": ONNX Runtime on the CPU), the output format and the chunk size; ``encode``: where a text
+    model's prompts are encoded, "actor" (in each sampling actor, with a cache) or "stage" (a Ray Data stage of its
+    own, one actor: each distinct prompt once for the run).  The images are the same either way."""
 
     model: str = "digits"
     solver: str | None = None
@@ -258,8 +260,12 @@ class RenderJob:
     format: str = "png"
     batch: int = 64
     device: str = "cpu"
+    encode: str = "actor"
 
     def __post_init__(self):
+        if self.encode not in ENCODE_MODES:
+            raise ValueError(f"encode must be one of {list(ENCODE_MODES)} (where prompts are encoded), got "
+                             f"{self.encode!r}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {list(FORMATS)}, got {self.format!r}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
@@ -336,6 +342,19 @@ def to_png(image: torch.Tensor, text: dict | None = None) -> bytes:
 
 
 PROMPT_CACHE = 1024   # distinct (prompt, negative prompt) encodings an actor keeps
+ENCODE_MODES = ("actor", "stage")
+
+
+def _given_rows(batch: dict, c: int, guid: np.ndarray) -> list[tuple[dict, dict]]:
+    """Chunk ``c``'s (cond, uncond) rows from a PromptStage's columns."""
+    names = [k[len("cond."):] for k in batch if k.startswith("cond.")]
+    rows = []
+    for j, g in enumerate(guid):
+        cond = {n: torch.from_numpy(np.asarray(batch[f"cond.{n}"][c][j:j + 1], dtype=np.float32)) for n in names}
+        uncond = {} if np.isnan(g) else {n: torch.from_numpy(np.asarray(batch[f"uncond.{n}"][c][j:j + 1],
+                                                                         dtype=np.float32)) for n in names}
+        rows.append((cond, uncond))
+    return rows
 
 
 def text_inputs(model) -> bool:
@@ -358,6 +377,79 @@ def _png_text(prompt, negative) -> dict | None:
     return {"prompt": prompt, **({"negative_prompt": negative} if negative else {})}
 
 
+class TextRows:
+    """Per request (cond, uncond) rows of a text model: the prompt through the folder's own text encoder (once per
+    distinct (prompt, negative prompt, guided): ``PromptEncoder``'s cache) or an embeddings file (read once);
+    ``encoded`` and ``seconds`` count the encodings and the time spent."""
+
+    def __init__(self, folder: str, names: Sequence[str], shapes: dict):
+        self.folder, self.names, self.shapes = folder, list(names), {k: tuple(v) for k, v in shapes.items()}
+        self._encoder, self._files, self.seconds = None, {}, 0.0
+
+    @property
+    def encoded(self) -> int:
+        return self._encoder.encoded if self._encoder is not None else 0
+
+    def rows(self, prompts, negs, files, guided) -> list[tuple[dict, dict]]:
+        from .pipelines.prompts import PromptEncoder, embeds_from_file
+
+        t0 = time.perf_counter()
+        out = []
+        for p, q, f, g in zip(prompts, negs, files, guided):
+            if p is not None:
+                if self._encoder is None:
+                    self._encoder = PromptEncoder(self.folder, self.names, cache=PROMPT_CACHE)
+                out.append(self._encoder.encode(p, q, g))
+                continue
+            if f not in self._files:
+                cond, uncond = embeds_from_file(f, self.names)
+                one = lambda d: {n: v if v.ndim == len(self.shapes.get(n, ())) + 1 else v[None]  # noqa: E731
+                                 for n, v in d.items()}
+                self._files[f] = (one(cond), one(uncond))
+            cond, uncond = self._files[f]
+            if g and not uncond:
+                raise ValueError(f"embeds {f!r}: guidance needs negative_prompt_embeds in the file")
+            out.append((cond, uncond if g else {}))
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _text_columns(batch: dict, c: int, n: int):
+    """(prompts, negative prompts, embeds files) of chunk ``c`` of a batch (Ray Data hands "" back for none)."""
+    files = [_none(v) for v in batch["embeds"][c]]
+    prompts = [None if f is not None else ("" if _none(v) is None else str(v)) for v, f in zip(batch["prompt"][c], files)]
+    return prompts, [_none(v) for v in batch["negative_prompt"][c]], files
+
+
+class PromptStage:
+    """The text encoder as a Ray Data stage of its own (``RenderJob.encode="stage"``): each chunk gets its
+    requests' embeddings as columns ``cond.NAME`` / ``uncond.NAME`` (zeros where unguided), and its encodings and
+    seconds; one actor encodes each distinct prompt once for the whole run."""
+
+    def __init__(self, folder: str, names: list, shapes: dict):
+        self.text = TextRows(folder, names, shapes)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: list(v) for k, v in batch.items()}
+        cols: dict[str, list] = {}
+        stats = {"stage_text_s": [], "stage_encoded": []}
+        for c in range(len(batch["chunk"])):
+            n = len(batch["index"][c])
+            enc0, t0 = self.text.encoded, self.text.seconds
+            guided = [not np.isnan(g) for g in np.asarray(batch["guidance"][c], dtype=np.float64)]
+            rows = self.text.rows(*_text_columns(batch, c, n), guided)
+            for name in rows[0][0]:
+                cols.setdefault(f"cond.{name}", []).append(torch.cat([r[0][name] for r in rows]).numpy())
+                shape = rows[0][0][name].shape[1:]
+                cols.setdefault(f"uncond.{name}", []).append(torch.cat([
+                    r[1][name] if name in r[1] else torch.zeros((1, *shape)) for r in rows]).numpy())
+            stats["stage_text_s"].append(self.text.seconds - t0)
+            stats["stage_encoded"].append(self.text.encoded - enc0)
+        out.update(cols, **stats)
+        return {k: v if k.startswith(("cond.", "uncond.")) else np.asarray(v, dtype=object if k in (
+            "prompt", "negative_prompt", "embeds") else None) for k, v in out.items()}
+
+
 class Renderer:
     """The actor of ``map_batches``: one Sampler built once; each call renders its chunks (columns chunk, index,
     seed, class_label, guidance: one row per chunk) and returns one row per image with its PNG bytes and the
@@ -371,12 +463,12 @@ class Renderer:
         self.sampler.backend = self.timed  # engines are built on first use: every one times its network
         self.calls, self.actor = 0, f"{os.uname().nodename}:{os.getpid()}"
         self.text = text_inputs(self.model)
-        self._encoder, self._files = None, {}
+        self.texts = TextRows(self.job.model, [c.name for c in self.model.cond],
+                              {c.name: c.shape for c in self.model.cond}) if self.text else None
         if getattr(self.model.decoder, "batch", None) is not None:
             # torch's CPU convolutions round differently per batch size (~1e-6: now and then one PNG level): the
             # VAE decodes one image at a time, so an image never depends on the chunk that drew it.
             self.model.decoder.batch = 1
-        self.text_s = 0.0
 
     def __call__(self, batch: dict) -> dict:
         self.calls += 1
@@ -388,19 +480,18 @@ class Renderer:
             idx, seeds = np.asarray(batch["index"][c]), np.asarray(batch["seed"][c])
             labels, guid = np.asarray(batch["class_label"][c]), np.asarray(batch["guidance"][c], dtype=np.float64)
             n = len(idx)
-            files = [_none(v) for v in batch["embeds"][c]] if self.text else [None] * n
-            prompts = [None if f is not None else ("" if _none(v) is None else str(v))
-                       for v, f in zip(batch["prompt"][c], files)] if self.text else [None] * n
-            negs = [_none(v) for v in batch["negative_prompt"][c]] if self.text else [None] * n
-            net0, t0, text0 = self.timed.seconds, time.perf_counter(), self.text_s
-            enc0 = self._encoder.encoded if self._encoder is not None else 0
-            images = self._sample(seeds, labels, guid, prompts, negs, files)
+            prompts, negs, files = _text_columns(batch, c, n) if self.text else ([None] * n,) * 3
+            net0, t0 = self.timed.seconds, time.perf_counter()
+            text0, enc0 = (self.texts.seconds, self.texts.encoded) if self.text else (0.0, 0)
+            given = _given_rows(batch, c, guid) if self.text and "stage_encoded" in batch else None
+            images = self._sample(seeds, labels, guid, prompts, negs, files, given)
             t1 = time.perf_counter()
             pngs = [to_png(im, _png_text(p, q)) for im, p, q in zip(images, prompts, negs)]
             t2 = time.perf_counter()
             net = self.timed.seconds - net0
-            text_s = self.text_s - text0
-            encoded = (self._encoder.encoded if self._encoder is not None else 0) - enc0
+            text_s = (self.texts.seconds - text0) if self.text else 0.0
+            encoded = (self.texts.encoded - enc0) if self.text else 0
+            stage = (float(batch["stage_text_s"][c]), int(batch["stage_encoded"][c])) if given is not None else (0, 0)
             cols["chunk"] += [int(batch["chunk"][c])] * n
             cols["index"] += idx.tolist()
             cols["seed"] += seeds.tolist()
@@ -409,8 +500,8 @@ class Renderer:
             cols["png"] += pngs
             cols["actor"] += [self.actor] * n
             cols["network_s"] += [net] + [0.0] * (n - 1)
-            cols["text_s"] += [text_s] + [0.0] * (n - 1)
-            cols["encoded"] += [encoded] + [0] * (n - 1)
+            cols["text_s"] += [text_s + stage[0]] + [0.0] * (n - 1)
+            cols["encoded"] += [encoded + stage[1]] + [0] * (n - 1)
             cols["prompt"] += ["" if p is None else p for p in prompts]
             cols["negative_prompt"] += ["" if q is None else q for q in negs]
             cols["sample_s"] += [t1 - t0 - net - text_s] + [0.0] * (n - 1)
@@ -420,12 +511,14 @@ class Renderer:
         return {k: np.asarray(v, dtype=object) if k in objects else np.asarray(v) for k, v in cols.items()}
 
     def _sample(self, seeds: np.ndarray, labels: np.ndarray, guid: np.ndarray, prompts=None, negs=None,
-                files=None) -> torch.Tensor:
+                files=None, given=None) -> torch.Tensor:
         """The chunk's images in request order; requests with different guidance run as separate calls (and, for a
-        text model, prompts of different token counts)."""
+        text model, prompts of different token counts).  ``given``: the rows a PromptStage encoded."""
         out = [None] * len(seeds)
         keys = ["none" if np.isnan(g) else float(g) for g in guid]
-        rows = self._text_rows(prompts, negs, files, keys) if self.text else None
+        rows = None
+        if self.text:
+            rows = given if given is not None else self.texts.rows(prompts, negs, files, [k != "none" for k in keys])
         groups = {}
         for i, k in enumerate(keys):
             shape = tuple(rows[i][0]["encoder_hidden_states"].shape) if rows is not None else ()
@@ -446,35 +539,6 @@ class Renderer:
             for j, i in enumerate(pos):
                 out[i] = x[j]
         return torch.stack(out)
-
-    def _text_rows(self, prompts, negs, files, keys) -> list[tuple[dict, dict]]:
-        """Per request (cond, uncond) rows: the prompt through the folder's text encoder (once per distinct prompt,
-        ``PromptEncoder``'s cache) or the embeddings file (read once per file)."""
-        from .pipelines.prompts import PromptEncoder
-
-        t0 = time.perf_counter()
-        rows = []
-        for p, q, f, k in zip(prompts, negs, files, keys):
-            guided = k != "none"
-            if p is not None:
-                if self._encoder is None:
-                    self._encoder = PromptEncoder(self.job.model, [c.name for c in self.model.cond],
-                                                  cache=PROMPT_CACHE)
-                rows.append(self._encoder.encode(p, q, guided))
-            else:
-                if f not in self._files:
-                    from .pipelines.prompts import embeds_from_file
-
-                    cond, uncond = embeds_from_file(f, [c.name for c in self.model.cond])
-                    one = lambda d: {n: v if v.ndim == len(_shape_of(self.model, n)) + 1 else v[None]  # noqa: E731
-                                     for n, v in d.items()}
-                    self._files[f] = (one(cond), one(uncond))
-                cond, uncond = self._files[f]
-                if guided and not uncond:
-                    raise ValueError(f"embeds {f!r}: guidance needs negative_prompt_embeds in the file")
-                rows.append((cond, uncond if guided else {}))
-        self.text_s += time.perf_counter() - t0
-        return rows
 
     def _test_exit(self) -> None:
         after, marker = os.environ.get(_EXIT_AFTER), os.environ.get(_MARKER)
@@ -696,8 +760,10 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
     if todo:
         sizes = {k: min(len(requests), (k + 1) * job.batch) - k * job.batch for k in todo}
         t0 = time.perf_counter()
+        spec = {"folder": job.model, "names": [c.name for c in model.cond],
+                "shapes": {c.name: list(c.shape) for c in model.cond}} if text else None
         records = _run_pipeline(job, requests, out, sorted(todo), sizes, manifest, actors, cpus_per_actor,
-                                gpus_per_actor, address, progress)
+                                gpus_per_actor, address, progress, text=spec)
         wall = time.perf_counter() - t0
         summary.update(_timings(records, sampler.plan.nfe, text))
         summary.update(chunks_rendered=len(records), pipeline_s=round(wall, 3),
@@ -713,9 +779,10 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
 
 
 def _run_pipeline(job, requests, out, todo, sizes, manifest, actors, cpus, gpus, address, progress,
-                  writers: int = 1) -> list[dict]:
-    """The Ray Data pipeline over the chunks in ``todo``: from_items (one block each) -> map_batches on an actor
-    pool of Renderers -> write_datasink(ChunkSink)."""
+                  writers: int = 1, text: dict | None = None) -> list[dict]:
+    """The Ray Data pipeline over the chunks in ``todo``: from_items (one block each) -> [map_batches on one
+    PromptStage, for ``job.encode == "stage"``] -> map_batches on an actor pool of Renderers ->
+    write_datasink(ChunkSink)."""
     import ray
     import ray.data
 
@@ -728,6 +795,11 @@ def _run_pipeline(job, requests, out, todo, sizes, manifest, actors, cpus, gpus,
     ctx.print_on_execution_start = False
     rows = _chunk_rows(requests, job.batch, todo)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    if text is not None and job.encode == "stage":
+        # One encoder actor for the run; no CPU of the budget (it is light next to sampling, and the sampling actors
+        # hold every CPU): it runs beside them, as the writers do.
+        ds = ds.map_batches(PromptStage, fn_constructor_kwargs=text, batch_size=1, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     meta = {k: manifest[k] for k in ("model", "model_weights_sha256", "solver", "steps", "sigmas")}
     meta.update({"text": True} if manifest.get("text") else {})
     # Ray Data restarts a dead actor and retries its task (max_restarts = max_task_retries = -1 by default for an

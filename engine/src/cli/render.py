@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", help="with --seeds: a text model's prompt for every sample")
     p.add_argument("--negative-prompt", help="with --prompt: the negative prompt")
     p.add_argument("--format", default="png", choices=["png", "parquet", "webdataset"])
+    p.add_argument("--encode", default="actor", choices=["actor", "stage"], help="a text model's prompts: encoded in "
+                   "each sampling actor (default) or in a Ray Data stage of its own (each distinct prompt once)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (a re-run resumes it)")
     p.add_argument("--batch", type=positive_int, default=64, help="samples per chunk and per network call (64)")
     p.add_argument("--actors", type=positive_int,
@@ -60,7 +62,7 @@ def run(args) -> int:
     gpus = args.gpus_per_actor
     job = RenderJob(model=args.model, solver=args.solver, steps=args.steps, schedule=args.schedule, options=options,
                     backend=args.backend, onnx=args.onnx, adapters=adapter_weights(args), format=args.format,
-                    batch=args.batch, device="cuda" if gpus > 0 else "cpu")
+                    batch=args.batch, device="cuda" if gpus > 0 else "cpu", encode=args.encode)
     model = load(args.model)
     num_classes, text = model.num_classes, text_inputs(model)
     del model
