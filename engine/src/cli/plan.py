@@ -6,7 +6,7 @@ import logging
 from .common import schedule_args, solver_options
 
 HELP = "print a solver's coefficient plan as a table (optionally save its JSON)"
-PRECOND_CHOICES = ("identity", "edm", "vp", "ve", "iddpm")
+PRECOND_CHOICES = ("identity", "edm", "vp", "ve", "iddpm", "flow")
 log = logging.getLogger("edmrt")
 
 

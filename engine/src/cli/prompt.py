@@ -14,10 +14,9 @@ import logging
 import time
 from pathlib import Path
 
-log = logging.getLogger("edmrt")
+from edmrt.pipelines.prompts import default_inputs, embeds_from_file
 
-from edmrt.pipelines.prompts import (ALIASES, LCM_DEFAULT_GUIDANCE, default_inputs,  # noqa: F401  (re-exported)
-                                     embeds_from_file)
+log = logging.getLogger("edmrt")
 
 
 def embeds_from_prompt(folder, prompt: str, negative: str | None, guided: bool, names=None) -> tuple[dict, dict]:
