@@ -17,6 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
+import ray_helpers  # noqa: E402
 pytest.importorskip("onnxruntime")
 pytest.importorskip("PIL")
 
@@ -26,11 +27,7 @@ from edmrt.render import RenderJob, Requests, read_requests, render, to_png, ver
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray for the in-process tests (render() leaves a Ray it did not start running)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    yield from ray_helpers.local_ray()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
+import ray_helpers  # noqa: E402
 pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -53,10 +54,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    yield from ray_helpers.local_ray()
 
 
 @pytest.fixture(scope="module")

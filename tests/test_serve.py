@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -18,24 +15,10 @@ pytest.importorskip("starlette")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("PIL")
 
+from ray_helpers import call as _call, free_port as _free_port  # noqa: E402
+
 from edmrt.render import RenderJob, build_sampler, to_png  # noqa: E402
 from edmrt.serve import BadRequest, ServeOptions, make_app, parse_request  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _call(url: str, body=None, method: str | None = None, timeout: float = 120):
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -20,27 +17,11 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from ray_helpers import call as _call, free_port as _free_port  # noqa: E402
 from sd_folder import sd_folder  # noqa: E402
 
 from edmrt.render import RenderJob, build_sampler, to_png  # noqa: E402
 from edmrt.serve import BadRequest, ServeOptions, make_app, parse_openai, parse_request  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _call(url: str, body=None, timeout: float = 300):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 @pytest.fixture(scope="module")
