@@ -79,7 +79,7 @@ class Sampler:
             self.backend_name, self.backend = resolve_backend(backend, model, self.device)
         self.graph = graph
         self._engines: OrderedDict[tuple, Engine] = OrderedDict()
-        self._free_backends: dict[tuple, Backend] = {}   # by resolved inputs (free sizes: longer prompts)
+        self._free_backends: OrderedDict[tuple, Backend] = OrderedDict()   # by resolved inputs (longer prompts), LRU
         self._lock = threading.Lock()
 
     @staticmethod
@@ -116,11 +116,8 @@ class Sampler:
             raise ValueError(f"cond gives {diff} per sample; backend {self.backend_name!r} was built for {model}: "
                              f"build the model with cond_shapes={diff} (from_diffusers / edmrt.load), or use one of "
                              f"the backends {list(FREE_SIZE_BACKENDS)}")
-        key = inputs
-        if key not in self._free_backends:
-            variant = dataclasses.replace(self.model, cond=inputs)
-            self._free_backends[key] = resolve_backend(self.backend_name, variant, self.device)[1]
-        return self._free_backends[key]
+        return lru_get(self._free_backends, inputs, lambda: resolve_backend(
+            self.backend_name, dataclasses.replace(self.model, cond=inputs), self.device)[1], self.max_engines)
 
     def set_adapters(self, weights=None, combination: str = "linear", **merge_kw) -> None:
         """Fuse the model's loaded LoRA / DoRA adapters (``edmrt.adapters.lora.load_adapter``) with ``weights``
