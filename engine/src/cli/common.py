@@ -7,7 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["solver_options", "schedule_args", "int_list", "command_line", "output_path", "positive_int"]
+__all__ = ["solver_options", "schedule_args", "int_list", "command_line", "output_path", "positive_int",
+           "read_pngs", "held_out_digits"]
 
 
 def solver_options(pairs: list[str] | None) -> dict[str, float]:
@@ -90,3 +91,34 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
     return v
+
+
+def read_pngs(paths, C: int, H: int, W: int):
+    """``--image`` files as (N, C, H, W) float32 in [-1, 1] (grayscale for C = 1, else RGB); ValueError naming a file
+    of another size than the model's H x W."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        img = Image.open(path).convert("L" if C == 1 else "RGB")
+        if img.size != (W, H):
+            raise ValueError(f"--image {path!r} is {img.size[0]}x{img.size[1]}; the model takes {W}x{H}")
+        a = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        out.append(torch.from_numpy(a.reshape(H, W, C).transpose(2, 0, 1).copy()))
+    return torch.stack(out)
+
+
+def held_out_digits(spec: str | None):
+    """``--digits`` (default 0-9): held-out digits of the test split by index, as ((N, 1, 8, 8) in [-1, 1], their
+    labels); ValueError naming an index outside the split."""
+    import torch
+
+    from edmrt.lab.common import load_digits_split
+
+    x, y = load_digits_split("test")
+    idx = int_list(spec or "0-9", "--digits")
+    if any(i < 0 or i >= len(x) for i in idx):
+        raise ValueError(f"--digits must index the test split's {len(x)} images, got {spec!r}")
+    return torch.as_tensor(x[idx]).float(), [int(y[i]) for i in idx]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import int_list, output_path, positive_int
+from .common import output_path, positive_int, read_pngs, held_out_digits
 
 HELP = ("edit real images towards a class (bundled models) or a prompt (a diffusers folder): LEDITS++ along a DDPM "
         "inversion, or with --mask zero-shot inpainting; writes before | after")
@@ -46,21 +46,6 @@ def register(sub) -> None:
     p.set_defaults(fn=run)
 
 
-def _pngs(paths, C: int, H: int, W: int):
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    out = []
-    for path in paths:
-        img = Image.open(path).convert("L" if C == 1 else "RGB")
-        if img.size != (W, H):
-            raise ValueError(f"--image {path!r} is {img.size[0]}x{img.size[1]}; the model takes {W}x{H}")
-        a = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        out.append(torch.from_numpy(a.reshape(H, W, C).transpose(2, 0, 1).copy()))
-    return torch.stack(out)
-
-
 def _mask(args, images):
     import numpy as np
     import torch
@@ -93,20 +78,12 @@ def _run_bundled(args, out) -> int:
     import torch
 
     import edmrt
-    from edmrt.lab.common import load_digits_split
 
     from .sample import save_grid
 
     model = edmrt.load(args.model)
     C, H, W = model.sample_shape
-    if args.image:
-        images, source = _pngs(args.image, C, H, W), None
-    else:
-        x, y = load_digits_split("test")
-        idx = int_list(args.digits or "0-9", "--digits")
-        if any(i < 0 or i >= len(x) for i in idx):
-            raise ValueError(f"--digits must index the test split's {len(x)} images, got {args.digits!r}")
-        images, source = torch.as_tensor(x[idx]).float(), [int(y[i]) for i in idx]
+    images, source = (read_pngs(args.image, C, H, W), None) if args.image else held_out_digits(args.digits)
     if args.source_class is not None:
         source = [args.source_class] * images.shape[0]
     target = [args.class_] * images.shape[0]
@@ -149,7 +126,7 @@ def _run_folder(args, out) -> int:
         raise ValueError(f"--model {args.model!r}: edmrt edit takes Stable Diffusion 1.x / 2.x folders (one text input)")
     _, h, w = model.sample_shape
     scale = 2 ** (len(model.decoder.vae.config.block_out_channels) - 1)
-    images = _pngs(args.image, 3, h * scale, w * scale)
+    images = read_pngs(args.image, 3, h * scale, w * scale)
     N = images.shape[0]
     concept, uncond = embeds_from_prompt(args.model, args.prompt, "", True)
     rows = lambda d: {k: v.expand(N, *v.shape[1:]) for k, v in d.items()}   # noqa: E731

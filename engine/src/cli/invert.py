@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .common import int_list, output_path, positive_int
+from .common import int_list, output_path, positive_int, read_pngs, held_out_digits
 
 HELP = ("invert real images of a bundled model (PNG files, or held-out digits of the test split) with the "
         "probability-flow ODE run upward or DDPM noise maps, sample them back, and draw original | reconstruction "
@@ -38,28 +38,7 @@ def register(sub) -> None:
 
 def _images(args, model):
     """(images (N, C, H, W) in [-1, 1], labels or None) from --image files or --digits indices."""
-    import numpy as np
-    import torch
-
-    if args.image:
-        from PIL import Image
-
-        C, H, W = model.sample_shape
-        out = []
-        for path in args.image:
-            img = Image.open(path).convert("L" if C == 1 else "RGB")
-            if img.size != (W, H):
-                raise ValueError(f"--image {path!r} is {img.size[0]}x{img.size[1]}; the model takes {W}x{H}")
-            a = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-            out.append(torch.from_numpy(a.reshape(H, W, C).transpose(2, 0, 1).copy()))
-        return torch.stack(out), None
-    from edmrt.lab.common import load_digits_split
-
-    x, y = load_digits_split("test")
-    idx = int_list(args.digits or "0-9", "--digits")
-    if any(i < 0 or i >= len(x) for i in idx):
-        raise ValueError(f"--digits must index the test split's {len(x)} images, got {args.digits!r}")
-    return torch.as_tensor(x[idx]).float(), [int(y[i]) for i in idx]
+    return (read_pngs(args.image, *model.sample_shape), None) if args.image else held_out_digits(args.digits)
 
 
 def run(args) -> int:
