@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import torch
 
-from .adapters.lora import adapters_of
+from .adapters.lora import adapters_of, reading_weights
 from .backends import Backend, resolve_backend
 from .checks import check_device, check_seeds, check_signature
 from .engine import Engine, lru_get
@@ -198,10 +198,7 @@ class Sampler:
         """``fn(engine)`` on the engine for ``req`` (and its ``inputs``), reading the live weights for the whole run:
         an adapter swap waits (SwapLock)."""
         engine = self.engine(req.batch, req.guidance is not None, inputs)
-        adapters = adapters_of(self.model)
-        if adapters is None:
-            return fn(engine)
-        with adapters.swap.reading():
+        with reading_weights(self.model):
             return fn(engine)
 
     def fit_noise_maps(self, seeds, x_init, targets, cond=None, guidance: float | None = None,

@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["COMBINATIONS", "ADAPTER_CARD", "AdapterSet", "SwapLock", "adapters_of", "import_peft", "load_adapter",
-           "read_adapter_card", "MAX_RANK"]
+__all__ = ["COMBINATIONS", "ADAPTER_CARD", "AdapterSet", "SwapLock", "adapters_of", "reading_weights", "import_peft",
+           "load_adapter", "read_adapter_card", "MAX_RANK"]
 
 ADAPTER_CARD = "edmrt.json"
 _CARD_BYTES_MAX = 1 << 20
@@ -93,6 +93,13 @@ def adapters_of(target) -> AdapterSet | None:
     net = getattr(target, "network", target)
     found = getattr(net, "_edmrt_adapters", None)
     return found if isinstance(found, AdapterSet) else None
+
+
+def reading_weights(target):
+    """A context for one run on ``target``'s live weights (a Model or its network): an adapter swap waits until it
+    ends (``SwapLock.reading``); a null context when no adapters are loaded."""
+    adapters = adapters_of(target)
+    return contextlib.nullcontext() if adapters is None else adapters.swap.reading()
 
 
 def _check_name(name) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..adapters.lora import adapters_of
+from ..adapters.lora import reading_weights
 from ..checks import is_real
 from ..engine import Engine
 from ..model import Model
@@ -264,12 +264,7 @@ def edit(model: Model, inversion: Inversion, edits, cond=None, guidance: float |
                       noise_maps=None if maps is None else maps.to(sampler.device), rows=rows,
                       weights=torch.tensor(_weights(plan, concepts, 1.0 if w is None else w), dtype=torch.float32),
                       thresholds=torch.tensor([float(c["threshold"]) for c in concepts], dtype=torch.float32))
-    adapters = adapters_of(model)
-    with stage_progress(progress, plan.stages, "edit") as tick:
-        if adapters is None:
-            x = engine.run_request(req, tick)
-        else:
-            with adapters.swap.reading():
-                x = engine.run_request(req, tick)
+    with stage_progress(progress, plan.stages, "edit") as tick, reading_weights(model):
+        x = engine.run_request(req, tick)
     out = sampler.decode(x) if output == "image" else x
     return (out, engine.masks.clone().cpu()) if return_masks else out

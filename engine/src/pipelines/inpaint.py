@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.lora import adapters_of
+from ..adapters.lora import reading_weights
 from ..checks import check_seeds
 from ..engine import Engine
 from ..kernels.philox import INITIAL_STREAM, philox_normal
@@ -127,12 +127,7 @@ def inpaint(model: Model, images, mask, cond=None, guidance: float | None = None
     req = InpaintRequest(req.seeds, req.cond, req.guidance, req.uncond, x_init, known=y, keep=keep)
     engine = InpaintEngine(sampler.backend, sampler.plan, N, model.sample_shape, dev, req.guidance is not None,
                            graph=sampler.graph, null_label=model.null_label, cond_inputs=model.cond)
-    adapters = adapters_of(model)
-    with stage_progress(progress, sampler.plan.stages, "inpaint") as tick:
-        if adapters is None:
-            x = engine.run_request(req, tick)
-        else:
-            with adapters.swap.reading():
-                x = engine.run_request(req, tick)
+    with stage_progress(progress, sampler.plan.stages, "inpaint") as tick, reading_weights(model):
+        x = engine.run_request(req, tick)
     x = y * keep + x * m                # Alg. 4's composite
     return sampler.decode(x) if output == "image" else x
