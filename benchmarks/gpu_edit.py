@@ -32,17 +32,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sd import SD15_UNET, TINY_UNET, device_setup, sync  # noqa: E402
+from gpu_sd import SD15_UNET, TINY_UNET, device_args, device_setup, sync  # noqa: E402
 
 STEPS = 20
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--budget-s", type=float, default=100.0)
+    device_args(ap, 5, 100.0)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     setup = device_setup("gpu_edit", args, 5)

@@ -384,6 +384,15 @@ def run_case(case, theirs, ours, bare_eager, bare_graph, nb, dev, rounds, deadli
 
 # ----------------------------------------------------------------------------- main
 
+def device_args(ap: argparse.ArgumentParser, full_rounds: int, budget_s: float) -> None:
+    """The options both GPU cases take: --device, --tiny, --rounds, --budget-s."""
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tiny", action="store_true", help="tiny configs and 2 rounds (a CPU smoke test)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"interleaved timing rounds (default {full_rounds}; 2 with --tiny)")
+    ap.add_argument("--budget-s", type=float, default=budget_s, help="stop adding rounds past this many seconds")
+
+
 def device_setup(name: str, args, full_rounds: int):
     """(device, rounds, dtype, tolerance, device name) for --device / --tiny / --rounds; None (said) without CUDA.
     fp16 on CUDA (relative tolerance 0.05), fp32 on the CPU (1e-3)."""
@@ -400,10 +409,7 @@ def device_setup(name: str, args, full_rounds: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--tiny", action="store_true", help="tiny configs and 2 rounds (a CPU smoke test)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7; 2 with --tiny)")
-    ap.add_argument("--budget-s", type=float, default=150.0, help="stop adding rounds past this many seconds (>= 3 done)")
+    device_args(ap, 7, 150.0)
     ap.add_argument("--no-pipeline", action="store_true", help="time the written-out pipeline loop (as without "
                     "transformers)")
     ap.add_argument("--fallback", action="store_true", help="run the no-diffusers fallback even if diffusers is there")
