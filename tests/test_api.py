@@ -76,7 +76,7 @@ def test_seeded_noise_is_standard_normal_and_keyed():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(solver="nope"), "unknown solver 'nope'"),
-    (dict(schedule="cosine"), "unknown schedule"),
+    (dict(schedule="sine"), "unknown schedule"),
     (dict(steps=0), "steps"),
     (dict(sigma_min=0.0), "sigma_min"),
     (dict(sigma_min=100.0), "sigma_min must be < sigma_max"),

@@ -1,4 +1,4 @@
-"""DPM-Solver++ 3M and SDE variants, iPNDM and LMS: parity with k-diffusion, identities, convergence."""
+"""DPM-Solver++ 3M and SDE variants, iPNDM, LMS and Euler ancestral: parity with k-diffusion, identities, convergence."""
 import numpy as np
 import pytest
 import torch
@@ -24,6 +24,8 @@ CASES = [
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", dict(eta=0.5, S_noise=0.98), dict(eta=0.5, s_noise=0.98)),
     ("dpmpp_3m", "sample_dpmpp_3m_sde", dict(), dict(eta=0.0)),
     ("lms", "sample_lms", dict(), dict()),
+    ("euler_ancestral", "sample_euler_ancestral", dict(), dict()),
+    ("euler_ancestral", "sample_euler_ancestral", dict(eta=0.5), dict(eta=0.5)),
     ("lms", "sample_lms", dict(order=2), dict(order=2)),
 ]
 
@@ -39,7 +41,7 @@ def test_parity_with_k_diffusion_given_the_same_noise(kdiff, gen, steps, solver,
     ours = edmrt.execute(plan, g, x_init, lambda stream: eps[int(plan.step[stream - 1])])
     draws = iter(eps)
     kw = dict(kopts)
-    if "sde" in kname:
+    if "sde" in kname or "ancestral" in kname:
         kw["noise_sampler"] = lambda sigma, sigma_next: next(draws)
     theirs = getattr(kdiff, kname)(k_denoiser(g), x_init.clone(), sig, disable=True, **kw)
     assert (ours - theirs).abs().max().item() <= 1e-8

@@ -14,10 +14,11 @@ from .executor import SeededNoise, execute
 from .model import CondInput, Model
 from .loading import load
 from .optimize import OptimizedSchedule, optimize_schedule
-from .pipelines import Inversion, edit, inpaint, invert
+from .pipelines import CascadeSampler, Inversion, cascade, edit, inpaint, invert
 from .plan import Plan
-from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, IDDPMPrecond, Identity, LCMPrecond, Precond, VEPrecond,
-                      VPPrecond, VPredictionPrecond, X0Precond, sigmas_from_alphas_cumprod)
+from .precond import (ConsistencyPrecond, EDMPrecond, EpsilonPrecond, FlowPrecond, IDDPMPrecond, Identity, LCMPrecond,
+                      Precond, VEPrecond, VPPrecond, VPredictionPrecond, WuerstchenPrecond, X0Precond,
+                      sigmas_from_alphas_cumprod)
 from .engine import Engine
 from .sampler import Sampler
 from .schedules import SCHEDULES, make_sigmas
@@ -29,8 +30,10 @@ __all__ = [
     "plan", "solve", "make_sigmas", "execute", "Plan", "SOLVERS", "SCHEDULES", "SeededNoise", "Engine", "Model", "CondInput",
     "Sampler",
     "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
-    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "sigmas_from_alphas_cumprod", "from_diffusers",
-    "optimize_schedule", "OptimizedSchedule", "load", "invert", "Inversion", "edit", "inpaint",
+    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "FlowPrecond", "WuerstchenPrecond",
+    "sigmas_from_alphas_cumprod", "from_diffusers",
+    "optimize_schedule", "OptimizedSchedule", "load", "invert", "Inversion", "edit", "inpaint", "cascade",
+    "CascadeSampler",
 ]
 
 

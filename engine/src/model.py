@@ -12,7 +12,8 @@ from .checks import check_signature
 from .precond import EDMPrecond, Precond
 from .schedules import check_range, check_sigmas
 
-__all__ = ["Model", "CondInput", "sampling_defaults", "check_sampling", "card_options", "card_shift", "free_inputs"]
+__all__ = ["Model", "CondInput", "sampling_defaults", "check_sampling", "card_options", "card_shift", "card_schedule_options",
+           "free_inputs"]
 
 _COND_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
 
@@ -205,6 +206,11 @@ def check_sampling(sampling) -> None:
     options = sampling.get("options", {})
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise ValueError(f"the model card's sampling.options must map option names to values, got {options!r}")
+    params = sampling.get("schedule_options", {})
+    if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                               and not isinstance(v, bool) for k, v in params.items()):
+        raise ValueError("the model card's sampling.schedule_options must map schedule parameters to numbers "
+                         f"({{\"s\": 0.008}}), got {params!r}")
 
 
 def card_options(model: Model) -> dict:
@@ -233,3 +239,9 @@ def sampling_defaults(model: Model, solver: str | None, steps: int | None, sched
 def card_shift(model: Model) -> float:
     """The flow-time shift of the card's schedule (``sampling.shift``: SD3's 3.0), 1 where the card has none."""
     return float((model.metadata.get("sampling") or {}).get("shift", 1.0))
+
+
+def card_schedule_options(model: Model) -> dict:
+    """The parameters of the card's named schedule beyond its range (``sampling.schedule_options``: Stable Cascade's
+    cosine schedule's ``s`` and ``scaler``), which ``make_sigmas`` passes to a schedule that takes them."""
+    return dict((model.metadata.get("sampling") or {}).get("schedule_options") or {})

@@ -13,11 +13,11 @@ from typing import Sequence
 import numpy as np
 
 from .checks import is_real
-from .schedules import iddpm_sigmas, vp_sigma_inv
+from .schedules import cosine_time, iddpm_sigmas, vp_sigma_inv
 
 __all__ = [
     "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
-    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "FlowPrecond", "PRECONDS",
+    "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "FlowPrecond", "WuerstchenPrecond", "PRECONDS",
     "sigmas_from_alphas_cumprod",
 ]
 
@@ -391,9 +391,33 @@ class FlowPrecond(Precond):
         return a, -s * a, a.copy(), self.num_train_timesteps * s * a
 
 
+@dataclass(frozen=True)
+class WuerstchenPrecond(Precond):
+    """Wuerstchen's and Stable Cascade's parameterisation (Pernias et al. 2024, "Wuerstchen", Sec. 4; diffusers'
+    ``DDPMWuerstchenScheduler`` and ``StableCascadeUNet``): epsilon prediction over continuous time t in [0, 1]
+    with the clamped cosine schedule (``schedules.cosine_sigma``: alpha_bar(t) of Nichol & Dhariwal 2021, Eq. 17).
+
+    In EDM's state x = x_vp / sqrt(alpha_bar) = x_0 + sigma eps the network sees x_vp = x / sqrt(sigma^2 + 1) and
+    its ``timestep_ratio`` t(sigma) (``schedules.cosine_time``): c_skip = 1, c_out = -sigma, c_in =
+    1 / sqrt(sigma^2 + 1), c_noise = t(sigma)."""
+
+    s: float = 0.008
+    scaler: float = 1.0
+    name = "wuerstchen"
+
+    def __post_init__(self):
+        object.__setattr__(self, "s", _positive("s", self.s))
+        object.__setattr__(self, "scaler", _positive("scaler", self.scaler))
+
+    def coefficients(self, sigma):
+        s = _sigma(sigma)
+        return np.ones_like(s), -s, 1.0 / np.sqrt(s ** 2 + 1.0), cosine_time(s, self.s, self.scaler)
+
+
 PRECONDS = {
     "identity": Identity, "edm": EDMPrecond, "cm": ConsistencyPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": IDDPMPrecond,
     "epsilon": EpsilonPrecond, "v": VPredictionPrecond, "x0": X0Precond, "lcm": LCMPrecond, "flow": FlowPrecond,
+    "wuerstchen": WuerstchenPrecond,
 }
 
 

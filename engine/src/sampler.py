@@ -22,7 +22,7 @@ from .adapters.lora import adapters_of, reading_weights
 from .backends import Backend, resolve_backend
 from .checks import check_device, check_seeds, check_signature
 from .engine import Engine, lru_get
-from .model import Model, card_options, card_shift, free_inputs, sampling_defaults
+from .model import Model, card_options, card_schedule_options, card_shift, free_inputs, sampling_defaults
 from .plan import Plan
 from .progress import stage_progress
 from .request import make_request
@@ -67,7 +67,8 @@ class Sampler:
             if solver is None and not options:
                 options = card_options(model)   # the card's solver runs with the card's options
             self.solver, self.steps, schedule = sampling_defaults(model, solver, steps, schedule)
-            sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho, card_shift(model))
+            sigmas = make_sigmas(schedule, self.steps, model.sigma_min, model.sigma_max, rho, card_shift(model),
+                                 card_schedule_options(model))
             self.plan = build_plan(self.solver, sigmas, model.precond, **options)
         if callable(backend) and not isinstance(backend, str):
             check_signature(backend, "backend", "backend(x_in, c_noise, cond, out)", 4)

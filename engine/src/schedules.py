@@ -1,5 +1,6 @@
 """Noise schedules: ``sigmas(steps, ...) -> float64[steps + 1]``, strictly descending, ending in 0 (an explicit list
-may stop at a positive level instead: ``given``, ``check_sigmas``).
+may stop at a positive level instead: ``given``, ``check_sigmas``; the ``cosine`` schedule stops at its t = 0, as
+Stable Cascade's scheduler does).
 
 ``steps`` is N of EDM (Karras et al. 2022, arXiv 2206.00364): N noise levels
 t_0 > ... > t_{N-1} > 0 followed by t_N = 0, so Heun with N = 18 makes 35
@@ -18,7 +19,7 @@ from .checks import is_real
 
 __all__ = [
     "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential", "flow", "flow_time",
-    "flow_sigma", "FLOW_T_MAX",
+    "flow_sigma", "FLOW_T_MAX", "cosine", "cosine_sigma", "cosine_time", "COSINE_CLAMP",
     "given", "make_sigmas", "upward", "MAX_STEPS", "SIGMA_LIMIT", "SIGMA_FLOOR", "RHO_RANGE", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
 ]
 
@@ -49,6 +50,49 @@ def flow_sigma(t) -> np.ndarray:
         raise ValueError(f"flow time t must lie in [0, 1], got {np.asarray(t).tolist()}")
     return t / (1.0 - t)
 
+
+
+# The cosine schedule of continuous time t in [0, 1] (Nichol & Dhariwal 2021, "Improved DDPM", Eq. 17), as Wuerstchen
+# and Stable Cascade use it (diffusers' ``DDPMWuerstchenScheduler._alpha_cumprod``): alpha_bar(t) =
+# cos^2((g(t) + s) / (1 + s) pi / 2) / cos^2(s / (1 + s) pi / 2), clamped to COSINE_CLAMP, g(t) = 1 - (1 - t)^scaler
+# for scaler > 1, t^scaler for scaler < 1, t itself at 1.  The clamp makes t = 0 the level 0.0100005 and t = 1 the
+# level 99.995.
+COSINE_CLAMP = (1e-4, 0.9999)
+
+
+def _cosine_args(s, scaler) -> tuple[float, float]:
+    return _check_positive("s", s), _check_positive("scaler", scaler)
+
+
+def cosine_sigma(t, s: float = 0.008, scaler: float = 1.0) -> np.ndarray:
+    """EDM's noise level of cosine-schedule time t in [0, 1] (``COSINE_CLAMP``): sigma = sqrt((1 - a) / a),
+    a = alpha_bar(t) (float64)."""
+    s, scaler = _cosine_args(s, scaler)
+    t = np.asarray(t, dtype=np.float64)
+    if not np.all(np.isfinite(t)) or np.any(t < 0.0) or np.any(t > 1.0):
+        raise ValueError(f"cosine time t must lie in [0, 1], got {t.tolist()}")
+    g = 1.0 - (1.0 - t) ** scaler if scaler > 1.0 else t ** scaler
+    a = np.cos((g + s) / (1.0 + s) * math.pi / 2) ** 2 / math.cos(s / (1.0 + s) * math.pi / 2) ** 2
+    a = np.clip(a, *COSINE_CLAMP)
+    return np.sqrt((1.0 - a) / a)
+
+
+def cosine_time(sigma, s: float = 0.008, scaler: float = 1.0) -> np.ndarray:
+    """The inverse of ``cosine_sigma``: t = ((1 + s) (2 / pi) arccos(sqrt(a) cos(s / (1 + s) pi / 2)) - s), a =
+    1 / (1 + sigma^2), then g^-1.  On the clamp's levels, where a range of t shares one level, t is the range's end:
+    1 at the top (the time diffusers' pipelines give the network there, their first timestep) and 0 at the bottom."""
+    s, scaler = _cosine_args(s, scaler)
+    sig = np.asarray(sigma, dtype=np.float64)
+    if not np.all(np.isfinite(sig)) or np.any(sig < 0.0):
+        raise ValueError(f"sigma must be finite and >= 0, got {sig.tolist()}")
+    a = 1.0 / (1.0 + sig ** 2)
+    lo, hi = COSINE_CLAMP
+    c = math.cos(s / (1.0 + s) * math.pi / 2)
+    g = (1.0 + s) * (2.0 / math.pi) * np.arccos(np.clip(np.sqrt(a) * c, -1.0, 1.0)) - s
+    g = np.clip(g, 0.0, 1.0)
+    t = 1.0 - (1.0 - g) ** (1.0 / scaler) if scaler > 1.0 else g ** (1.0 / scaler)
+    t = np.where(a <= lo * (1.0 + 1e-9), 1.0, t)
+    return np.where(a >= hi * (1.0 - 1e-12), 0.0, t)
 
 
 def _check_steps(steps) -> int:
@@ -293,6 +337,20 @@ def flow(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: f
     return _append_zero(flow_sigma(t))
 
 
+def cosine(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, s: float = 0.008,
+           scaler: float = 1.0) -> np.ndarray:
+    """Uniform steps in cosine-schedule time, as diffusers' ``DDPMWuerstchenScheduler.set_timesteps`` makes them
+    (Stable Cascade's prior and decoder): t linear from t(sigma_max) to t(sigma_min) in ``steps + 1`` levels
+    (``cosine_sigma``; for the model's own range t = 1 .. 0).  The schedule stops at sigma_min, as that scheduler's
+    loop does at t = 0 (the clamp's level 0.01), rather than at 0."""
+    steps = _check_steps(steps)
+    lo, hi = check_range(sigma_min, sigma_max)
+    t = np.linspace(float(cosine_time(hi, s, scaler)), float(cosine_time(lo, s, scaler)), steps + 1)
+    levels = cosine_sigma(t, s, scaler)
+    levels[0], levels[-1] = min(levels[0], hi), max(levels[-1], lo)
+    return check_sigmas(levels, "the cosine schedule")
+
+
 def given(steps: int, sigmas: Sequence[float]) -> np.ndarray:
     """An explicit list of noise levels (e.g. Align-Your-Steps anchors, or a diffusers scheduler's own sigmas).
 
@@ -333,20 +391,22 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "loglinear": loglinear,
     "polyexponential": polyexponential,
     "flow": flow,
+    "cosine": cosine,
 }
 
 
 def make_sigmas(schedule, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                shift: float = 1.0) -> np.ndarray:
-    """A schedule by name (``SCHEDULES``, given the range, rho and the flow shift where it takes them) or an explicit
-    list of sigmas (``given``: used as it is, or interpolated log-linearly to ``steps`` levels)."""
+                shift: float = 1.0, options: dict | None = None) -> np.ndarray:
+    """A schedule by name (``SCHEDULES``, given the range, rho, the flow shift and the entries of ``options`` (a
+    model card's schedule parameters: the cosine schedule's s and scaler) where it takes them) or an explicit list of
+    sigmas (``given``: used as it is, or interpolated log-linearly to ``steps`` levels)."""
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a list of sigmas")
         fn = SCHEDULES[schedule]
         params = inspect.signature(fn).parameters
-        kw = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho), ("shift", shift))
-              if k in params}
+        given_kw = {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "shift": shift, **(options or {})}
+        kw = {k: v for k, v in given_kw.items() if k in params and k != "steps"}
         return fn(steps, **kw)
     if isinstance(schedule, (Sequence, np.ndarray)) or hasattr(schedule, "tolist"):  # a list, an array, a tensor
         return given(steps, schedule)

@@ -21,12 +21,16 @@ Conventions (diffusers 0.42.1), mapped onto edmrt's variance-exploding state x =
   the network predicting v = eps - x_0 at timestep 1000 t; edmrt's state is x = x_t / (1 - t), sigma = t / (1 - t)
   (``FlowPrecond``), its t = 1 the level ``FLOW_T_MAX`` (sigma 1.7e7).  Its Euler step is edmrt's Euler: both are
   exact for a constant x_0 prediction.  Dynamic (resolution-dependent) shifting is refused.
+- Wuerstchen / Stable Cascade (``DDPMWuerstchenScheduler`` with a ``StableCascadeUNet``, ``edmrt.adapters.cascade``):
+  epsilon prediction at continuous time t in [0, 1] under the clamped cosine schedule (``WuerstchenPrecond``); its
+  DDPM step is edmrt's ``euler_ancestral`` on the ``cosine`` schedule, stopping at t = 0 (sigma 0.01).
 - Classifier-free guidance: diffusers' pipelines apply F = F_u + w (F_c - F_u) to the network output, as edmrt.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,11 +40,11 @@ import torch
 from torch import nn
 
 from ..model import CondInput, Model
-from ..precond import EDMPrecond, EpsilonPrecond, FlowPrecond, LCMPrecond, Precond, VPredictionPrecond, X0Precond, \
-    sigmas_from_alphas_cumprod
-from ..schedules import flow_sigma
+from ..precond import EDMPrecond, EpsilonPrecond, FlowPrecond, LCMPrecond, Precond, VPredictionPrecond, \
+    WuerstchenPrecond, X0Precond, sigmas_from_alphas_cumprod
+from ..schedules import cosine_sigma, flow_sigma
 
-__all__ = ["from_diffusers", "load_diffusers", "VAEDecoder", "guidance_embedding", "precond_from_scheduler",
+__all__ = ["from_diffusers", "load_diffusers", "load_cascade", "VAEDecoder", "guidance_embedding", "precond_from_scheduler",
            "scheduler_sigmas", "sampler_args", "initial_noise", "keeps_ve_state", "live_config", "SCHEDULER_KEYS",
            "SUPPORTED_SCHEDULERS", "UNetNetwork", "ConditionalUNetNetwork", "DiTNetwork", "SD3Network"]
 
@@ -72,17 +76,20 @@ _EDM = {
 }
 # Flow-matching schedulers: class -> solver.
 _FLOW = {"FlowMatchEulerDiscreteScheduler": "euler"}
+# Continuous-time cosine schedulers (Stable Cascade): class -> solver.
+_WUERSTCHEN = {"DDPMWuerstchenScheduler": "euler_ancestral"}
 # Schedulers whose state is the VE x itself (their scale_model_input divides by sqrt(sigma^2 + 1) or applies c_in);
 # the others keep the VP state x_vp = x / sqrt(sigma^2 + 1).
 _VE_STATE = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
              "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
              "DPMSolverSDEScheduler", *_EDM}
 _PREDICTIONS = {"epsilon": EpsilonPrecond, "v_prediction": VPredictionPrecond, "sample": X0Precond}
-SUPPORTED_SCHEDULERS = tuple(sorted({*_DISCRETE, *_EDM, *_FLOW}))   # the scheduler classes from_diffusers takes
+SUPPORTED_SCHEDULERS = tuple(sorted({*_DISCRETE, *_EDM, *_FLOW, *_WUERSTCHEN}))   # the scheduler classes from_diffusers takes
 _DEFAULT_STEPS = {"lcm": 4, "tcd": 4}
 _FLOW_STEPS = 28   # StableDiffusion3Pipeline's num_inference_steps
 _MODEL_KW = ("sample_shape", "sigma_min", "sigma_max", "metadata")
-_NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel")
+_NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
+             "StableCascadeUNet")
 
 
 def _diffusers():
@@ -150,6 +157,9 @@ def precond_from_scheduler(scheduler_config, timestep: str | None = None) -> tup
     ValueError names an unsupported scheduler class or ``prediction_type``."""
     sched = _scheduler(scheduler_config)
     cfg, name = sched.config, type(sched).__name__
+    if name in _WUERSTCHEN:   # the clamp's levels at t = 0 and t = 1
+        pre = WuerstchenPrecond(float(cfg["s"]), float(cfg["scaler"]))
+        return pre, float(cosine_sigma(0.0, pre.s, pre.scaler)), float(cosine_sigma(1.0, pre.s, pre.scaler))
     if name in _FLOW:   # its sigma_min / sigma_max: the training schedule's ends, shifted (t = 1 at the top)
         pre = FlowPrecond(float(cfg["num_train_timesteps"]))
         return pre, float(flow_sigma(float(sched.sigma_min))), float(flow_sigma(float(sched.sigma_max)))
@@ -184,7 +194,8 @@ def precond_from_scheduler(scheduler_config, timestep: str | None = None) -> tup
 #   not run gives the model no default solver, and its method keys do not enter the model.
 SCHEDULER_KEYS = {
     **dict.fromkeys(("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                     "prediction_type", "rescale_betas_zero_snr", "sigma_data", "timestep_scaling"), "training"),
+                     "prediction_type", "rescale_betas_zero_snr", "sigma_data", "timestep_scaling", "s", "scaler"),
+                    "training"),
     **dict.fromkeys(("timestep_spacing", "steps_offset", "use_karras_sigmas", "use_exponential_sigmas",
                      "use_beta_sigmas", "use_lu_lambdas", "sigma_schedule", "rho", "sigma_min", "sigma_max",
                      "set_alpha_to_one", "final_sigmas_type", "original_inference_steps", "interpolation_type",
@@ -240,8 +251,8 @@ def _check_keys(sched) -> None:
 def _method(name: str, config) -> tuple[str | None, dict]:
     """(edmrt solver, options) that run the scheduler's method (the card's default), or (None, {}) for a scheduler
     whose method edmrt does not run; ValueError naming a method key whose value edmrt's solver does not run."""
-    if name in _FLOW:
-        return _FLOW[name], {}
+    if name in _FLOW or name in _WUERSTCHEN:
+        return (_FLOW.get(name) or _WUERSTCHEN[name]), {}
     solver = (_DISCRETE.get(name) or _EDM.get(name))[1]
     if solver is None:
         return None, {}
@@ -311,6 +322,8 @@ def scheduler_sigmas(scheduler) -> np.ndarray:
     sig = getattr(scheduler, "sigmas", None)
     if type(scheduler).__name__ in _FLOW:   # flow time t, one per timestep plus the final 0, as EDM levels
         return flow_sigma(sig.detach().double().cpu().numpy())
+    if type(scheduler).__name__ in _WUERSTCHEN:
+        return _wuerstchen_sigmas(scheduler)
     if isinstance(sig, torch.Tensor) and type(scheduler).__name__ == "HeunDiscreteScheduler":
         s = sig.detach().double().cpu().numpy()
         return np.concatenate([s[:1], s[1:-1:2], s[-1:]])   # t_0, then t_1, t_1, t_2, t_2, ..., t_{N-1}, t_{N-1}, 0
@@ -339,6 +352,17 @@ def scheduler_sigmas(scheduler) -> np.ndarray:
         if final > 0.0 and final == levels[steps[-1]]:   # from timestep 0 to alpha_bar_0: a step of zero length
             return np.concatenate([levels[steps[:-1]], [final]])
     return np.concatenate([levels[steps], [final]])
+
+
+def _wuerstchen_sigmas(scheduler) -> np.ndarray:
+    """A ``DDPMWuerstchenScheduler``'s levels: sigma of each timestep t (the pipelines step from each to the next and
+    stop at the last, t = 0); ValueError for timesteps that do not end at 0 (its last step would add noise)."""
+    t = scheduler.timesteps.detach().double().cpu().numpy()
+    if t.size < 2 or t[-1] != 0.0:
+        raise ValueError(f"scheduler: DDPMWuerstchenScheduler's timesteps must run down to 0 (set_timesteps(N) makes "
+                         f"linspace(1, 0, N + 1)), got {t.tolist()}")
+    cfg = scheduler.config
+    return cosine_sigma(t, float(cfg["s"]), float(cfg["scaler"]))
 
 
 def sampler_args(scheduler) -> dict:
@@ -590,6 +614,10 @@ def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
     if name not in _NETWORKS:
         raise ValueError(f"network must be a diffusers {', '.join(_NETWORKS)}, got {name}")
     cfg = live_config(net)
+    if name == "StableCascadeUNet":
+        from .cascade import cascade_network
+        wrapped, shape = cascade_network(net, shapes)
+        return wrapped, 0, shape
     size = cfg.get("sample_size")
     hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
     shape = (int(cfg["in_channels"]),) + hw
@@ -664,6 +692,10 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, scheduler=None, 
     if name not in _FLOW and type(network).__name__ == "SD3Transformer2DModel":
         raise ValueError(f"scheduler_config: an SD3Transformer2DModel predicts flow velocity: pass its "
                          f"FlowMatchEulerDiscreteScheduler, got {name}")
+    if (name in _WUERSTCHEN) != (type(network).__name__ == "StableCascadeUNet"):
+        raise ValueError(f"scheduler_config: a StableCascadeUNet takes the continuous time of "
+                         f"DDPMWuerstchenScheduler, and that scheduler only a StableCascadeUNet; got "
+                         f"{type(network).__name__} with {name}")
     card = {"name": type(network).__name__, "source": "diffusers",
             "diffusers": {"network": type(network).__name__, "scheduler": name,
                           "prediction_type": "flow" if name in _FLOW else sched.config.get("prediction_type",
@@ -671,13 +703,27 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, scheduler=None, 
     if name in _FLOW:
         card["sampling"] = {"solver": solver, "steps": _FLOW_STEPS, "schedule": "flow",
                             "shift": float(sched.config.get("shift", 1.0))}
+    elif name in _WUERSTCHEN:
+        from .cascade import DECODER_STEPS, PRIOR_STEPS, is_prior
+        card["sampling"] = {"solver": solver, "steps": PRIOR_STEPS if is_prior(network) else DECODER_STEPS,
+                            "schedule": "cosine", "schedule_options": {"s": precond.s, "scaler": precond.scaler}}
     elif solver is not None:
         card["sampling"] = {"solver": solver, "steps": _DEFAULT_STEPS.get(solver, 25), **({"options": options}
                                                                                           if options else {})}
     card.update(kw.pop("metadata", None) or {})
-    decoder = VAEDecoder(vae) if vae is not None else None
+    decoder = _decoder(vae)
     args = {"sample_shape": shape, "sigma_min": lo, "sigma_max": hi, **kw}
     return Model(wrapped.eval(), precond, num_classes=num_classes, metadata=card, decoder=decoder, **args)
+
+
+def _decoder(vae):
+    """The Model's decoder: Stable Cascade's VQGAN (``PaellaVQModel``) or a VAE; None for none."""
+    if vae is None:
+        return None
+    if type(vae).__name__ == "PaellaVQModel":
+        from .cascade import VQGANDecoder
+        return VQGANDecoder(vae)
+    return VAEDecoder(vae)
 
 
 class VAEDecoder(nn.Module):
@@ -816,9 +862,21 @@ def _check_safetensors(folder: Path, component: str) -> None:
     raise ValueError(f"{str(sub)!r} holds no weights (*.safetensors)")
 
 
+def _paella():
+    """diffusers' ``PaellaVQModel`` (under pipelines.deprecated.wuerstchen since 0.33, pipelines.wuerstchen before)."""
+    for module in ("diffusers.pipelines.deprecated.wuerstchen", "diffusers.pipelines.wuerstchen"):
+        try:
+            return getattr(importlib.import_module(module), "PaellaVQModel")
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
 def _from_pretrained(cls_name: str, folder: Path, component: str, dtype: torch.dtype, variant: str | None):
     diffusers = _diffusers()
     cls = getattr(diffusers, cls_name, None)
+    if cls is None and cls_name == "PaellaVQModel":   # Stable Cascade's VQGAN: not exported at the top level
+        cls = _paella()
     if cls is None:
         raise ValueError(f"{component}: class {cls_name!r} (model_index.json) is not in diffusers "
                          f"{diffusers.__version__}")
@@ -843,6 +901,9 @@ def load_diffusers(path, device=None, dtype: torch.dtype = torch.float32, varian
 
     folder = _folder(path)
     index = _index(folder)
+    if ("prior" in index or "decoder" in index) and "unet" not in index:   # a Stable Cascade stage's folder
+        return _cascade_stage(folder, index, "prior" if "prior" in index else "decoder", "", device, dtype, variant,
+                              **kw)
     key = next((k for k in ("unet", "transformer") if k in index), None)
     if key is None or "scheduler" not in index:
         raise ValueError(f"{str(folder)!r}: model_index.json must name a unet or transformer and a scheduler, "
@@ -866,6 +927,72 @@ def load_diffusers(path, device=None, dtype: torch.dtype = torch.float32, varian
     if kw.get("cond_shapes") is None and index.get("text_encoder") and type(net).__name__ == "UNet2DConditionModel":
         kw["cond_shapes"] = _text_shape(folder, net.config)
     return from_diffusers(net, config, vae, metadata=meta, **kw)
+
+
+def _scheduler_config(folder: Path, index: dict, component: str) -> dict:
+    sched_cls = getattr(_diffusers(), index[component], None)
+    if sched_cls is None:
+        raise ValueError(f"{component}: class {index[component]!r} (model_index.json) is not in diffusers")
+    return sched_cls.load_config(str(folder), subfolder=component, local_files_only=True)
+
+
+def _cascade_shapes(role: str, unet_config, index: dict, height: int, width: int) -> dict:
+    """Sample (and ``effnet``) shapes of a Stable Cascade stage at height x width pixels, as the pipelines make
+    them: the prior's latents ceil(H / resolution_multiple), the decoder's int(that * latent_dim_scale) (the folder's
+    pipeline config, else diffusers' defaults 42.67 and 10.67)."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1 (pixels), got {v!r}")
+    multiple = float(index.get("resolution_multiple", 42.67))
+    h, w = math.ceil(height / multiple), math.ceil(width / multiple)
+    if role == "prior":
+        return {"sample_shape": (int(unet_config["in_channels"]), h, w)}
+    scale = float(index.get("latent_dim_scale", 10.67))
+    return {"sample_shape": (int(unet_config["in_channels"]), int(h * scale), int(w * scale)),
+            "cond_shapes": {"effnet": (int(unet_config["effnet_in_channels"]), h, w)}}
+
+
+def _cascade_stage(folder: Path, index: dict, role: str, prefix: str, device, dtype, variant, height: int = 1024,
+                   width: int = 1024, **kw) -> Model:
+    """A Stable Cascade stage (``prefix + role``: "prior", "decoder" or the combined folder's "prior_prior"), its
+    scheduler and, for the decoder, the VQGAN; shapes for height x width pixels (``_cascade_shapes``)."""
+    from ..checks import check_device
+
+    key = prefix + role
+    sched_key = "prior_scheduler" if prefix else "scheduler"
+    if index.get(key) != "StableCascadeUNet" or sched_key not in index:
+        raise ValueError(f"{str(folder)!r}: model_index.json must name a StableCascadeUNet {key!r} and a "
+                         f"{sched_key!r}, got {sorted(index)}")
+    dev = check_device(device) if device is not None else torch.device("cpu")
+    net = _from_pretrained(index[key], folder, key, dtype, variant).eval().requires_grad_(False).to(dev)
+    vq = None
+    if role == "decoder" and index.get("vqgan"):
+        vq = _from_pretrained(index["vqgan"], folder, "vqgan", dtype, variant).eval().requires_grad_(False).to(dev)
+    raw = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    shapes = _cascade_shapes(role, net.config, raw, height, width)
+    kw = {**shapes, **{k: v for k, v in kw.items() if v is not None}}
+    meta = {"path": str(folder), **(kw.pop("metadata", None) or {})}
+    return from_diffusers(net, _scheduler_config(folder, index, sched_key), vq, metadata=meta, **kw)
+
+
+def load_cascade(path, decoder=None, height: int = 1024, width: int = 1024, device=None,
+                 dtype: torch.dtype = torch.float32, variant: str | None = None) -> tuple[Model, Model]:
+    """(prior, decoder) ``edmrt.Model``s of Stable Cascade for ``edmrt.CascadeSampler``: from a combined pipeline's
+    folder (``StableCascadeCombinedPipeline``: prior_prior, prior_scheduler, decoder, scheduler, vqgan), or from a
+    prior pipeline's folder ``path`` and a decoder pipeline's folder ``decoder``; shaped for height x width pixels
+    (the decoder's ``effnet`` input is the prior's sample shape).  Safetensors only, local folders only."""
+    folder = _folder(path)
+    index = _index(folder)
+    if decoder is None:
+        if "prior_prior" not in index:
+            raise ValueError(f"{str(folder)!r} is not a combined Stable Cascade folder (no prior_prior): pass the "
+                             "prior's folder and the decoder's, load_cascade(prior_dir, decoder_dir)")
+        args = (device, dtype, variant, height, width)
+        return (_cascade_stage(folder, index, "prior", "prior_", *args),
+                _cascade_stage(folder, index, "decoder", "", *args))
+    dec = _folder(decoder)
+    args = (device, dtype, variant, height, width)
+    return (_cascade_stage(folder, index, "prior", "", *args), _cascade_stage(dec, _index(dec), "decoder", "", *args))
 
 
 def _text_shape(folder: Path, unet_config) -> dict:

@@ -13,7 +13,7 @@ from ..plan import Plan
 from ..precond import Identity, Precond
 from ..schedules import check_sigmas
 from .dpm import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
-from .edm import edm, euler, heun
+from .edm import edm, euler, euler_ancestral, heun
 from .fewstep import consistency, lcm, tcd
 from .multistep import ipndm, ipndm_afs, lms
 from .unipc import unipc
@@ -22,6 +22,7 @@ __all__ = ["SOLVERS", "UPWARD_SOLVERS", "get_solver", "build_plan", "solver_opti
 
 SOLVERS: dict[str, Callable[..., Plan]] = {
     "euler": euler,
+    "euler_ancestral": euler_ancestral,
     "heun": heun,
     "edm": edm,
     "consistency": consistency,

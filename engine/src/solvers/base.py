@@ -15,7 +15,7 @@ __all__ = ["Builder", "finite", "choice", "integer", "D_FORM_SIGMA_MAX", "DATA_F
 # terms of size sigma |x / sigma|, losing ~sigma * 2^-24 of the state's scale (at 1e5: 6e-3 of a unit-scale
 # image; a flow model's t = 1 is sigma 1.7e7, where nothing is left).  Data-form solvers (Y = D) do not cancel.
 D_FORM_SIGMA_MAX = 1e5
-DATA_FORM_SOLVERS = ("euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")
+DATA_FORM_SOLVERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")
 
 
 class Builder:

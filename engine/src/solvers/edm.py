@@ -10,7 +10,7 @@ from ..plan import Plan
 from ..precond import Precond
 from .base import Builder, finite
 
-__all__ = ["euler", "heun", "edm", "churn"]
+__all__ = ["euler", "euler_ancestral", "heun", "edm", "churn"]
 
 
 def churn(sigmas: np.ndarray, S_churn: float, S_tmin: float, S_tmax: float, S_noise: float):
@@ -50,6 +50,36 @@ def euler(sigmas, precond: Precond, *, S_churn: float = 0.0, S_tmin: float = 0.0
         p.D_stage(step=i, sigma=t_hat[i], e=r, b=(1.0 - r,))
         if i + 1 < N:
             p.add_noise_after_last(noise[i + 1])
+    return p.build()
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next: sigma_up = min(sigma_next, eta
+    sigma_next sqrt(1 - sigma_next^2 / sigma^2)), sigma_down = sqrt(sigma_next^2 - sigma_up^2).  At eta = 1 this is
+    DDPM's posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, Eq. 6-7, variance beta_tilde) in EDM's state, i.e. DDIM
+    with eta = 1 (Song et al. 2021, Eq. 16)."""
+    if sigma_next == 0.0:
+        return 0.0, 0.0
+    up = min(sigma_next, eta * sigma_next * math.sqrt(max(1.0 - (sigma_next / sigma) ** 2, 0.0)))
+    return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
+
+
+def euler_ancestral(sigmas, precond: Precond, *, eta: float = 1.0) -> Plan:
+    """Ancestral sampling (DDPM's Algorithm 2, Ho et al. 2020, at eta = 1; DDIM(eta) of Song et al. 2021): the
+    deterministic step to sigma_down, x' = D + (sigma_down / sigma)(x - D), then fresh noise sigma_up z
+    (``ancestral_step``), as k-diffusion's ``sample_euler_ancestral`` and diffusers' ``EulerAncestralDiscreteScheduler``
+    (on a schedule ending in 0) and ``DDPMWuerstchenScheduler`` (Stable Cascade) step.  The last step adds no noise:
+    to 0 there is none; to a positive final level (Wuerstchen's t = 0) it is DDPM's last step, the posterior mean,
+    where k-diffusion would add sigma_up z.  eta = 0 is Euler (DDIM)."""
+    eta = finite("eta", eta, 0.0)
+    p = Builder("euler_ancestral", sigmas, precond, K=1, options=dict(eta=eta))
+    N = sigmas.size - 1
+    for i in range(N):
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        r = down / sigmas[i]
+        p.D_stage(step=i, sigma=sigmas[i], e=r, b=(1.0 - r,))
+        if i + 1 < N:
+            p.add_noise_after_last(up)
     return p.build()
 
 
