@@ -494,7 +494,7 @@ def test_load_diffusers_refuses_what_it_cannot_read(sd, tmp_path):
     (lambda u: from_diffusers(u, "EulerDiscreteScheduler"), "scheduler_config must be"),
     (lambda u: from_diffusers(u, None, steps=4), "unknown keyword"),
     (lambda u: from_diffusers(u, None, cond_shapes={"text_embeds": (4,)}), "not inputs of this network"),
-    (lambda u: from_diffusers(torch.nn.Linear(2, 2)), "UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, SD3Transformer2DModel, got Linear"),
+    (lambda u: from_diffusers(torch.nn.Linear(2, 2)), "UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel, StableCascadeUNet, got Linear"),
     (lambda u: from_diffusers(u, None, timestep="round"), "timestep"),
     (lambda u: VAEDecoder(u), "vae must be a diffusers autoencoder"),
 ])

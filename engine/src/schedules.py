@@ -19,7 +19,7 @@ from .checks import is_real
 
 __all__ = [
     "SCHEDULES", "karras", "vp", "ve", "iddpm", "linear", "loglinear", "polyexponential", "flow", "flow_time",
-    "flow_sigma", "FLOW_T_MAX", "cosine", "cosine_sigma", "cosine_time", "COSINE_CLAMP",
+    "flow_sigma", "FLOW_T_MAX", "cosine", "cosine_sigma", "cosine_time", "COSINE_CLAMP", "flux",
     "given", "make_sigmas", "upward", "MAX_STEPS", "SIGMA_LIMIT", "SIGMA_FLOOR", "RHO_RANGE", "vp_sigma", "vp_sigma_inv", "iddpm_sigmas", "check_sigmas", "check_range",
 ]
 
@@ -337,6 +337,21 @@ def flow(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: f
     return _append_zero(flow_sigma(t))
 
 
+def flux(steps: int, sigma_max: float = 80.0, shift: float = 1.0) -> np.ndarray:
+    """Flux's time steps (``FluxPipeline``: ``sigmas = linspace(1, 1 / N, N)`` given to
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps``): u linear from t(sigma_max) (1 for a flow model's range) to
+    1 / N in ``steps`` levels (t(sigma_max) = 1 from the flow's top level ``FLOW_T_MAX``), shifted t = shift u / (1 + (shift - 1) u) (the dynamic shift e^mu of the model's
+    resolution, ``adapters.flux.dynamic_shift``), as EDM levels (``flow_sigma``), then 0."""
+    steps = _check_steps(steps)
+    hi = _check_positive("sigma_max", sigma_max)
+    shift = _check_positive("shift", shift)
+    # A range up to the flow's t = 1 (sigma FLOW_T_MAX / (1 - FLOW_T_MAX)) starts at u = 1, which every shift keeps.
+    top = 1.0 if hi >= (FLOW_T_MAX / (1.0 - FLOW_T_MAX)) * (1.0 - 1e-12) else float(flow_time(hi))
+    u = np.linspace(top, 1.0 / steps, steps) if steps > 1 else np.array([top])
+    t = shift * u / (1.0 + (shift - 1.0) * u)
+    return _append_zero(flow_sigma(t))
+
+
 def cosine(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, s: float = 0.008,
            scaler: float = 1.0) -> np.ndarray:
     """Uniform steps in cosine-schedule time, as diffusers' ``DDPMWuerstchenScheduler.set_timesteps`` makes them
@@ -391,6 +406,7 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "loglinear": loglinear,
     "polyexponential": polyexponential,
     "flow": flow,
+    "flux": flux,
     "cosine": cosine,
 }
 

@@ -20,7 +20,9 @@ Conventions (diffusers 0.42.1), mapped onto edmrt's variance-exploding state x =
 - Flow matching (``FlowMatchEulerDiscreteScheduler``: SD3's ``SD3Transformer2DModel``): x_t = (1 - t) x_0 + t eps,
   the network predicting v = eps - x_0 at timestep 1000 t; edmrt's state is x = x_t / (1 - t), sigma = t / (1 - t)
   (``FlowPrecond``), its t = 1 the level ``FLOW_T_MAX`` (sigma 1.7e7).  Its Euler step is edmrt's Euler: both are
-  exact for a constant x_0 prediction.  Dynamic (resolution-dependent) shifting is refused.
+  exact for a constant x_0 prediction.  Flux (``FluxTransformer2DModel``, ``edmrt.adapters.flux``): the same, on
+  packed 2 x 2 latent patches, its dynamic (resolution-dependent) shift being the shift of the model's sample shape;
+  dynamic shifting is refused for other networks.
 - Wuerstchen / Stable Cascade (``DDPMWuerstchenScheduler`` with a ``StableCascadeUNet``, ``edmrt.adapters.cascade``):
   epsilon prediction at continuous time t in [0, 1] under the clamped cosine schedule (``WuerstchenPrecond``); its
   DDPM step is edmrt's ``euler_ancestral`` on the ``cosine`` schedule, stopping at t = 0 (sigma 0.01).
@@ -89,7 +91,8 @@ _DEFAULT_STEPS = {"lcm": 4, "tcd": 4}
 _FLOW_STEPS = 28   # StableDiffusion3Pipeline's num_inference_steps
 _MODEL_KW = ("sample_shape", "sigma_min", "sigma_max", "metadata")
 _NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
-             "StableCascadeUNet")
+             "FluxTransformer2DModel", "StableCascadeUNet")
+_FLOW_NETWORKS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def _diffusers():
@@ -212,7 +215,8 @@ _UNSUPPORTED = {
     "rescale_betas_zero_snr": ((False,), "a zero-terminal-SNR schedule has an infinite last level (diffusers puts "
                                "alpha_bar_T = 2^-24 in its place, which makes its levels non-monotonic)"),
     "use_flow_sigmas": ((False,), "flow-matching sigmas are a flow model's time, not diffusion noise levels"),
-    "use_dynamic_shifting": ((False,), "a resolution-dependent shift of flow-matching time"),
+    "use_dynamic_shifting": ((False,), "a resolution-dependent shift of flow-matching time, which edmrt applies to "
+                             "a FluxTransformer2DModel's sample shape only"),
     "invert_sigmas": ((False,), "inverted flow sigmas run from data to noise (an inversion: edmrt.invert)"),
     "stochastic_sampling": ((False,), "edmrt's flow Euler is the deterministic step"),
     "interpolation_type": (("linear",), "log-linear interpolation gives the network timesteps that are not the "
@@ -233,9 +237,9 @@ def _refuse(name: str, key: str, value, takes, why: str):
                      f"scheduler_overrides={{{key!r}: {takes[0]!r}}})")
 
 
-def _check_keys(sched) -> None:
+def _check_keys(sched, allow: tuple = ()) -> None:
     """Every config key of ``sched`` known (``SCHEDULER_KEYS``) or at its class's default; every value edmrt samples
-    with (``_UNSUPPORTED``).  ValueError naming the key."""
+    with (``_UNSUPPORTED``, but for the keys in ``allow``).  ValueError naming the key."""
     name, cfg = type(sched).__name__, sched.config
     defaults = type(sched)().config
     for key in cfg:
@@ -244,7 +248,7 @@ def _check_keys(sched) -> None:
         if key not in SCHEDULER_KEYS and cfg[key] != defaults.get(key):
             raise ValueError(f"scheduler_config: {name}'s {key}={cfg[key]!r} is a key edmrt does not know (a newer "
                              f"diffusers?); leave it at its default {defaults.get(key)!r} or update edmrt")
-        if key in _UNSUPPORTED and cfg[key] not in _UNSUPPORTED[key][0]:
+        if key in _UNSUPPORTED and key not in allow and cfg[key] not in _UNSUPPORTED[key][0]:
             _refuse(name, key, cfg[key], *_UNSUPPORTED[key])
 
 
@@ -375,7 +379,7 @@ def sampler_args(scheduler) -> dict:
     name = type(scheduler).__name__
     if name not in SUPPORTED_SCHEDULERS:
         raise ValueError(f"scheduler: {name} is not supported; expected one of {list(SUPPORTED_SCHEDULERS)}")
-    _check_keys(scheduler)
+    _check_keys(scheduler, allow=("use_dynamic_shifting",))   # set_timesteps(mu=...) put the shift in its sigmas
     solver, options = _method(name, scheduler.config)
     if solver is None:
         raise ValueError(f"scheduler: edmrt does not run {name}'s method; choose an edmrt solver (edmrt.SOLVERS) "
@@ -618,6 +622,10 @@ def _network(net, shapes: dict) -> tuple[nn.Module, int, tuple]:
         from .cascade import cascade_network
         wrapped, shape = cascade_network(net, shapes)
         return wrapped, 0, shape
+    if name == "FluxTransformer2DModel":
+        from .flux import flux_network
+        wrapped, shape = flux_network(net, shapes)
+        return wrapped, 0, shape
     size = cfg.get("sample_size")
     hw = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
     shape = (int(cfg["in_channels"]),) + hw
@@ -685,22 +693,39 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, scheduler=None, 
         raise ValueError(f"cond_shapes names {unused}, which are not inputs of this network "
                          f"({[c.name for c in wrapped.cond_inputs]})")
     sched = _scheduler(scheduler_config)
-    _check_keys(sched)
+    net_name = type(network).__name__
+    _check_keys(sched, allow=("use_dynamic_shifting",) if net_name == "FluxTransformer2DModel" else ())
     precond, lo, hi = precond_from_scheduler(sched, timestep)
     name = type(sched).__name__
-    solver, options = _method(name, sched.config)
-    if name not in _FLOW and type(network).__name__ == "SD3Transformer2DModel":
-        raise ValueError(f"scheduler_config: an SD3Transformer2DModel predicts flow velocity: pass its "
+    if name not in _FLOW and net_name in _FLOW_NETWORKS:
+        raise ValueError(f"scheduler_config: an {net_name} predicts flow velocity: pass its "
                          f"FlowMatchEulerDiscreteScheduler, got {name}")
-    if (name in _WUERSTCHEN) != (type(network).__name__ == "StableCascadeUNet"):
+    if (name in _WUERSTCHEN) != (net_name == "StableCascadeUNet"):
         raise ValueError(f"scheduler_config: a StableCascadeUNet takes the continuous time of "
                          f"DDPMWuerstchenScheduler, and that scheduler only a StableCascadeUNet; got "
-                         f"{type(network).__name__} with {name}")
-    card = {"name": type(network).__name__, "source": "diffusers",
-            "diffusers": {"network": type(network).__name__, "scheduler": name,
+                         f"{net_name} with {name}")
+    card = _card(network, sched, precond, tuple(kw.get("sample_shape", shape)))
+    card.update(kw.pop("metadata", None) or {})
+    decoder = _decoder(vae)
+    args = {"sample_shape": shape, "sigma_min": lo, "sigma_max": hi, **kw}
+    return Model(wrapped.eval(), precond, num_classes=num_classes, metadata=card, decoder=decoder, **args)
+
+
+def _card(network, sched, precond: Precond, shape: tuple) -> dict:
+    """The model card of a diffusers network: where it came from and, where edmrt runs the scheduler's method, the
+    sampling defaults (solver, steps, schedule and its parameters)."""
+    name, net_name = type(sched).__name__, type(network).__name__
+    solver, options = _method(name, sched.config)
+    card = {"name": net_name, "source": "diffusers",
+            "diffusers": {"network": net_name, "scheduler": name,
                           "prediction_type": "flow" if name in _FLOW else sched.config.get("prediction_type",
                                                                                              "epsilon")}}
-    if name in _FLOW:
+    if name in _FLOW and net_name == "FluxTransformer2DModel":
+        from .flux import FLUX_STEPS, dynamic_shift
+        shift = dynamic_shift(sched.config, shape) if sched.config.get("use_dynamic_shifting") else \
+            float(sched.config.get("shift", 1.0))
+        card["sampling"] = {"solver": solver, "steps": FLUX_STEPS, "schedule": "flux", "shift": shift}
+    elif name in _FLOW:
         card["sampling"] = {"solver": solver, "steps": _FLOW_STEPS, "schedule": "flow",
                             "shift": float(sched.config.get("shift", 1.0))}
     elif name in _WUERSTCHEN:
@@ -710,10 +735,7 @@ def from_diffusers(network, scheduler_config=None, vae=None, *, scheduler=None, 
     elif solver is not None:
         card["sampling"] = {"solver": solver, "steps": _DEFAULT_STEPS.get(solver, 25), **({"options": options}
                                                                                           if options else {})}
-    card.update(kw.pop("metadata", None) or {})
-    decoder = _decoder(vae)
-    args = {"sample_shape": shape, "sigma_min": lo, "sigma_max": hi, **kw}
-    return Model(wrapped.eval(), precond, num_classes=num_classes, metadata=card, decoder=decoder, **args)
+    return card
 
 
 def _decoder(vae):
