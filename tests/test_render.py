@@ -219,3 +219,5 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  str(tmp_path / "o")]) == 2
     assert main(["render", "--model", "digits-cd", "--seeds", "0-3", "--class", "12", "--out", str(tmp_path / "o")]) == 2
     assert "class in [0, 10)" in capsys.readouterr().err
+    assert main(["render", "--model", "digits-cd", "--seeds", "0-3", "--sizes", "28x", "--out", str(tmp_path / "o")]) == 2
+    assert "--sizes: '28x' is not HEIGHTxWIDTH in pixels" in capsys.readouterr().err

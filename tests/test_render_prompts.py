@@ -207,7 +207,7 @@ def test_a_killed_driver_resumes_to_the_identical_folder_and_a_dead_actor_is_rep
 @pytest.mark.parametrize("rows,match", [
     ([{"seed": 0}], "request 0 needs 'prompt' or 'embeds'"),
     ([{"seed": 0, "prompt": 3}], "'prompt' must be a string"),
-    ([{"seed": 0, "prompt": "a", "class": 2}], r"may have \['embeds', 'guidance', 'negative_prompt', 'prompt'\]"),
+    ([{"seed": 0, "prompt": "a", "class": 2}], r"may have \['embeds', 'guidance', 'height', 'negative_prompt', 'prompt', 'steps', 'width'\]"),
     ([{"seed": 0, "embeds": "x.safetensors", "negative_prompt": "b"}], "embeds 'x.safetensors' must be a"),
     ([{"seed": 0, "prompt": "a" * 5000}], "at most 4096 characters"),
 ])
@@ -221,5 +221,43 @@ def test_prompts_for_a_model_without_text_are_refused(tmp_path):
     with pytest.raises(ValueError, match="takes no prompts"):
         Requests.from_prompts(["a cat"]).checked(10)
     (tmp_path / "r.jsonl").write_text(json.dumps({"seed": 0, "prompt": "a cat"}))
-    with pytest.raises(ValueError, match=r"may have \['class', 'guidance'\]"):
+    with pytest.raises(ValueError, match=r"may have \['class', 'guidance', 'height', 'steps', 'width'\]"):
         read_requests(tmp_path / "r.jsonl", 10)
+
+
+def test_requests_may_ask_for_their_own_steps_and_size(folder, local_ray, tmp_path):
+    """A request's own steps and size (from the sets the job allows): each image is that variant's Sampler on one
+    process, byte for byte; the Parquet rows carry them (0: the job's); one outside the sets is named."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from edmrt.pipelines.prompts import PromptEncoder
+    from edmrt.render import build_sampler
+
+    path, _ = folder
+    rows = [{"seed": 50 + i, "prompt": PROMPTS[i % 3], **({"steps": 2} if i % 3 == 0 else {}),
+             **({"height": 24, "width": 32} if i % 4 == 1 else {})} for i in range(12)]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    job = RenderJob(model=str(path), steps=4, batch=5, format="parquet", step_counts=(2, 3), sizes=((24, 32),))
+    s = render(job, read_requests(tmp_path / "r.jsonl", 0, text=True), tmp_path / "out", actors=2, progress=False)
+    assert s["nfe_per_variant"] == {"0x0x0": 4, "2x0x0": 2, "0x24x32": 4, "2x24x32": 2}   # Euler: one per step
+    got = {}
+    for f in sorted((tmp_path / "out" / "parquet").glob("*.parquet")):
+        t = pq.read_table(f).to_pydict()
+        got.update({t["index"][i]: (t["steps"][i], t["height"][i], t["width"][i], t["png"][i])
+                    for i in range(len(t["index"]))})
+    base, _ = build_sampler(job, threads=1)
+    enc = PromptEncoder(path, [c.name for c in base.cond])
+    for i, r in enumerate(rows):
+        steps, hw = r.get("steps", 0), (r.get("height", 0), r.get("width", 0))
+        model, sampler = build_sampler(job, 1, base, steps, hw)
+        cond, _ = enc.encode(r["prompt"], None, False)
+        want = to_png(sampler.sample([r["seed"]], cond=cond)[0], {"prompt": r["prompt"]})
+        assert got[i] == (steps, *hw, want), i
+        assert Image.open(io.BytesIO(got[i][3])).size == ((32, 24) if hw[0] else (16, 16))
+    rows[5]["steps"] = 7
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=r"request 5 asks for steps=7; this job allows \[2, 3\]"):
+        render(job, read_requests(tmp_path / "bad.jsonl", 0, text=True), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="request 0 gives one of height and width"):
+        Requests.from_prompts(["a cat"]).with_variants(sizes=[(24, 0)])

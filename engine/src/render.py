@@ -15,6 +15,11 @@ every chunk through ``ChunkSink``, in one of three formats:
 - ``webdataset``: one tar shard per chunk, ``webdataset/chunk-KKKKKKK.tar``: ``IIIIIIIII.png`` + ``IIIIIIIII.json``
   per sample (deterministic tar headers: the same images give the same bytes).
 
+Per-request size and steps: a request may ask for ``steps`` and an image ``height`` / ``width`` (pixels) from the
+sets the job allows (``RenderJob.step_counts``, ``RenderJob.sizes``: each is another plan or sample shape, so another
+engine and export in every actor); 0 is the job's own.  A latent model's size is its VAE's pixels (the latents
+are the size over the VAE's scale factor).  The outputs carry them (Parquet columns, WebDataset JSON).
+
 Prompts (a diffusers folder with a text encoder): a request holds ``prompt`` (and ``negative_prompt``) or
 ``embeds``, a safetensors file of its embeddings (``edmrt sample --prompt-embeds``' names; beside the requests
 file).  Each actor runs the folder's own text encoder (``PromptEncoder``, the pipeline's ``encode_prompt``) once
@@ -69,7 +74,8 @@ _EXIT_AFTER, _MARKER = "EDMRT_RENDER_TEST_EXIT_AFTER", "EDMRT_RENDER_TEST_MARKER
 class Requests:
     """Per-request columns (index i is the request's position): seed, class label (-1: none), guidance (NaN:
     none); for a text model, prompt and negative prompt (None: none) or an embeddings file (``embeds``, None:
-    none; ``embeds_sha256``: {path: digest} of the files, read when the requests were)."""
+    none; ``embeds_sha256``: {path: digest} of the files, read when the requests were); per request ``steps`` and
+    ``height`` / ``width`` in pixels (0: the job's; None: all 0)."""
 
     seed: np.ndarray
     class_label: np.ndarray
@@ -78,6 +84,9 @@ class Requests:
     negative_prompt: np.ndarray | None = None
     embeds: np.ndarray | None = None
     embeds_sha256: dict = field(default_factory=dict)
+    steps: np.ndarray | None = None
+    height: np.ndarray | None = None
+    width: np.ndarray | None = None
 
     @property
     def text(self) -> bool:
@@ -85,6 +94,49 @@ class Requests:
 
     def __len__(self) -> int:
         return len(self.seed)
+
+    @property
+    def variants(self) -> bool:
+        """Whether any request asks for its own steps or size."""
+        return any(c is not None and bool(np.any(c)) for c in (self.steps, self.height, self.width))
+
+    def variant(self, i: int) -> tuple[int, int, int]:
+        """(steps, height, width) of request i (0: the job's)."""
+        return tuple(0 if c is None else int(c[i]) for c in (self.steps, self.height, self.width))
+
+    def with_variants(self, steps: Sequence[int] | None = None, sizes: Sequence | None = None) -> Requests:
+        """These requests with per-request ``steps`` and ``sizes`` ((height, width) pixels; 0 or None: the job's)."""
+        n = len(self.seed)
+        cols = {}
+        if steps is not None:
+            cols["steps"] = np.asarray([0 if v is None else _integer(v) for v in steps], dtype=np.int64)
+        if sizes is not None:
+            hw = [(0, 0) if v is None or v == 0 else tuple(v) for v in sizes]
+            if any(len(v) != 2 for v in hw):
+                raise ValueError(f"requests: sizes must be (height, width) pairs, got {list(sizes)[:4]}")
+            cols["height"] = np.asarray([_integer(h) for h, _ in hw], dtype=np.int64)
+            cols["width"] = np.asarray([_integer(w) for _, w in hw], dtype=np.int64)
+        for k, v in cols.items():
+            if len(v) != n:
+                raise ValueError(f"requests: one {k} value per request ({n}), got {len(v)}")
+        return dataclasses.replace(self, **cols)._checked_variants()
+
+    def _checked_variants(self) -> Requests:
+        """ValueError naming the first request whose steps, height or width is negative, or that gives one side."""
+        n = len(self.seed)
+        for name in ("steps", "height", "width"):
+            col = getattr(self, name)
+            if col is None:
+                continue
+            bad = np.flatnonzero(col < 0)
+            if bad.size:
+                raise ValueError(f"requests: {name} must be >= 1 (0: the job's), request {bad[0]} has {col[bad[0]]}")
+        h = self.height if self.height is not None else np.zeros(n, dtype=np.int64)
+        w = self.width if self.width is not None else np.zeros(n, dtype=np.int64)
+        bad = np.flatnonzero((h == 0) != (w == 0))
+        if bad.size:
+            raise ValueError(f"requests: request {bad[0]} gives one of height and width; give both or neither")
+        return self
 
     @classmethod
     def from_seeds(cls, seeds: Sequence[int], num_classes: int = 0, classes: Sequence[int] | None = None,
@@ -153,7 +205,7 @@ class Requests:
             raise ValueError(f"requests: guidance must be a finite number >= 0, request {bad[0]} has {g[bad[0]]}")
         if (~np.isnan(g)).any() and not num_classes and not text:
             raise ValueError("requests: guidance needs a class-conditional or text-conditioned model")
-        return self
+        return self._checked_variants()
 
     def digest(self) -> str:
         """sha256 over every column (the prompts as UTF-8, the embeddings files by content)."""
@@ -164,6 +216,9 @@ class Requests:
             for col in (self.prompt, self.negative_prompt, self.embeds):
                 h.update(json.dumps([None if v is None else str(v) for v in col]).encode())
             h.update(json.dumps(self.embeds_sha256, sort_keys=True).encode())
+        if self.variants:   # (requests without them keep the digest they always had)
+            for i in range(len(self.seed)):
+                h.update(np.asarray(self.variant(i), dtype=np.int64).tobytes())
         return h.hexdigest()
 
 
@@ -194,7 +249,9 @@ def read_requests(path: str | os.PathLike, num_classes: int = 0, text: bool = Fa
                     raise ValueError(f"{path}:{n}: each line must be a JSON object with 'seed'")
                 rows.append(obj)
     seeds, labels, guidance, prompts, negatives, embeds, digests = [], [], [], [], [], [], {}
-    keys = {"seed", "guidance"} | ({"prompt", "negative_prompt", "embeds"} if text else {"class"})
+    steps, sizes = [], []
+    keys = {"seed", "guidance", "steps", "height", "width"} | ({"prompt", "negative_prompt", "embeds"} if text
+                                                                else {"class"})
     for i, r in enumerate(rows):
         unknown = set(r) - keys
         if unknown or "seed" not in r:
@@ -204,9 +261,11 @@ def read_requests(path: str | os.PathLike, num_classes: int = 0, text: bool = Fa
             seeds.append(_integer(r["seed"]))
             labels.append(_integer(r["class"]) if "class" in r else (i % num_classes if num_classes else -1))
             guidance.append(float(r["guidance"]) if "guidance" in r else math.nan)
+            steps.append(_integer(r.get("steps", 0)))
+            sizes.append((_integer(r.get("height", 0)), _integer(r.get("width", 0))))
         except (TypeError, ValueError):
-            raise ValueError(f"{path}: request {i}: seed and class must be integers, guidance a number; got {r}") \
-                from None
+            raise ValueError(f"{path}: request {i}: seed, class, steps, height and width must be integers, guidance "
+                             f"a number; got {r}") from None
         if text:
             for k in ("prompt", "negative_prompt", "embeds"):
                 if k in r and not isinstance(r[k], str):
@@ -218,8 +277,9 @@ def read_requests(path: str | os.PathLike, num_classes: int = 0, text: bool = Fa
     if text:
         extra = dict(prompt=np.asarray(prompts, dtype=object), negative_prompt=np.asarray(negatives, dtype=object),
                      embeds=np.asarray(embeds, dtype=object), embeds_sha256=digests)
-    return Requests(np.asarray(seeds, dtype=np.int64), np.asarray(labels, dtype=np.int64),
-                    np.asarray(guidance, dtype=np.float64), **extra).checked(num_classes, text)
+    out = Requests(np.asarray(seeds, dtype=np.int64), np.asarray(labels, dtype=np.int64),
+                   np.asarray(guidance, dtype=np.float64), **extra).checked(num_classes, text)
+    return out.with_variants(steps, sizes) if any(steps) or any(h or w for h, w in sizes) else out
 
 
 def _embeds_file(requests: Path, i: int, name: str, digests: dict) -> str:
@@ -247,7 +307,8 @@ class RenderJob:
     and an ONNX file to run it), the sampler (solver, steps, schedule, solver options; None: the model card's),
     the backend ("auto": ONNX Runtime on the CPU), the output format and the chunk size; ``encode``: where a text
     model's prompts are encoded, "actor" (in each sampling actor, with a cache) or "stage" (a Ray Data stage of its
-    own, one actor: each distinct prompt once for the run).  The images are the same either way."""
+    own, one actor: each distinct prompt once for the run).  The images are the same either way.  ``step_counts`` and
+    ``sizes`` ((height, width) pixels): what a request may ask for besides the job's own steps and size."""
 
     model: str = "digits"
     solver: str | None = None
@@ -261,8 +322,18 @@ class RenderJob:
     batch: int = 64
     device: str = "cpu"
     encode: str = "actor"
+    step_counts: tuple = ()
+    sizes: tuple = ()
 
     def __post_init__(self):
+        try:
+            self.step_counts = tuple(sorted({_integer(v) for v in self.step_counts}))
+            self.sizes = tuple(sorted({(_integer(h), _integer(w)) for h, w in self.sizes}))
+        except (TypeError, ValueError):
+            raise ValueError(f"step_counts must be ints and sizes (height, width) pairs of ints, got "
+                             f"{self.step_counts!r}, {self.sizes!r}") from None
+        if any(v < 1 for v in self.step_counts) or any(min(hw) < 1 for hw in self.sizes):
+            raise ValueError(f"step_counts and sizes must be >= 1, got {self.step_counts}, {self.sizes}")
         if self.encode not in ENCODE_MODES:
             raise ValueError(f"encode must be one of {list(ENCODE_MODES)} (where prompts are encoded), got "
                              f"{self.encode!r}")
@@ -279,13 +350,27 @@ def load_model(job: RenderJob):
     return load(job.model, adapters=job.adapters) if job.adapters else load(job.model)
 
 
-def build_sampler(job: RenderJob, threads: int = 1):
-    """The job's Sampler: on the CPU with backend "auto" / "onnxruntime", an ONNX Runtime session with ``threads``
-    intra-op threads over the cached export (adapters fused and baked in), else ``resolve_backend``'s."""
+def sized_model(model, height: int, width: int):
+    """``model`` sampling images of height x width pixels (a latent model: latents of that over its VAE's scale
+    factor); ValueError naming a size the model cannot take (not a multiple of the scale, a network built for one
+    shape)."""
+    if not height:
+        return model
+    vae = getattr(model.decoder, "vae", None)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    if height % scale or width % scale:
+        raise ValueError(f"size {height}x{width}: a multiple of the VAE's scale factor {scale} is needed")
+    return dataclasses.replace(model, sample_shape=(model.sample_shape[0], height // scale, width // scale))
+
+
+def build_sampler(job: RenderJob, threads: int = 1, model=None, steps: int = 0, size: tuple = (0, 0)):
+    """The job's Sampler (``steps`` / ``size``: a request's own, 0 for the job's, on ``model``, default the job's):
+    on the CPU with backend "auto" / "onnxruntime", an ONNX Runtime session with ``threads`` intra-op threads over
+    the cached export (adapters fused and baked in), else ``resolve_backend``'s."""
     from .backends import BACKENDS
     from .sampler import Sampler
 
-    model = load_model(job)
+    model = sized_model(load_model(job) if model is None else model, *size)
     backend = job.backend
     if job.onnx is not None or (job.device == "cpu" and backend in ("auto", "onnxruntime")):
         import onnxruntime as ort
@@ -294,7 +379,7 @@ def build_sampler(job: RenderJob, threads: int = 1):
         opts.intra_op_num_threads = opts.inter_op_num_threads = max(1, int(threads))
         backend = BACKENDS["onnxruntime"].from_model(model, torch.device("cpu"), path=job.onnx, sess_options=opts,
                                                      live_weights=False)
-    return model, Sampler(model, solver=job.solver, steps=job.steps, schedule=job.schedule, backend=backend,
+    return model, Sampler(model, solver=job.solver, steps=steps or job.steps, schedule=job.schedule, backend=backend,
                           device=job.device, **job.options)
 
 
@@ -458,9 +543,11 @@ class Renderer:
     def __init__(self, job: dict, threads: int = 1):
         torch.set_num_threads(max(1, int(threads)))
         self.job = RenderJob(**job)
+        self.threads = threads
         self.model, self.sampler = build_sampler(self.job, threads)
-        self.timed = TimedBackend(self.sampler.backend)
-        self.sampler.backend = self.timed  # engines are built on first use: every one times its network
+        self.timers = [TimedBackend(self.sampler.backend)]
+        self.sampler.backend = self.timers[0]  # engines are built on first use: every one times its network
+        self.variants = {(0, 0, 0): (self.model, self.sampler)}   # (steps, height, width) -> (model, Sampler)
         self.calls, self.actor = 0, f"{os.uname().nodename}:{os.getpid()}"
         self.text = text_inputs(self.model)
         self.texts = TextRows(self.job.model, [c.name for c in self.model.cond],
@@ -470,25 +557,41 @@ class Renderer:
             # VAE decodes one image at a time, so an image never depends on the chunk that drew it.
             self.model.decoder.batch = 1
 
+    @property
+    def network_seconds(self) -> float:
+        return sum(t.seconds for t in self.timers)
+
+    def variant(self, key: tuple):
+        """(model, Sampler) for a request's (steps, height, width), built on first use (its network timed)."""
+        if key not in self.variants:
+            steps, h, w = key
+            model, sampler = build_sampler(self.job, self.threads, self.model, steps, (h, w))
+            self.timers.append(TimedBackend(sampler.backend))
+            sampler.backend = self.timers[-1]
+            self.variants[key] = (model, sampler)
+        return self.variants[key]
+
     def __call__(self, batch: dict) -> dict:
         self.calls += 1
         self._test_exit()
         cols: dict[str, list] = {k: [] for k in ("chunk", "index", "seed", "class_label", "guidance", "png",
                                                 "actor", "network_s", "sample_s", "encode_s", "text_s", "encoded",
-                                                "done_at", "prompt", "negative_prompt")}
+                                                "done_at", "prompt", "negative_prompt", "steps", "height",
+                                                "width")}
         for c in range(len(batch["chunk"])):
             idx, seeds = np.asarray(batch["index"][c]), np.asarray(batch["seed"][c])
             labels, guid = np.asarray(batch["class_label"][c]), np.asarray(batch["guidance"][c], dtype=np.float64)
             n = len(idx)
             prompts, negs, files = _text_columns(batch, c, n) if self.text else ([None] * n,) * 3
-            net0, t0 = self.timed.seconds, time.perf_counter()
+            keys = [tuple(int(batch[k][c][j]) for k in ("steps", "height", "width")) for j in range(n)]
+            net0, t0 = self.network_seconds, time.perf_counter()
             text0, enc0 = (self.texts.seconds, self.texts.encoded) if self.text else (0.0, 0)
             given = _given_rows(batch, c, guid) if self.text and "stage_encoded" in batch else None
-            images = self._sample(seeds, labels, guid, prompts, negs, files, given)
+            images = self._sample(seeds, labels, guid, prompts, negs, files, given, keys)
             t1 = time.perf_counter()
             pngs = [to_png(im, _png_text(p, q)) for im, p, q in zip(images, prompts, negs)]
             t2 = time.perf_counter()
-            net = self.timed.seconds - net0
+            net = self.network_seconds - net0
             text_s = (self.texts.seconds - text0) if self.text else 0.0
             encoded = (self.texts.encoded - enc0) if self.text else 0
             stage = (float(batch["stage_text_s"][c]), int(batch["stage_encoded"][c])) if given is not None else (0, 0)
@@ -497,6 +600,8 @@ class Renderer:
             cols["seed"] += seeds.tolist()
             cols["class_label"] += labels.tolist()
             cols["guidance"] += guid.tolist()
+            for j, k in enumerate(("steps", "height", "width")):
+                cols[k] += [key[j] for key in keys]
             cols["png"] += pngs
             cols["actor"] += [self.actor] * n
             cols["network_s"] += [net] + [0.0] * (n - 1)
@@ -511,34 +616,36 @@ class Renderer:
         return {k: np.asarray(v, dtype=object) if k in objects else np.asarray(v) for k, v in cols.items()}
 
     def _sample(self, seeds: np.ndarray, labels: np.ndarray, guid: np.ndarray, prompts=None, negs=None,
-                files=None, given=None) -> torch.Tensor:
-        """The chunk's images in request order; requests with different guidance run as separate calls (and, for a
-        text model, prompts of different token counts).  ``given``: the rows a PromptStage encoded."""
+                files=None, given=None, variants=None) -> list[torch.Tensor]:
+        """The chunk's images in request order; requests with different guidance, steps or size run as separate
+        calls (and, for a text model, prompts of different token counts).  ``given``: the rows a PromptStage
+        encoded; ``variants``: each request's (steps, height, width)."""
         out = [None] * len(seeds)
         keys = ["none" if np.isnan(g) else float(g) for g in guid]
+        variants = variants or [(0, 0, 0)] * len(seeds)
         rows = None
         if self.text:
             rows = given if given is not None else self.texts.rows(prompts, negs, files, [k != "none" for k in keys])
         groups = {}
         for i, k in enumerate(keys):
             shape = tuple(rows[i][0]["encoder_hidden_states"].shape) if rows is not None else ()
-            groups.setdefault((k, shape), []).append(i)
-        for (key, _), pos in groups.items():
+            groups.setdefault((k, shape, variants[i]), []).append(i)
+        for (key, _, variant), pos in groups.items():
+            model, sampler = self.variant(variant)
             w = None if key == "none" else key
-            kw = {}
             if rows is not None:
                 from .pipelines.prompts import default_inputs
 
                 cond = {n: torch.cat([rows[i][0][n] for i in pos]) for n in rows[pos[0]][0]}
                 uncond = {n: torch.cat([rows[i][1][n] for i in pos]) for n in rows[pos[0]][1]}
-                cond, w = default_inputs(self.model, cond, w)
+                cond, w = default_inputs(model, cond, w)
                 kw = dict(cond=cond, uncond=uncond if w is not None and uncond else None)
             else:
-                kw = dict(cond=labels[pos].tolist() if self.model.num_classes else None)
-            x = self.sampler.sample(seeds[pos].tolist(), guidance=w, **kw).cpu()
+                kw = dict(cond=labels[pos].tolist() if model.num_classes else None)
+            x = sampler.sample(seeds[pos].tolist(), guidance=w, **kw).cpu()
             for j, i in enumerate(pos):
                 out[i] = x[j]
-        return torch.stack(out)
+        return out
 
     def _test_exit(self) -> None:
         after, marker = os.environ.get(_EXIT_AFTER), os.environ.get(_MARKER)
@@ -563,7 +670,8 @@ def _chunk_files(fmt: str, chunk: int, rows: list[dict], meta: dict) -> dict[str
     text = bool(meta.get("text"))
     info = [{"index": r["index"], "seed": r["seed"], "class_label": r["class_label"],
              "guidance": None if math.isnan(r["guidance"]) else r["guidance"],
-             **({"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]} if text else {})} for r in rows]
+             **({"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]} if text else {}),
+             **({k: int(r[k]) for k in ("steps", "height", "width")} if meta.get("variants") else {})} for r in rows]
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -572,6 +680,8 @@ def _chunk_files(fmt: str, chunk: int, rows: list[dict], meta: dict) -> dict[str
                    "class_label": [r["class_label"] for r in rows], "guidance": [i["guidance"] for i in info]}
         if text:
             columns.update(prompt=[r["prompt"] for r in rows], negative_prompt=[r["negative_prompt"] for r in rows])
+        if meta.get("variants"):   # 0: the job's steps / size
+            columns.update({k: [int(r[k]) for r in rows] for k in ("steps", "height", "width")})
         table = pa.table({**columns, "png": pa.array([r["png"] for r in rows], type=pa.binary())})
         table = table.replace_schema_metadata({"edmrt": json.dumps(meta, sort_keys=True)})
         buf = io.BytesIO()
@@ -656,7 +766,9 @@ def job_manifest(job: RenderJob, model, sampler, requests: Requests) -> dict:
             "sigmas": [float(s) for s in sampler.plan.sigmas], "options": job.options, "backend": job.backend,
             "image_format": job.format, "batch": job.batch, "requests": len(requests),
             "requests_sha256": requests.digest(), "sample_shape": list(model.sample_shape),
-            **({"text": True} if requests.text else {})}
+            **({"text": True} if requests.text else {}),
+            **({"step_counts": list(job.step_counts), "sizes": [list(v) for v in job.sizes]}
+               if job.step_counts or job.sizes else {})}
 
 
 def _open_output(out: Path, manifest: dict) -> None:
@@ -706,7 +818,9 @@ def _chunk_rows(requests: Requests, batch: int, todo: Sequence[int]) -> list[dic
     for k in todo:
         lo, hi = k * batch, min(len(requests), (k + 1) * batch)
         row = {"chunk": k, "index": np.arange(lo, hi, dtype=np.int64), "seed": requests.seed[lo:hi],
-               "class_label": requests.class_label[lo:hi], "guidance": requests.guidance[lo:hi]}
+               "class_label": requests.class_label[lo:hi], "guidance": requests.guidance[lo:hi],
+               **{k: (np.zeros(hi - lo, dtype=np.int64) if getattr(requests, k) is None else getattr(requests, k)[lo:hi])
+                  for k in ("steps", "height", "width")}}
         if requests.text:   # strings for Ray Data's blocks ("": none); the actor reads them back
             row.update({k: ["" if v is None else str(v) for v in getattr(requests, k)[lo:hi]]
                         for k in ("prompt", "negative_prompt", "embeds")})
@@ -750,6 +864,7 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
         raise ValueError(f"model {job.model!r} takes prompts but has no VAE (no vae in model_index.json): render "
                          "writes images")
     requests.checked(model.num_classes, text)
+    nfe = _variant_nfe(job, requests, model, sampler, int(cpus_per_actor))
     manifest = job_manifest(job, model, sampler, requests)
     out.mkdir(parents=True, exist_ok=True)
     _open_output(out, manifest)
@@ -757,6 +872,8 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
     done, todo = verify_output(out, n_chunks)
     summary = {"requests": len(requests), "chunks": n_chunks, "chunks_skipped": len(done), "chunks_rendered": 0,
                "actors": actors, "batch": job.batch, "nfe_per_image": sampler.plan.nfe}
+    if requests.variants:
+        summary["nfe_per_variant"] = {"x".join(map(str, k)): v for k, v in nfe.items()}
     if todo:
         sizes = {k: min(len(requests), (k + 1) * job.batch) - k * job.batch for k in todo}
         t0 = time.perf_counter()
@@ -766,9 +883,9 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
                                 gpus_per_actor, address, progress, text=spec)
         wall = time.perf_counter() - t0
         summary.update(_timings(records, sampler.plan.nfe, text))
+        total = sum(nfe[requests.variant(i)] for k in todo for i in range(k * job.batch, k * job.batch + sizes[k]))
         summary.update(chunks_rendered=len(records), pipeline_s=round(wall, 3),
-                       images_per_s=summary["rendered_images"] / wall,
-                       nfe_per_s=summary["rendered_images"] * sampler.plan.nfe / wall)
+                       images_per_s=summary["rendered_images"] / wall, nfe_per_s=total / wall)
     done, redo = verify_output(out, n_chunks)
     if redo:
         raise RuntimeError(f"{len(redo)} chunks are not complete after the run (first {min(redo)}); run again")
@@ -776,6 +893,27 @@ def _render(job, requests, out, actors, cpus_per_actor, gpus_per_actor, address,
     if summary["chunks_rendered"]:
         atomic_write(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), private=False)
     return summary
+
+
+def _variant_nfe(job: RenderJob, requests: Requests, model, sampler, threads: int) -> dict:
+    """{(steps, height, width): NFE per image} of the variants the requests ask for, each checked against the job's
+    ``step_counts`` / ``sizes`` (ValueError naming the first request outside them) and built once here (the model
+    takes that size; its ONNX export is cached for the actors)."""
+    nfe = {(0, 0, 0): sampler.plan.nfe}
+    for i in range(len(requests)) if requests.variants else ():
+        key = requests.variant(i)
+        if key in nfe:
+            continue
+        steps, h, w = key
+        if steps and steps not in job.step_counts:
+            raise ValueError(f"requests: request {i} asks for steps={steps}; this job allows {list(job.step_counts)} "
+                             "(RenderJob.step_counts, edmrt render --step-counts) or 0 for its own")
+        if h and (h, w) not in job.sizes:
+            raise ValueError(f"requests: request {i} asks for {h}x{w} pixels; this job allows "
+                             f"{['x'.join(map(str, v)) for v in job.sizes]} (RenderJob.sizes, edmrt render --sizes) "
+                             "or 0 for its own")
+        nfe[key] = build_sampler(job, threads, model, steps, (h, w))[1].plan.nfe
+    return nfe
 
 
 def _run_pipeline(job, requests, out, todo, sizes, manifest, actors, cpus, gpus, address, progress,
@@ -802,6 +940,7 @@ def _run_pipeline(job, requests, out, todo, sizes, manifest, actors, cpus, gpus,
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     meta = {k: manifest[k] for k in ("model", "model_weights_sha256", "solver", "steps", "sigmas")}
     meta.update({"text": True} if manifest.get("text") else {})
+    meta.update({"variants": True} if "step_counts" in manifest else {})
     # Ray Data restarts a dead actor and retries its task (max_restarts = max_task_retries = -1 by default for an
     # actor pool); a constructor that fails (a bad model) is a user error and is not retried.
     ds = ds.map_batches(Renderer, fn_constructor_kwargs={"job": dataclasses.asdict(job), "threads": int(cpus)},

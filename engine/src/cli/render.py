@@ -28,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--guidance", type=float, help="with --seeds: classifier-free guidance for every sample")
     p.add_argument("--prompt", help="with --seeds: a text model's prompt for every sample")
     p.add_argument("--negative-prompt", help="with --prompt: the negative prompt")
+    p.add_argument("--step-counts", metavar="N,N,...", help="the step counts a --requests line may ask for ('steps'; "
+                   "each is another plan in every actor)")
+    p.add_argument("--sizes", metavar="HxW,...", help="the image sizes in pixels a --requests line may ask for "
+                   "('height' and 'width'; each is another engine and export in every actor)")
     p.add_argument("--format", default="png", choices=["png", "parquet", "webdataset"])
     p.add_argument("--encode", default="actor", choices=["actor", "stage"], help="a text model's prompts: encoded in "
                    "each sampling actor (default) or in a Ray Data stage of its own (each distinct prompt once)")
@@ -62,7 +66,9 @@ def run(args) -> int:
     gpus = args.gpus_per_actor
     job = RenderJob(model=args.model, solver=args.solver, steps=args.steps, schedule=args.schedule, options=options,
                     backend=args.backend, onnx=args.onnx, adapters=adapter_weights(args), format=args.format,
-                    batch=args.batch, device="cuda" if gpus > 0 else "cpu", encode=args.encode)
+                    batch=args.batch, device="cuda" if gpus > 0 else "cpu", encode=args.encode,
+                    step_counts=int_list(args.step_counts, "--step-counts") if args.step_counts else (),
+                    sizes=_sizes(args.sizes) if args.sizes else ())
     model = load(args.model)
     num_classes, text = model.num_classes, text_inputs(model)
     del model
@@ -84,6 +90,17 @@ def run(args) -> int:
                      gpus_per_actor=gpus, address=args.address, progress=not args.quiet)
     print(_report(summary, args.out))
     return 0
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """--sizes "512x512,768x512" as [(512, 512), (768, 512)] (height x width); ValueError naming a malformed one."""
+    out = []
+    for item in text.split(","):
+        h, sep, w = item.strip().lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+            raise ValueError(f"--sizes: {item.strip()!r} is not HEIGHTxWIDTH in pixels (e.g. 512x768)")
+        out.append((int(h), int(w)))
+    return out
 
 
 def _default_actors(cpus: float, gpus: float, address: str | None) -> int:
