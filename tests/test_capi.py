@@ -157,3 +157,17 @@ def test_every_c_abi_function_returns_its_error_instead_of_aborting(hosts, tmp_p
     edmrt.plan("dpmpp_2m", edmrt.make_sigmas("karras", 4), edmrt.EDMPrecond()).save(plan)
     r = subprocess.run([str(hosts["capi_errors"]), str(plan)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip().endswith("0 failed"), r.stdout + r.stderr
+
+
+@needs_core
+def test_a_learned_plan_is_read_bit_for_bit_and_runs_through_the_c_abi(hosts, tmp_path):
+    """edmrt.optimize_solver's plan (levels and weights fitted, a free first level, shifted evaluation levels) is an
+    ordinary plan to the C ABI: the same table in both readers, accepted and run by the C host."""
+    from edmrt.models.gmm import GaussianMixture
+
+    opt = edmrt.optimize_solver(GaussianMixture.random(K=3, D=8, seed=4), 4, (8,), budget=20_000, samples=32,
+                                heldout=16, warm_samples=16, reference_nfe=20)
+    text = opt.plan.to_json()
+    assert _core.plan_table_from_json(text).tobytes() == plan_table(opt.plan).numpy().tobytes()
+    path = opt.save(tmp_path / "learned.json")
+    assert _plan_check(hosts["plan_check"], [path])[str(path)] == ("accepted", "")

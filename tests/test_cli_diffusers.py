@@ -123,3 +123,31 @@ def test_edmrt_bench_on_a_folder_against_its_own_pipeline(folder, tmp_path):
                                                                       ("diffusers:StableDiffusionPipeline", 2, 3)]
     assert all(c["speedup_vs_best_peer"] > 0 and c["images_per_s"] > 0 for c in ours)
     assert "diffusers:StableDiffusionPipeline" in stem.with_suffix(".md").read_text()
+
+
+def test_fit_solver_on_a_folder_then_sample_with_learned_file(folder, tmp_path):
+    """edmrt fit-solver learns a 3-evaluation solver for the folder's UNet under guidance (the prompt embeddings and
+    the negative ones part of every network call); edmrt sample --solver learned:FILE gives the API's images."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import edmrt
+
+    path, _ = folder
+    emb, neg = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(8, 16)
+    save_file({"prompt_embeds": emb, "negative_prompt_embeds": neg}, str(tmp_path / "emb.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "edmrt.cli", "fit-solver", "--model", str(path), "--prompt-embeds",
+                        str(tmp_path / "emb.safetensors"), "--guidance", "4", "--nfe", "3", "--budget", "12000",
+                        "--samples", "32", "--heldout", "16", "--reference-nfe", "20", "--quiet", "-o",
+                        str(tmp_path / "sd3.json")], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    card = json.loads((tmp_path / "sd3.card.json").read_text())
+    assert card["nfe"] == 3 and card["cost"] <= 12000 and card["heldout_loss"] < card["initial_loss"]
+    r = _cli("--model", path, "--prompt-embeds", tmp_path / "emb.safetensors", "--seeds", "0-1", "--guidance", "4",
+             "--solver", f"learned:{tmp_path / 'sd3.json'}", "--backend", "torch", "-o", tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = torch.stack([torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / "out" / f"sample_{s:06d}.png")))
+                       .permute(2, 0, 1) for s in (0, 1)])
+    s = edmrt.Sampler(edmrt.load(str(path)), plan=edmrt.Plan.load(tmp_path / "sd3.json"), backend="torch")
+    want = s.sample([0, 1], cond={"encoder_hidden_states": emb}, uncond={"encoder_hidden_states": neg}, guidance=4.0)
+    assert (got.int() - want.int()).abs().max().item() <= 1

@@ -13,6 +13,7 @@ from .adapters.diffusers import from_diffusers
 from .executor import SeededNoise, execute
 from .model import CondInput, Model
 from .loading import load
+from .learned import LearnedSolver, load_learned, optimize_solver
 from .optimize import OptimizedSchedule, optimize_schedule
 from .pipelines import CascadeSampler, Inversion, cascade, edit, inpaint, invert
 from .plan import Plan
@@ -32,7 +33,7 @@ __all__ = [
     "Precond", "Identity", "EDMPrecond", "ConsistencyPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond",
     "EpsilonPrecond", "VPredictionPrecond", "X0Precond", "LCMPrecond", "FlowPrecond", "WuerstchenPrecond",
     "sigmas_from_alphas_cumprod", "from_diffusers",
-    "optimize_schedule", "OptimizedSchedule", "load", "invert", "Inversion", "edit", "inpaint", "cascade",
+    "optimize_schedule", "OptimizedSchedule", "optimize_solver", "LearnedSolver", "load_learned", "load", "invert", "Inversion", "edit", "inpaint", "cascade",
     "CascadeSampler",
 ]
 

@@ -160,7 +160,7 @@ def optimize_schedule(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     reference_nfe = _int("reference_nfe", reference_nfe, 2)
     max_iter, screen_iter = _int("max_iter", max_iter, 0), _int("screen_iter", screen_iter, 0)
     batch = _int("batch", batch, 1)
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     sigma_min, sigma_max = check_range(sigma_min, sigma_max)
@@ -200,7 +200,7 @@ def _check_candidates(solver: str, options: dict, candidates) -> list[tuple[str,
     return candidates
 
 
-def _check_shape(shape) -> tuple[int, ...]:
+def check_shape(shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in shape)
     except (TypeError, ValueError):

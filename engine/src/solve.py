@@ -34,7 +34,7 @@ def _check_noise(noise) -> None:
 
 def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: int = 18, schedule="karras",
           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, seeds=None, executor: str = "auto",
-          **options) -> torch.Tensor:
+          plan: Plan | None = None, **options) -> torch.Tensor:
     """Sample by solving from ``t_0 * noise`` (t_0 = sigma_max for the named schedules) down to sigma = 0.
 
     ============  ==================================================================================
@@ -49,11 +49,17 @@ def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: 
                   CUDA, C++ on the CPU); ``"reference"``: the plain torch loop in ``noise``'s dtype;
                   ``"auto"``: fused for float32 noise, reference otherwise (float64, float16)
     options       solver options, e.g. ``S_churn=40`` for ``solver="edm"``
+    plan          a ``Plan`` for the identity preconditioning instead of solver, steps, schedule and
+                  options (a learned solver's ``solve_kwargs``, ``Plan.load``); it starts at its first level
     ============  ==================================================================================
     """
     _check_noise(noise)
     check_signature(denoiser, "denoiser", "denoiser(x, sigma)", 2)
-    sigmas, p, plan_key = _plan(solver, steps, schedule, sigma_min, sigma_max, rho, options)
+    if plan is None:
+        sigmas, p, plan_key = _plan(solver, steps, schedule, sigma_min, sigma_max, rho, options)
+    else:
+        sigmas, p, plan_key = _given_plan(plan, options)
+        solver = p.solver
     if executor not in ("auto", "fused", "reference"):
         raise ValueError(f"executor must be 'auto', 'fused' or 'reference', got {executor!r}")
     if executor == "auto":
@@ -80,6 +86,19 @@ def solve(denoiser: Denoiser, noise: torch.Tensor, solver: str = "heun", steps: 
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"solve({solver!r}) produced NaN or Inf: check the denoiser's output")
     return x
+
+
+def _given_plan(plan, options: dict):
+    """(sigmas, plan, None) for a Plan given whole: built for the identity preconditioning (the denoiser returns D),
+    with no solver options beside it."""
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be an edmrt Plan (edmrt.plan(...), Plan.load(...)), got {type(plan).__name__}")
+    if options:
+        raise ValueError(f"plan is the whole solver: pass it without the solver options {sorted(options)}")
+    if plan.precond.get("name") != "identity":
+        raise ValueError(f"plan must be built for the identity preconditioning (solve's denoiser returns D), got "
+                         f"{plan.precond}: run a model's plan with Sampler(model, plan=plan)")
+    return plan.sigmas, plan, None
 
 
 def _check_noise_values(noise: torch.Tensor, t0: float) -> None:

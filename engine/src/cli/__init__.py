@@ -13,6 +13,7 @@
     edmrt export     a network to ONNX, an ONNX file to a TensorRT engine                          (export.py)
     edmrt invert     real images to noise and back: the ODE run upward, original | reconstruction  (invert.py)
     edmrt edit       real images edited (LEDITS++) or inpainted towards a class or a prompt        (edit.py)
+    edmrt fit-solver a solver's levels and coefficients learned for one model (plan JSON, card)     (fit_solver.py)
 
 Each module has ``register(subparsers)`` (its arguments) and the function it sets as ``fn``; a command checks
 every argument before any work starts.  Errors a user can fix (ValueError, RuntimeError, FloatingPointError,
@@ -26,13 +27,14 @@ import logging
 import os
 import sys
 
-from . import bench, distill, edit, export, invert, metrics, plan, quality, render, sample, serve, solvers, train
+from . import (bench, distill, edit, export, fit_solver, invert, metrics, plan, quality, render, sample, serve, solvers,
+               train)
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 COMMANDS = {"sample": sample, "render": render, "serve": serve, "bench": bench, "plan": plan, "solvers": solvers, "quality": quality,
             "train": train, "distill": distill, "metrics": metrics, "export": export, "invert": invert,
-            "edit": edit}
+            "edit": edit, "fit-solver": fit_solver}
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 __all__ = ["solver_options", "schedule_args", "int_list", "command_line", "output_path", "positive_int",
-           "read_pngs", "held_out_digits"]
+           "read_pngs", "held_out_digits", "solver_choice"]
+
+LEARNED = "learned:"
 
 
 def solver_options(pairs: list[str] | None) -> dict[str, float]:
@@ -122,3 +124,25 @@ def held_out_digits(spec: str | None):
     if any(i < 0 or i >= len(x) for i in idx):
         raise ValueError(f"--digits must index the test split's {len(x)} images, got {spec!r}")
     return torch.as_tensor(x[idx]).float(), [int(y[i]) for i in idx]
+
+
+def solver_choice(args) -> dict:
+    """``--solver`` as Sampler / solve keywords: ``learned:FILE`` reads a plan JSON (``edmrt fit-solver -o FILE``, a
+    ``Plan.save``) and is the whole solver, so --steps, --schedule and -O are refused beside it; a name passes
+    through with its steps, schedule and options."""
+    from edmrt.plan import Plan
+
+    solver = args.solver or ""
+    if not solver.startswith(LEARNED):
+        return {}
+    path = solver[len(LEARNED):]
+    if not path:
+        raise ValueError("--solver learned:FILE needs the plan file, e.g. learned:digits_nfe4.json")
+    given = [name for name, v in (("--steps", args.steps), ("--schedule", args.schedule), ("-O", args.option))
+             if v is not None and v != []]
+    if given:
+        raise ValueError(f"--solver {solver} is a whole plan (its levels and coefficients): drop {', '.join(given)}")
+    try:
+        return {"plan": Plan.load(path)}
+    except FileNotFoundError:
+        raise ValueError(f"--solver {solver}: no such file {path!r}") from None

@@ -67,6 +67,7 @@ def run_folder(args, seeds: list[int]) -> int:
     outdir = Path(args.output or f"{Path(args.model).name}_samples")
     if outdir.exists() and not outdir.is_dir():
         raise ValueError(f"-o {str(outdir)!r} must be a folder for a diffusers model's PNGs")
+    from .common import solver_choice
     from .sample import adapter_weights
 
     adapters = adapter_weights(args)
@@ -80,8 +81,10 @@ def run_folder(args, seeds: list[int]) -> int:
                     if args.prompt is not None else embeds_from_file(args.prompt_embeds, names))
     cond, guidance = default_inputs(model, cond, args.guidance)
     steps = args.steps if args.steps is not None else 20
-    sampler = edmrt.Sampler(model, solver=args.solver or "dpmpp_2m", steps=steps, backend=args.backend,
-                            **({} if args.schedule is None else {"schedule": args.schedule}))
+    learned = solver_choice(args)
+    sampler = edmrt.Sampler(model, backend=args.backend, **learned) if learned else \
+        edmrt.Sampler(model, solver=args.solver or "dpmpp_2m", steps=steps, backend=args.backend,
+                      **({} if args.schedule is None else {"schedule": args.schedule}))
     t0, paths, n = time.perf_counter(), [], args.max_batch
 
     shapes = {c.name: c.shape for c in model.cond}

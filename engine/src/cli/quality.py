@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--solvers", nargs="+", help="solver/recipe names (default: all; digits: euler heun dpmpp_2m "
                                                 "ipndm unipc)")
     p.add_argument("--peers", action="store_true", help="also run the installed k-diffusion and diffusers samplers")
+    p.add_argument("--learned", nargs="*", metavar="PLAN.json",
+                   help="also a learned solver: gmm: fitted per mixture and NFE (edmrt.optimize_solver, no files); "
+                        "digits: the plan files of edmrt fit-solver, one row each")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", help="output stem: STEM.json, STEM.md, STEM.png (default quality_gmm / "
@@ -49,8 +52,11 @@ def run_gmm(args) -> int:
         raise ValueError(f"unknown solver(s) {unknown}; expected names from {sorted(Q.RECIPES)}")
     if args.samples < 2:
         raise ValueError(f"--samples must be >= 2 (the sliced Wasserstein distance compares sets), got {args.samples}")
+    if args.learned:
+        raise ValueError("--learned on gmm fits a solver for each mixture and NFE: give it without plan files")
     result = Q.run_quality(dims=args.dims, samples=args.samples, seed=args.seed, nfes=nfes,
-                           recipes=[Q.RECIPES[n] for n in names], peers=args.peers, progress=not args.quiet)
+                           recipes=[Q.RECIPES[n] for n in names], peers=args.peers, progress=not args.quiet,
+                           learned=args.learned is not None)
     for dim in args.dims:
         print(Q.table(result, dim, "rmse"))
         print()
@@ -69,9 +75,14 @@ def run_digits(args) -> int:
     for name in args.solvers or ():
         get_solver(name)
     student = None if args.no_student else args.student
+    if args.learned is not None and not args.learned:
+        raise ValueError("--learned on digits runs plan files: edmrt fit-solver --model digits -o FILE.json first")
+    missing = [f for f in args.learned or () if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"--learned: no such file {missing[0]!r}")
     result = QD.run_quality_digits(args.model, student, nfes=args.nfe or QD.NFES,
                                    solvers=args.solvers or QD.TEACHER_SOLVERS, blocks=args.blocks,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, learned=args.learned or ())
     paths = QD.write_results_digits(result, Path(args.output or "quality_digits"), make_plot=not args.no_plot)
     print(QD.table(result))
     print("goals: " + json.dumps(QD.goals(result)))

@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from .common import int_list, output_path, positive_int, schedule_args, solver_options
+from .common import int_list, output_path, positive_int, schedule_args, solver_choice, solver_options
 
 HELP = ("sample a bundled model to a PNG grid (default: the digits teacher), a local diffusers folder to PNGs "
         "(--model DIR --prompt TEXT or --prompt-embeds FILE), or the exact Gaussian mixture (--model gmm) and report "
@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--prompt-embeds", metavar="FILE.safetensors",
                    help="diffusers folder: precomputed embeddings (prompt_embeds, negative_prompt_embeds, "
                         "pooled_prompt_embeds, ... or the model's input names) instead of --prompt")
-    p.add_argument("--solver", default="heun")
+    p.add_argument("--solver", default="heun",
+                   help="a solver name (edmrt solvers), or learned:FILE, a plan JSON from edmrt fit-solver")
     schedule_args(p)
     p.add_argument("--seeds", help="bundled models: sample seeds, e.g. 0-39 (default) or 0,5,7")
     p.add_argument("--class", dest="class_", metavar="CLASSES",
@@ -181,8 +182,10 @@ def run_model(args) -> int:
     seeds, labels = _checked(args, model)
     out = output_path(args.output or f"{args.model}_samples.png")
     backend = onnx_backend(args.onnx, args.model, model) if args.onnx else args.backend
-    sampler = edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=backend, schedule=args.schedule,
-                            rho=args.rho, **solver_options(args.option))
+    learned = solver_choice(args)
+    sampler = edmrt.Sampler(model, backend=backend, **learned) if learned else \
+        edmrt.Sampler(model, solver=args.solver, steps=args.steps, backend=backend, schedule=args.schedule,
+                      rho=args.rho, **solver_options(args.option))
     t0 = time.perf_counter()
     chunks, n = [], args.max_batch
     with tqdm(total=len(seeds), disable=len(seeds) <= n, desc="sample", unit="img", dynamic_ncols=True) as bar:
@@ -227,15 +230,22 @@ def run_gmm(args) -> int:
         raise ValueError("--onnx runs a bundled model's exported network; the gmm oracle has none")
     if args.adapter:
         raise ValueError("--adapter needs a network to adapt; the gmm oracle has none")
+    learned = solver_choice(args)
     solver, steps, schedule = args.solver or "heun", args.steps or 18, args.schedule or "karras"
     g = GaussianMixture.random(K=args.components, D=args.dim, seed=args.seed)
     noise = torch.randn(args.batch, args.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed))
-    sigmas = edmrt.make_sigmas(schedule, steps, args.sigma_min, args.sigma_max, args.rho)
-    opts = solver_options(args.option)
-    p = edmrt.plan(solver, sigmas, **opts)
+    seeds = list(range(args.seed, args.seed + args.batch))
     t0 = time.perf_counter()
-    x = edmrt.solve(g, noise, solver=solver, steps=steps, schedule=schedule, sigma_min=args.sigma_min,
-                    sigma_max=args.sigma_max, rho=args.rho, seeds=list(range(args.seed, args.seed + args.batch)), **opts)
+    if learned:
+        p = learned["plan"]
+        sigmas, steps = p.sigmas, p.steps
+        x = edmrt.solve(g, noise, seeds=seeds, **learned)
+    else:
+        sigmas = edmrt.make_sigmas(schedule, steps, args.sigma_min, args.sigma_max, args.rho)
+        opts = solver_options(args.option)
+        p = edmrt.plan(solver, sigmas, **opts)
+        x = edmrt.solve(g, noise, solver=solver, steps=steps, schedule=schedule, sigma_min=args.sigma_min,
+                        sigma_max=args.sigma_max, rho=args.rho, seeds=seeds, **opts)
     dt = time.perf_counter() - t0
     print(f"sampled {args.batch} x {args.dim}-D from a {args.components}-component Gaussian mixture "
           f"(seed {args.seed}) with {solver}, {steps} steps, NFE {p.nfe}, in {dt:.3f} s")

@@ -34,7 +34,9 @@ STUDENT_RUNS = (("consistency", {}), ("tcd", {"gamma": 0.3}))
 def run_quality_digits(teacher: str = "digits", student: str | Sequence[str] | None = "digits-cd",
                        nfes: Sequence[int] = NFES,
                        solvers: Sequence[str] = TEACHER_SOLVERS, student_steps: Sequence[int] = (1, 2, 3, 4),
-                       blocks: int = 5, progress: bool = True) -> dict:
+                       blocks: int = 5, progress: bool = True, learned: Sequence = ()) -> dict:
+    """Every job's FD-digits, FD-train and class accuracy over ``blocks`` blocks (the module docstring).  ``learned``:
+    plan files from ``edmrt fit-solver`` for the teacher, each run as one more row (solver ``learned:NAME``)."""
     from tqdm import tqdm
 
     from .common import held_out_halves, load_digits_split, machine_name
@@ -49,7 +51,7 @@ def run_quality_digits(teacher: str = "digits", student: str | Sequence[str] | N
     ref, feats_a = digits_features(xb, clf), digits_features(xa, clf)
     ref_train = digits_features(load_digits_split("train")[0], clf)
     students = () if not student else (student,) if isinstance(student, str) else tuple(student)
-    jobs = _jobs(teacher, students, nfes, solvers, student_steps)
+    jobs = _jobs(teacher, students, nfes, solvers, student_steps, learned)
     rows = []
     t_start = time.perf_counter()
     bar = tqdm(total=len(jobs) * blocks, disable=not progress, desc="quality digits", unit="run", dynamic_ncols=True)
@@ -82,7 +84,7 @@ def run_quality_digits(teacher: str = "digits", student: str | Sequence[str] | N
             "rows": rows}
 
 
-def _jobs(teacher: str, students: tuple, nfes, solvers, student_steps) -> list[tuple]:
+def _jobs(teacher: str, students: tuple, nfes, solvers, student_steps, learned=()) -> list[tuple]:
     """(role, model name, solver, options, Sampler) for every teacher solver at each distinct NFE its step counts
     reach within the budgets, then each student's runs at ``student_steps``.  A student that is a bundled adapter
     (``BUNDLED_ADAPTERS``, e.g. digits-cd-lora) runs fused into the teacher."""
@@ -104,6 +106,11 @@ def _jobs(teacher: str, students: tuple, nfes, solvers, student_steps) -> list[t
                 continue
             seen.add(s.plan.nfe)
             jobs.append(("teacher", teacher, solver, {}, s))
+    for path in learned:
+        from ..plan import Plan
+
+        s = Sampler(t_model, plan=Plan.load(path), backend="torch", device="cpu")
+        jobs.append(("learned", teacher, f"learned:{Path(path).stem}", {}, s))
     for student in students:
         s_model = load(teacher, adapters={student: 1.0}) if student in BUNDLED_ADAPTERS else load(student)
         for solver, opts in STUDENT_RUNS:

@@ -86,8 +86,9 @@ def mixture(dim: int, seed: int) -> GaussianMixture:
 
 def run_quality(dims: Sequence[int] = (64, 2), samples: int = 1000, seed: int = 0,
                 nfes: Sequence[int] = NFES, recipes: Sequence[Recipe] = DEFAULT_SOLVERS, peers: bool = False,
-                sigma_min: float = 0.002, sigma_max: float = 80.0, progress: bool = True) -> dict:
-    """Run every recipe (and, with ``peers``, every installed peer) at every NFE on each mixture."""
+                sigma_min: float = 0.002, sigma_max: float = 80.0, progress: bool = True, learned: bool = False) -> dict:
+    """Run every recipe (and, with ``peers``, every installed peer) at every NFE on each mixture; with ``learned``,
+    also a solver learned for each mixture and NFE (``edmrt.optimize_solver``, its own noise, default budget)."""
     from tqdm.auto import tqdm
 
     from .peers import available_peers
@@ -138,12 +139,30 @@ def run_quality(dims: Sequence[int] = (64, 2), samples: int = 1000, seed: int = 
                 if not math.isfinite(row["rmse"]):
                     log.warning("%s at NFE %d on %d-D gave non-finite samples", row["solver"], nfe, dim)
                 rows.append(row)
+        rows += _learned_rows(g, noise, exact, real, nfes, sigma_min, sigma_max) if learned else []
     bar.close()
     return dict(format="edmrt.quality", version=1, machine=machine_name(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, seconds=round(time.perf_counter() - t_start, 1),
                 sigma_min=sigma_min, sigma_max=sigma_max, schedule="karras rho=7 unless the solver name says otherwise",
                 mixtures=mixtures, rows=rows)
+
+
+def _learned_rows(g: GaussianMixture, noise: torch.Tensor, exact: torch.Tensor, real: torch.Tensor, nfes,
+                  sigma_min: float, sigma_max: float) -> list[dict]:
+    """One row per NFE: ``optimize_solver(g, nfe, seed=1)`` (1M evaluations at most), run on the harness's noise."""
+    from ..learned import optimize_solver
+    from ..solve import solve
+
+    rows = []
+    for nfe in nfes:
+        opt = optimize_solver(g, nfe, (g.D,), seed=1, sigma_min=sigma_min, sigma_max=sigma_max)
+        x = solve(g, noise, **opt.solve_kwargs)
+        err = (x - exact).pow(2).mean(dim=1).sqrt()
+        rows.append(dict(dim=g.D, nfe_budget=nfe, solver="learned", library="edmrt", stochastic=False,
+                         steps=opt.plan.steps, nfe=opt.nfe, rmse=float(err.pow(2).mean().sqrt()),
+                         median=float(err.median()), sw=sliced_wasserstein(x, real), fit_cost=opt.cost))
+    return rows
 
 
 def table(result: dict, dim: int, metric: str = "rmse") -> str:
