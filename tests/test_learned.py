@@ -156,14 +156,22 @@ def test_learned_solver_card_rejects_other_documents():
 @pytest.fixture(scope="module")
 def digits_fit():
     model = edmrt.load("digits")
+    for p in list(model.network.parameters())[::2]:  # some trainable, some not: each keeps its flag
+        p.requires_grad_(True)
     opt = optimize_solver(model, 4, cond=torch.tensor([3, 8]), guidance=1.5, seed=5, budget=30_000, samples=32,
                           heldout=16, warm_samples=16, reference_nfe=30)
-    return model, opt
+    yield model, opt
+    for p in model.network.parameters():  # as loaded, for the tests after these
+        p.requires_grad_(False)
 
 
 def test_a_model_fit_builds_the_plan_for_its_preconditioning_and_the_sampler_runs_it(digits_fit):
     model, opt = digits_fit
     assert opt.plan.precond == model.precond.to_dict() and opt.plan.nfe == 4
+    # Only the solver was trained: the model's weights keep their requires_grad and gained no .grad.
+    flags = [p.requires_grad for p in model.network.parameters()]
+    assert flags == [i % 2 == 0 for i in range(len(flags))]
+    assert all(p.grad is None for p in model.network.parameters())
     sampler = edmrt.Sampler(model, backend="torch", **opt.sampler_args)
     labels = [3, 8, 3]
     z = torch.randn(3, *model.sample_shape, generator=torch.Generator().manual_seed(0))
@@ -183,6 +191,11 @@ def test_a_model_fit_builds_the_plan_for_its_preconditioning_and_the_sampler_run
     finally:
         model.network.float()
     assert torch.allclose(x.double().cpu(), ref, atol=1e-3), float((x.double() - ref).abs().max())
+    # Another backend, the same plan: ONNX Runtime with the C++ fused step.
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    ort = edmrt.Sampler(model, backend="onnxruntime", **opt.sampler_args)
+    y = ort.sample([0, 1, 2], cond=labels, guidance=1.5, x_init=t0 * z, output="latent")
+    assert torch.allclose(y.double().cpu(), ref, atol=1e-3), float((y.double() - ref).abs().max())
 
 
 def test_the_cli_fits_writes_plan_card_and_curve_and_samples_with_learned_file(tmp_path, capsys):

@@ -25,6 +25,7 @@ the references are ``reference_nfe`` evaluations per training and held-out noise
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -317,7 +318,7 @@ class _Fit:
         self.den, self.z, self.ref, self.n_train, self.p = den, z, ref, n_train, params
         self.budget, self.bar = budget, bar
         self.evaluations, self.backward, self.reference_cost = reference_cost, 0, reference_cost
-        self.best, self.curve = (math.inf, params.snapshot(), math.inf), []
+        self.best, self.curve, self.initial = (math.inf, params.snapshot(), math.inf), [], math.nan
 
     @property
     def cost(self) -> int:
@@ -446,23 +447,46 @@ def optimize_solver(denoiser, nfe: int = 5, shape: Sequence[int] | None = None, 
                          f"{n_all * cfg['reference_nfe']} evaluations: raise it or lower reference_nfe / samples")
     gen = torch.Generator().manual_seed(cfg["seed"])
     z = torch.randn((n_all,) + cfg["shape"], generator=gen, dtype=torch.float64).to(device=device, dtype=cfg["dtype"])
-    ref = _references(den, z, cfg)
     params = _Params(N, cfg["history"], cfg["sigma_min"], cfg["sigma_max"], cfg["consistency"] == "relaxed",
                      torch.float64, cfg["free_start"], cfg["time_shift"])
     from tqdm import tqdm
+
     bar = tqdm(total=cfg["budget"], disable=not progress, desc=f"fit-solver nfe={N}", unit="eval", unit_scale=True,
                dynamic_ncols=True)
     try:
-        fit = _Fit(den, z, ref, cfg["samples"], params, cfg["budget"], n_all * cfg["reference_nfe"], bar)
-        initial = math.sqrt(fit.heldout())
-        fit.stage(min(cfg["warm_samples"], cfg["samples"]), cfg["warm_share"], False)
-        fit.stage(cfg["samples"], 1.0, True)
+        with _frozen(denoiser):
+            ref = _references(den, z, cfg, bar)
+            fit = _fit(den, z, ref, cfg, params, bar)
     finally:
         bar.close()
+    return _result(fit, params, denoiser, cfg, key, time.perf_counter() - t_start, cache)
+
+
+@contextlib.contextmanager
+def _frozen(denoiser):
+    """The denoiser's torch parameters without gradients while the fit runs (only the solver's are learned; the
+    model's .grad stays as it was), restored afterwards."""
+    net = denoiser.network if isinstance(denoiser, Model) else denoiser
+    params = [p for p in net.parameters() if p.requires_grad] if isinstance(net, torch.nn.Module) else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _fit(den, z, ref, cfg: dict, params: _Params, bar) -> "_Fit":
+    """The two stages (warm start, then all training noises with held-out scoring)."""
+    fit = _Fit(den, z, ref, cfg["samples"], params, cfg["budget"], z.shape[0] * cfg["reference_nfe"], bar)
+    fit.initial = math.sqrt(fit.heldout())
+    fit.stage(min(cfg["warm_samples"], cfg["samples"]), cfg["warm_share"], False)
+    fit.stage(cfg["samples"], 1.0, True)
     if not fit.curve:
         raise ValueError(f"budget={cfg['budget']} leaves nothing for the fit after the teacher's "
                          f"{fit.reference_cost} evaluations: raise it or lower reference_nfe / samples")
-    return _result(fit, params, denoiser, cfg, key, initial, time.perf_counter() - t_start, cache)
+    return fit
 
 
 def _config(denoiser, nfe, shape, seed, budget, history, consistency, samples, heldout, warm_samples, warm_share,
@@ -505,8 +529,8 @@ def _config(denoiser, nfe, shape, seed, budget, history, consistency, samples, h
                 time_shift=bool(time_shift))
 
 
-def _references(den, z: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """The teacher's endpoints (float64), in chunks of ``batch`` rows."""
+def _references(den, z: torch.Tensor, cfg: dict, bar=None) -> torch.Tensor:
+    """The teacher's endpoints (float64), in chunks of ``batch`` rows (``bar`` counts their evaluations)."""
     plan = build_plan(cfg["reference_solver"], karras(cfg["reference_nfe"], cfg["sigma_min"], cfg["sigma_max"]), None)
     t0, out = float(plan.sigmas[0]), []
     with torch.no_grad():
@@ -514,14 +538,15 @@ def _references(den, z: torch.Tensor, cfg: dict) -> torch.Tensor:
             rows = slice(i, min(i + cfg["batch"], z.shape[0]))
             net = den.rows(rows) if isinstance(den, _ModelDenoiser) else den
             out.append(execute(plan, net, t0 * z[rows]).double())
+            if bar is not None:
+                bar.update((rows.stop - rows.start) * plan.nfe)
     ref = torch.cat(out)
     if not bool(torch.isfinite(ref).all()):
         raise FloatingPointError("the teacher's solve produced NaN or Inf: check the denoiser")
     return ref
 
 
-def _result(fit: _Fit, params: _Params, denoiser, cfg: dict, key: str, initial: float, seconds: float,
-            cache) -> LearnedSolver:
+def _result(fit: _Fit, params: _Params, denoiser, cfg: dict, key: str, seconds: float, cache) -> LearnedSolver:
     precond = denoiser.precond if isinstance(denoiser, Model) else Identity()
     options = {k: cfg[k] for k in ("history", "consistency", "free_start", "time_shift", "samples", "heldout", "seed",
                                    "budget", "reference_solver", "reference_nfe")}
@@ -533,7 +558,7 @@ def _result(fit: _Fit, params: _Params, denoiser, cfg: dict, key: str, initial: 
     opt = LearnedSolver(plan=plan, nfe=plan.nfe, sigmas=[float(v) for v in plan.sigmas], eval_sigmas=eval_sigmas,
                         weights=weights, cost=fit.cost, evaluations=fit.evaluations, backward=fit.backward,
                         reference_cost=fit.reference_cost, loss=math.sqrt(train), heldout_loss=math.sqrt(held),
-                        initial_loss=initial, curve=[list(c) for c in fit.curve], options=options, key=key,
+                        initial_loss=fit.initial, curve=[list(c) for c in fit.curve], options=options, key=key,
                         seconds=round(seconds, 2))
     _cache_write(cache, key, opt)
     return opt
