@@ -255,3 +255,27 @@ def test_digits_quality_runs_a_learned_plan_as_one_more_row(digits_fit, tmp_path
     learned = [r for r in res["rows"] if r["role"] == "learned"]
     assert len(learned) == 1 and learned[0]["nfe"] == 4 and learned[0]["solver"] == "learned:digits4"
     assert math.isfinite(learned[0]["fd_train"]) and 0.0 <= learned[0]["class_accuracy"] <= 1.0
+
+
+def test_a_fit_in_chunks_has_the_gradient_and_cost_of_one_batch(gmm):
+    """``batch`` bounds the rows per solve: the gradient is accumulated over chunks, equal to one batch's up to
+    rounding, and the cost is the same; L-BFGS then takes the same kind of path (rounding apart, which its
+    ill-conditioned late steps amplify: the plans agree in quality, not bit for bit)."""
+    from edmrt.learned import _Fit, _Params, _references
+
+    z = torch.randn(96, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = dict(reference_solver="dpmpp_3m", reference_nfe=30, sigma_min=0.002, sigma_max=80.0, batch=4096)
+    ref = _references(gmm, z, cfg)
+    out = []
+    for batch in (4096, 20):
+        params = _Params(3, 3, 0.002, 80.0, False, torch.float64)
+        fit = _Fit(gmm, z, ref, 64, params, 10 ** 9, 0, None, batch)
+        loss = fit.mse(slice(0, 64), True)
+        out.append((loss, [t.grad.clone() for t in params.tensors], fit.evaluations, fit.backward))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-13) and out[0][2:] == out[1][2:] == (64 * 3, 64 * 3)
+    for a, b in zip(out[0][1], out[1][1]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    kw = dict(budget=30_000, samples=64, heldout=32, warm_samples=32, reference_nfe=30, seed=2)
+    whole, chunked = optimize_solver(gmm, 3, (24,), **kw), optimize_solver(gmm, 3, (24,), batch=20, **kw)
+    assert chunked.evaluations == whole.evaluations and chunked.backward == whole.backward
+    assert chunked.heldout_loss == pytest.approx(whole.heldout_loss, rel=0.1)

@@ -314,8 +314,8 @@ class _Fit:
     """Teacher references for the training and held-out noises, and the counted L-BFGS fit against them."""
 
     def __init__(self, den, z: torch.Tensor, ref: torch.Tensor, n_train: int, params: _Params, budget: int,
-                 reference_cost: int, bar):
-        self.den, self.z, self.ref, self.n_train, self.p = den, z, ref, n_train, params
+                 reference_cost: int, bar, batch: int):
+        self.den, self.z, self.ref, self.n_train, self.p, self.batch = den, z, ref, n_train, params, batch
         self.budget, self.bar = budget, bar
         self.evaluations, self.backward, self.reference_cost = reference_cost, 0, reference_cost
         self.best, self.curve, self.initial = (math.inf, params.snapshot(), math.inf), [], math.nan
@@ -327,18 +327,27 @@ class _Fit:
     def _den(self, rows: slice):
         return self.den.rows(rows) if isinstance(self.den, _ModelDenoiser) else self.den
 
-    def mse(self, rows: slice, grad: bool) -> torch.Tensor:
-        n = rows.stop - rows.start
-        self.evaluations += n * self.p.N
-        self.backward += n * self.p.N if grad else 0
-        with torch.set_grad_enabled(grad):
-            x = self.p.run(self._den(rows), self.z[rows])
-            return (x.double() - self.ref[rows]).pow(2).mean()
+    def mse(self, rows: slice, grad: bool) -> float:
+        """The endpoint MSE over ``rows``, in chunks of ``batch`` rows; with ``grad`` each chunk's share of the
+        gradient is accumulated into the parameters' .grad (one chunk's graph alive at a time)."""
+        total, n = 0.0, rows.stop - rows.start
+        for i in range(rows.start, rows.stop, self.batch):
+            part = slice(i, min(i + self.batch, rows.stop))
+            m = part.stop - part.start
+            self.evaluations += m * self.p.N
+            with torch.set_grad_enabled(grad):
+                x = self.p.run(self._den(part), self.z[part])
+                loss = (x.double() - self.ref[part]).pow(2).mean() * (m / n)
+            if not bool(torch.isfinite(loss)):
+                return math.inf
+            if grad:
+                self.backward += m * self.p.N
+                loss.backward()
+            total += float(loss)
+        return total
 
     def heldout(self) -> float:
-        with torch.no_grad():
-            v = float(self.mse(slice(self.n_train, self.z.shape[0]), False))
-        return v if math.isfinite(v) else math.inf
+        return self.mse(slice(self.n_train, self.z.shape[0]), False)
 
     def closure_cost(self, n: int, scored: bool) -> int:
         return 2 * n * self.p.N + (self.z.shape[0] - self.n_train) * self.p.N * scored
@@ -363,13 +372,13 @@ class _Fit:
                 raise _Spent
             opt.zero_grad()
             loss = self.mse(slice(0, n), True)
-            if not bool(torch.isfinite(loss)):   # a step too far: L-BFGS's line search backs off
-                return torch.tensor(1e30, dtype=loss.dtype)
-            loss.backward()
-            if float(loss) < last[0]:
-                last[:] = [float(loss), self.p.snapshot()]
-            self.record(float(loss), scored)
-            return loss
+            if not math.isfinite(loss):   # a step too far: L-BFGS's line search backs off
+                opt.zero_grad()
+                return torch.tensor(1e30, dtype=torch.float64)
+            if loss < last[0]:
+                last[:] = [loss, self.p.snapshot()]
+            self.record(loss, scored)
+            return torch.tensor(loss, dtype=torch.float64)
 
         try:
             opt.step(closure)
@@ -401,8 +410,9 @@ def _int(name: str, v, lo: int) -> int:
 def optimize_solver(denoiser, nfe: int = 5, shape: Sequence[int] | None = None, cond=None, seed: int = 0,
                     budget: int = 1_000_000, *, guidance: float | None = None, uncond=None, history: int = 3,
                     consistency: str = "kept", samples: int | None = None, heldout: int = 128,
-                    warm_samples: int = 128, warm_share: float = 0.6, reference_solver: str = "dpmpp_3m", reference_nfe: int = 100,
-                    sigma_min: float | None = None, sigma_max: float | None = None, batch: int = 512,
+                    warm_samples: int = 128, warm_share: float = 0.6, reference_solver: str = "dpmpp_3m",
+                    reference_nfe: int = 100, sigma_min: float | None = None, sigma_max: float | None = None,
+                    batch: int = 2048,
                     free_start: bool = True, time_shift: bool = True, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", cache=None, progress: bool = False) -> LearnedSolver:
     """Learn the time steps and multistep weights of an ``nfe``-evaluation solver for ``denoiser`` (module docstring).
@@ -424,6 +434,8 @@ def optimize_solver(denoiser, nfe: int = 5, shape: Sequence[int] | None = None, 
                      clipped to [256, 2048]); ``warm_samples`` of them for the first ``warm_share`` of the budget
     heldout          held-out noises: the iterate with the lowest held-out error is returned
     reference_*      the teacher: the same denoiser, this solver at this many steps on Karras' schedule
+    batch            at most this many samples per solve (the teacher's and the fit's; the fit accumulates the
+                     gradient over chunks, so memory holds one chunk's graph through all N stages)
     cache            a folder: fits are kept by the model's weights hash, nfe and every option, verified by
                      content, and a corrupt entry is fitted again
     ===============  ==============================================================================
@@ -479,7 +491,7 @@ def _frozen(denoiser):
 
 def _fit(den, z, ref, cfg: dict, params: _Params, bar) -> "_Fit":
     """The two stages (warm start, then all training noises with held-out scoring)."""
-    fit = _Fit(den, z, ref, cfg["samples"], params, cfg["budget"], z.shape[0] * cfg["reference_nfe"], bar)
+    fit = _Fit(den, z, ref, cfg["samples"], params, cfg["budget"], z.shape[0] * cfg["reference_nfe"], bar, cfg["batch"])
     fit.initial = math.sqrt(fit.heldout())
     fit.stage(min(cfg["warm_samples"], cfg["samples"]), cfg["warm_share"], False)
     fit.stage(cfg["samples"], 1.0, True)
