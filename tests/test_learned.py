@@ -258,24 +258,14 @@ def test_digits_quality_runs_a_learned_plan_as_one_more_row(digits_fit, tmp_path
 
 
 def test_a_fit_in_chunks_has_the_gradient_and_cost_of_one_batch(gmm):
-    """``batch`` bounds the rows per solve: the gradient is accumulated over chunks, equal to one batch's up to
-    rounding, and the cost is the same; L-BFGS then takes the same kind of path (rounding apart, which its
-    ill-conditioned late steps amplify: the plans agree in quality, not bit for bit)."""
-    from edmrt.learned import _Fit, _Params, _references
-
-    z = torch.randn(96, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cfg = dict(reference_solver="dpmpp_3m", reference_nfe=30, sigma_min=0.002, sigma_max=80.0, batch=4096)
-    ref = _references(gmm, z, cfg)
-    out = []
-    for batch in (4096, 20):
-        params = _Params(3, 3, 0.002, 80.0, False, torch.float64)
-        fit = _Fit(gmm, z, ref, 64, params, 10 ** 9, 0, None, batch)
-        loss = fit.mse(slice(0, 64), True)
-        out.append((loss, [t.grad.clone() for t in params.tensors], fit.evaluations, fit.backward))
-    assert out[0][0] == pytest.approx(out[1][0], rel=1e-13) and out[0][2:] == out[1][2:] == (64 * 3, 64 * 3)
-    for a, b in zip(out[0][1], out[1][1]):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
-    kw = dict(budget=30_000, samples=64, heldout=32, warm_samples=32, reference_nfe=30, seed=2)
+    """``batch`` bounds the rows per solve: the loss and gradient are accumulated over chunks, equal to one batch's up
+    to rounding, and so is the cost.  The first iterates agree (the second is one L-BFGS step along the first
+    gradient); later ones drift by rounding, which the fit's ill-conditioned late steps amplify, so the two plans
+    agree in quality, not bit for bit."""
+    kw = dict(budget=30_000, samples=64, heldout=32, warm_samples=64, warm_share=0.0, reference_nfe=30, seed=2)
     whole, chunked = optimize_solver(gmm, 3, (24,), **kw), optimize_solver(gmm, 3, (24,), batch=20, **kw)
     assert chunked.evaluations == whole.evaluations and chunked.backward == whole.backward
+    assert chunked.initial_loss == pytest.approx(whole.initial_loss, rel=1e-12)
+    for a, b in zip(chunked.curve[:3], whole.curve[:3]):
+        assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-9)
     assert chunked.heldout_loss == pytest.approx(whole.heldout_loss, rel=0.1)

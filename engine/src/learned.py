@@ -16,8 +16,8 @@ so the first step may be analytic: sigma_0 < sigma_max starts from sigma_0 z, th
 2024, arXiv 2311.18608), the weights w (first-order consistency sum_k w_{i,k} = 1 kept, as S4S's constrained
 variant, or relaxed) and the shifts delta.  They start from DPM-Solver++(3M) on Karras' schedule (w from its
 plan), and are fitted by L-BFGS on the endpoint MSE with gradients through the denoiser (torch autograd): first
-on ``warm_samples`` noises, then on all ``samples``; every iterate is scored on ``heldout`` other noises and the
-best one is kept (early stopping).  The result is an ordinary ``Plan``: the fused step, every backend and the C
+on ``warm_samples`` noises, then on all ``samples``, where every iterate is scored on ``heldout`` other noises
+and the best one is kept (early stopping).  The result is an ordinary ``Plan``: the fused step, every backend and the C
 ABI run it at no extra cost per step.
 
 Cost: one sample through the denoiser is one evaluation and one sample through its backward pass is one more;
@@ -185,6 +185,8 @@ class _ModelDenoiser:
 
 def _rows_of(model: Model, given, n: int, device, what: str) -> dict:
     """Each conditioning input as n rows: given rows cycled (row j is given row j mod len), or its null."""
+    if given is not None and not model.cond:
+        raise ValueError(f"{what} is given, but the model takes no conditioning")
     given = {} if given is None else ({model.cond[0].name: given} if not isinstance(given, dict) else dict(given))
     unknown = sorted(set(given) - set(model.cond_names))
     if unknown:
