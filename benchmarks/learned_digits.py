@@ -12,7 +12,6 @@ test split, the digits classifier's accuracy) on the learned plans and on euler,
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 import edmrt
+from edmrt.lab.common import write_json_md
 from edmrt.lab.quality_digits import TEACHER_SOLVERS, run_quality_digits
 
 
@@ -75,9 +75,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = run(args.nfes, args.budget, args.blocks)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res))
+    write_json_md(args.out, res, markdown(res))
     print(markdown(res))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 import edmrt
-from edmrt.lab.common import machine_name
+from edmrt.lab.common import machine_name, write_json_md
 from edmrt.lab.peers import available_peers
 from edmrt.models.gmm import GaussianMixture
 
@@ -123,9 +122,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     cases = (DEVELOPMENT if "dev" in args.sets else []) + (FRESH if "fresh" in args.sets else [])
     res = run(cases, args.nfes)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res))
+    write_json_md(args.out, res, markdown(res))
     log.info("wrote %s.json and .md", args.out)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import edmrt
 from edmrt.optimize import FEW_STEP_CANDIDATES
 from edmrt.lab.peers import available_peers
-from edmrt.lab.common import machine_name
+from edmrt.lab.common import machine_name, write_json_md
 from edmrt.lab.quality_gmm import mixture
 
 log = logging.getLogger("low_nfe")
@@ -190,9 +189,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     res = run(args.seeds, args.nfes, args.samples, args.train_samples, args.ablations)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(res))
+    write_json_md(args.out, res, markdown(res))
     log.info("wrote %s.json and .md", args.out)
 
 

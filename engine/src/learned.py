@@ -40,9 +40,10 @@ import torch
 from .backends.cachefile import atomic_write
 from .executor import execute
 from .model import Model
-from .optimize import check_shape
+from .optimize import check_int, check_shape
 from .plan import Plan
 from .precond import Identity, Precond
+from .request import check_guidance
 from .schedules import check_range, karras
 from .solvers import build_plan
 from .solvers.base import Builder
@@ -90,9 +91,7 @@ class LearnedSolver:
         return {"plan": self.plan}
 
     def card(self) -> dict:
-        d = {k: getattr(self, k) for k in ("nfe", "sigmas", "eval_sigmas", "weights", "cost", "evaluations",
-                                            "backward", "reference_cost", "loss", "heldout_loss", "initial_loss",
-                                            "curve", "options", "key", "seconds")}
+        d = {k: getattr(self, k) for k in _CARD_FIELDS}
         return {"format": FORMAT, "version": 1, **d, "plan": self.plan.to_dict()}
 
     def save(self, path) -> Path:
@@ -108,12 +107,13 @@ class LearnedSolver:
         if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != 1:
             raise ValueError(f"not a learned-solver card (format {FORMAT!r}, version 1)")
         plan = Plan.from_dict(d["plan"])
-        kw = {k: d[k] for k in ("nfe", "sigmas", "eval_sigmas", "weights", "cost", "evaluations", "backward",
-                                "reference_cost", "loss", "heldout_loss", "initial_loss", "curve", "options", "key",
-                                "seconds")}
+        kw = {k: d[k] for k in _CARD_FIELDS}
         if kw["nfe"] != plan.nfe:
             raise ValueError(f"card's nfe {kw['nfe']} contradicts its plan's {plan.nfe}")
         return cls(plan=plan, **kw)
+
+
+_CARD_FIELDS = tuple(f for f in LearnedSolver.__dataclass_fields__ if f != "plan")   # the card: all but the plan
 
 
 def card_path(path) -> Path:
@@ -212,10 +212,7 @@ def _rows_of(model: Model, given, n: int, device, what: str) -> dict:
 
 
 def _model_denoiser(model: Model, cond, uncond, guidance, n: int, device) -> _ModelDenoiser:
-    if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite number or None, got {guidance!r}")
-        guidance = float(guidance)
+    guidance = check_guidance(guidance)   # what Sampler.sample accepts, so the plan can be sampled as fitted
     if cond is None and model.num_classes:  # balanced labels: row j is class j mod num_classes
         cond = {"class_labels": torch.arange(model.num_classes)}
     rows = _rows_of(model, cond, n, device, "cond")
@@ -403,12 +400,6 @@ class _Fit:
             self.bar.refresh()
 
 
-def _int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
-
-
 def optimize_solver(denoiser, nfe: int = 5, shape: Sequence[int] | None = None, cond=None, seed: int = 0,
                     budget: int = 1_000_000, *, guidance: float | None = None, uncond=None, history: int = 3,
                     consistency: str = "kept", samples: int | None = None, heldout: int = 128,
@@ -527,18 +518,18 @@ def _config(denoiser, nfe, shape, seed, budget, history, consistency, samples, h
         dtype = torch.float32 if is_model else torch.float64
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    history = _int("history", history, 1)
+    history = check_int("history", history, 1)
     if history > 4:
         raise ValueError(f"history must be an integer in [1, 4], got {history}")
-    nfe, budget = _int("nfe", nfe, 1), _int("budget", budget, 1)
+    nfe, budget = check_int("nfe", nfe, 1), check_int("budget", budget, 1)
     if samples is None:
         samples = int(np.clip(budget * (1.0 - float(warm_share)) / (25 * 2 * nfe), 256, 2048))
-    return dict(nfe=nfe, shape=shape, seed=_int("seed", seed, 0), budget=budget,
-                history=history, consistency=consistency, samples=_int("samples", samples, 1),
-                heldout=_int("heldout", heldout, 1), warm_samples=_int("warm_samples", warm_samples, 1),
+    return dict(nfe=nfe, shape=shape, seed=check_int("seed", seed, 0), budget=budget,
+                history=history, consistency=consistency, samples=check_int("samples", samples, 1),
+                heldout=check_int("heldout", heldout, 1), warm_samples=check_int("warm_samples", warm_samples, 1),
                 warm_share=float(warm_share), reference_solver=reference_solver,
-                reference_nfe=_int("reference_nfe", reference_nfe, 2), sigma_min=lo, sigma_max=hi,
-                batch=_int("batch", batch, 1), dtype=dtype, device=str(torch.device(device)),
+                reference_nfe=check_int("reference_nfe", reference_nfe, 2), sigma_min=lo, sigma_max=hi,
+                batch=check_int("batch", batch, 1), dtype=dtype, device=str(torch.device(device)),
                 guidance=None if guidance is None else float(guidance), free_start=bool(free_start),
                 time_shift=bool(time_shift))
 

@@ -76,7 +76,8 @@ class _Counted:
         return self.denoiser(x, sigma)
 
 
-def _int(name: str, v, lo: int) -> int:
+def check_int(name: str, v, lo: int) -> int:
+    """An integer >= lo (bools refused), else ValueError naming it."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     return int(v)
@@ -156,10 +157,10 @@ def optimize_schedule(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Ten
         raise ValueError(f"denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")
     candidates = _check_candidates(solver, options, candidates)
     get_solver(reference_solver)
-    nfe, samples, seed = _int("nfe", nfe, 1), _int("samples", samples, 1), _int("seed", seed, 0)
-    reference_nfe = _int("reference_nfe", reference_nfe, 2)
-    max_iter, screen_iter = _int("max_iter", max_iter, 0), _int("screen_iter", screen_iter, 0)
-    batch = _int("batch", batch, 1)
+    nfe, samples, seed = check_int("nfe", nfe, 1), check_int("samples", samples, 1), check_int("seed", seed, 0)
+    reference_nfe = check_int("reference_nfe", reference_nfe, 2)
+    max_iter, screen_iter = check_int("max_iter", max_iter, 0), check_int("screen_iter", screen_iter, 0)
+    batch = check_int("batch", batch, 1)
     shape = check_shape(shape)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")

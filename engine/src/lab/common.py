@@ -12,7 +12,7 @@ import torch
 
 from ..backends.auto import cpu_name
 
-__all__ = ["machine_name", "load_digits_split", "held_out_halves", "SIGMA_DATA", "N_TEST", "NUM_CLASSES", "denoise",
+__all__ = ["machine_name", "write_json_md", "load_digits_split", "held_out_halves", "SIGMA_DATA", "N_TEST", "NUM_CLASSES", "denoise",
            "save_checkpoint_folder", "load_checkpoint_folder", "ema_update_", "record_loss"]
 
 # The digits: ``load_digits`` (1797 images, values 0..16) scaled to [-1, 1]; a fixed split (permutation seed 0)
@@ -31,6 +31,15 @@ def machine_name() -> str:
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def write_json_md(stem: Path, result: dict, markdown: str) -> tuple[Path, Path]:
+    """A benchmark's result as STEM.json (indented) and its table as STEM.md; creates the folder."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown)
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
 
 
 def cpu_flags() -> list[str]:

@@ -90,6 +90,7 @@ def _jobs(teacher: str, students: tuple, nfes, solvers, student_steps, learned=(
     (``BUNDLED_ADAPTERS``, e.g. digits-cd-lora) runs fused into the teacher."""
     from ..loading import load
     from ..models.bundled import BUNDLED_ADAPTERS
+    from ..plan import Plan
     from ..sampler import Sampler
     from .quality_gmm import Recipe, steps_for
 
@@ -107,8 +108,6 @@ def _jobs(teacher: str, students: tuple, nfes, solvers, student_steps, learned=(
             seen.add(s.plan.nfe)
             jobs.append(("teacher", teacher, solver, {}, s))
     for path in learned:
-        from ..plan import Plan
-
         s = Sampler(t_model, plan=Plan.load(path), backend="torch", device="cpu")
         jobs.append(("learned", teacher, f"learned:{Path(path).stem}", {}, s))
     for student in students:
